@@ -1,0 +1,134 @@
+"""The `gpuwatch` command."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any
+
+from ..probes import Event, EventType, Kind, LaunchMode, PreflightError, Tracer
+from .control import Client, ControlError, DaemonUnavailable, socket_path
+from .daemon import Daemon
+
+
+def human_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{value:.0f}{unit}" if unit == "B" else f"{value:.1f}{unit}"
+        value /= 1024
+    return str(n)
+
+
+PS_COLUMNS = [("PID", "pid", ">7"), ("COMM", "comm", "<16"), ("GPU", "gpu", ">3"), ("DEVICE", "device_bytes", ">10"),
+              ("MANAGED", "managed_bytes", ">10"), ("PINNED", "host_pinned_bytes", ">10"), ("NVML", "nvml_bytes", ">10"),
+              ("UNTRACKED", "untracked_bytes", ">10"), ("ALLOCS", "allocs", ">8"), ("FAILED", "failed_allocs", ">6"),
+              ("LAUNCHES", "launches", ">10"), ("GRAPHS", "graph_launches", ">7")]
+
+
+def format_ps(rows: list[dict[str, Any]]) -> str:
+    def cell(row: dict[str, Any], key: str) -> str:
+        v = row[key]
+        if key.endswith("bytes"):
+            return human_bytes(v)
+        if key == "launches" and row.get("launches_estimated"):
+            return f"~{v}"
+        return "-" if v is None else str(v)
+
+    lines = [" ".join(f"{title:{align}}" for title, _, align in PS_COLUMNS)]
+    for row in rows:
+        lines.append(" ".join(f"{cell(row, key)[:int(align[1:])]:{align}}" for _, key, align in PS_COLUMNS))
+    return "\n".join(lines)
+
+
+def event_from_json(d: dict[str, Any]) -> Event:
+    return Event(**{**d, "type": EventType[d["type"].upper()], "kind": Kind[d["kind"].upper()]})
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    tracer = Tracer(launches=args.launches, use_nvml=not args.no_nvml)
+    Daemon(tracer, args.socket).run()
+    return 0
+
+
+def cmd_ps(args: argparse.Namespace) -> int:
+    with Client(args.socket) as client:
+        rows = client.call("ps")
+    print(json.dumps(rows, indent=1) if args.json else format_ps(rows))
+    return 0
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    with Client(args.socket) as client:
+        if not args.json:
+            print(Event.header(), flush=True)
+        for event in client.stream("trace", pid=args.pid, comm=args.comm):
+            print(json.dumps(event) if args.json else event_from_json(event).line(), flush=True)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with Client(args.socket) as client:
+        status = client.call("status")
+    if args.json:
+        print(json.dumps(status, indent=1))
+        return 0
+    h = status["health"]
+    print(f"launch mode: {h['launch_mode']}   probes attached: {h['probes_attached']}   events lost: "
+          f"{h['events_lost']}   NVML: {'yes' if h['nvml'] else 'no'}   processes: {status['processes']}")
+    print("libraries: " + (", ".join(h["libraries"]) or "none yet (waiting for a process to load libcuda)"))
+    for g in status["gpus"]:
+        print(f"gpu {g['index']}: {g['name']} {g['uuid']} {human_bytes(g['memory_used'])} / "
+              f"{human_bytes(g['memory_total'])} used, {g['utilization']}% busy")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gpuwatch", description="Watch and share NVIDIA GPUs between processes.")
+    p.add_argument("--socket", default=socket_path(), help="daemon control socket (default: %(default)s)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the daemon (as root)")
+    run.add_argument("--launches", choices=[m.value for m in LaunchMode], default=LaunchMode.SAMPLE.value,
+                     help="kernel launch and copy probes: all, sample (part of the time, scaled), off "
+                          "(default: %(default)s)")
+    run.add_argument("--no-nvml", action="store_true", help="do not query NVML")
+    run.set_defaults(func=cmd_run)
+
+    ps = sub.add_parser("ps", help="traced processes, per GPU")
+    ps.add_argument("--json", action="store_true", help="print a JSON list")
+    ps.set_defaults(func=cmd_ps)
+
+    trace = sub.add_parser("trace", help="stream allocation, free, failure and exit events")
+    trace.add_argument("--pid", type=int, help="only this process")
+    trace.add_argument("--comm", help="only processes with this command name")
+    trace.add_argument("--json", action="store_true", help="one JSON object per line")
+    trace.set_defaults(func=cmd_trace)
+
+    status = sub.add_parser("status", help="the daemon's state: libraries, probes, GPUs")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=cmd_status)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="gpuwatch: %(levelname)s: %(message)s", stream=sys.stderr)
+    try:
+        return args.func(args)
+    except (PreflightError, DaemonUnavailable, ControlError) as exc:
+        print(f"gpuwatch: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

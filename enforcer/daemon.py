@@ -1,0 +1,71 @@
+"""`gpuwatch run`: hosts the tracer and answers local queries until SIGTERM or SIGINT."""
+from __future__ import annotations
+
+import logging
+import queue
+import signal
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+from ..probes import Tracer
+from .control import Command, ControlError, ControlServer, Peer
+
+log = logging.getLogger(__name__)
+
+
+class Daemon:
+    def __init__(self, tracer: Tracer, socket_path: str) -> None:
+        self.tracer = tracer
+        self.socket_path = socket_path
+        self._stopping = threading.Event()
+        self.commands = {
+            "ps": Command(self._ps),
+            "status": Command(self._status),
+            "trace": Command(self._trace, stream=True),
+        }
+
+    def request_stop(self, *_: Any) -> None:
+        self._stopping.set()
+
+    def run(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self.request_stop)
+        server = ControlServer(self.socket_path, self.commands)
+        try:
+            self.tracer.start()
+            server.start()
+            health = self.tracer.health()
+            log.info("running: %d libraries, %d probes, launches=%s, socket %s", len(health.libraries),
+                     health.probes_attached, health.launch_mode, self.socket_path)
+            while not self._stopping.wait(1.0):
+                pass
+        finally:
+            server.close()
+            self.tracer.stop()
+            log.info("stopped: probes detached")
+
+    def _ps(self, _peer: Peer, _request: dict[str, Any]) -> list[dict[str, Any]]:
+        return [p.to_json() for p in self.tracer.snapshot().processes]
+
+    def _status(self, _peer: Peer, _request: dict[str, Any]) -> dict[str, Any]:
+        snap = self.tracer.snapshot()
+        return {"health": snap.to_json()["health"], "gpus": snap.to_json()["gpus"], "processes": len(snap.processes)}
+
+    def _trace(self, _peer: Peer, request: dict[str, Any], closing: threading.Event) -> Iterator[dict[str, Any]]:
+        pid, comm = request.get("pid"), request.get("comm")
+        if pid is not None and not isinstance(pid, int):
+            raise ControlError("trace: pid must be an integer")
+        if comm is not None and not isinstance(comm, str):
+            raise ControlError("trace: comm must be a string")
+        events = self.tracer.subscribe()
+        try:
+            while not closing.is_set() and not self._stopping.is_set():
+                try:
+                    event = events.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                if (pid is None or event.pid == pid) and (comm is None or event.comm == comm):
+                    yield event.to_json()
+        finally:
+            self.tracer.unsubscribe(events)

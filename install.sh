@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Sets gpuwatch up on a Debian or Ubuntu machine, as root. Safe to run again.
+#   ./install.sh           bcc, kernel headers, tracefs, gpuwatch in /opt/gpuwatch/venv, /usr/local/bin/gpuwatch
+#   ./install.sh --test    the same plus test tools, then runs the test suite from this checkout
+set -euo pipefail
+cd "$(dirname "$(readlink -f "$0")")"
+PREFIX=/opt/gpuwatch
+VENV=$PREFIX/venv
+mode=${1:-install}
+case "$mode" in install|--test) ;; *) echo "usage: $0 [--test]" >&2; exit 2 ;; esac
+[ "$(id -u)" = 0 ] || { echo "install.sh: run as root (sudo $0 $*)" >&2; exit 1; }
+say() { echo "install.sh: $*"; }
+export DEBIAN_FRONTEND=noninteractive
+
+packages=(python3 python3-venv python3-pip python3-bpfcc gcc make libc6-dev)
+[ "$mode" = --test ] && packages+=(prometheus tmux procps)
+missing=()
+for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+updated=0
+apt_install() {
+  [ $updated = 1 ] || { apt-get update -qq; updated=1; }
+  apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+if [ ${#missing[@]} -gt 0 ]; then say "installing ${missing[*]}"; apt_install "${missing[@]}"; fi
+
+# bcc compiles against the running kernel's headers. Where the distribution has none for this kernel
+# (custom or cloud kernels), the generic headers serve: uprobes do not depend on the exact version.
+release=$(uname -r)
+if [ ! -e "/lib/modules/$release/build" ]; then
+  if apt-cache show "linux-headers-$release" >/dev/null 2>&1 || { [ $updated = 0 ] && apt-get update -qq && updated=1 &&
+       apt-cache show "linux-headers-$release" >/dev/null 2>&1; }; then
+    say "installing linux-headers-$release"; apt_install "linux-headers-$release"
+  else
+    generic=linux-headers-$(dpkg --print-architecture)
+    say "no headers packaged for $release: linking the generic $generic"
+    dpkg -s "$generic" >/dev/null 2>&1 || apt_install "$generic"
+    hdr=$(ls -d /usr/src/linux-headers-*-"$(dpkg --print-architecture)" | sort -V | tail -1)
+    common=$(ls -d /usr/src/linux-headers-*-common | sort -V | tail -1)
+    mkdir -p "/lib/modules/$release"
+    ln -sfn "$hdr" "/lib/modules/$release/build"
+    ln -sfn "$common" "/lib/modules/$release/source"
+  fi
+fi
+mountpoint -q /sys/kernel/tracing || mount -t tracefs nodev /sys/kernel/tracing
+
+# bcc's Python module is the distribution's, so the environment is built on the system python3.
+if [ ! -x "$VENV/bin/python" ]; then say "creating $VENV"; /usr/bin/python3 -m venv --system-site-packages "$VENV"; fi
+if [ "$mode" = --test ]; then
+  "$VENV/bin/pip" install -q --disable-pip-version-check -e '.[test]'
+else
+  "$VENV/bin/pip" install -q --disable-pip-version-check --force-reinstall --no-deps . &&
+  "$VENV/bin/pip" install -q --disable-pip-version-check .
+fi
+ln -sfn "$VENV/bin/gpuwatch" /usr/local/bin/gpuwatch
+"$VENV/bin/python" -c 'import bcc, gpuwatch.probes' || { echo "install.sh: gpuwatch cannot import bcc" >&2; exit 1; }
+say "gpuwatch installed: $(command -v gpuwatch)"
+
+if [ "$mode" = --test ]; then
+  exec "$VENV/bin/python" -m pytest -ra -p no:cacheprovider tests
+fi

@@ -1,0 +1,1 @@
+"""gpuwatch.interposer: the preload library that enforces quotas and swaps memory (C, built by install.sh)."""

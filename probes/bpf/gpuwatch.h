@@ -1,0 +1,165 @@
+/* Types, maps and helpers shared by every gpuwatch probe. One BPF program is built from all the
+ * probe files, so every map here is declared once and seen by all of them. */
+#ifndef GPUWATCH_H
+#define GPUWATCH_H
+
+#include <uapi/linux/ptrace.h>
+
+#define GW_GPU_UNKNOWN (-1)
+#define GW_MAX_GPUS 31          /* gpu_mask bit 0 is "unknown", bits 1..31 are GPUs 0..30 */
+#define GW_CTX_STACK 8
+#define GW_UNMAP_SPAN 32        /* mappings one cuMemUnmap may cover */
+
+enum gw_kind { GW_DEVICE = 0, GW_PITCH = 1, GW_ASYNC = 2, GW_MANAGED = 3, GW_HOST = 4, GW_VMM = 5 };
+enum gw_event_type { GW_EV_ALLOC = 1, GW_EV_FREE = 2, GW_EV_ALLOC_FAIL = 3, GW_EV_EXIT = 4,
+                     GW_EV_LIB_OPEN = 5 };
+enum gw_copy { GW_H2D = 0, GW_D2H = 1, GW_D2D = 2, GW_COPY_ANY = 3 };
+
+struct gw_proc_gpu { u32 tgid; s32 gpu; };
+
+/* Memory accounting, updated atomically from any thread. */
+struct gw_mem {
+    u64 device_bytes;      /* plain, pitch, async/pool and VMM physical */
+    u64 managed_bytes;
+    u64 host_pinned_bytes;
+    u64 allocs;
+    u64 frees;
+    u64 failed_allocs;
+};
+
+/* Work counters, per CPU: no atomics on the launch path. */
+struct gw_work {
+    u64 launches;
+    u64 graph_launches;
+    u64 copy_bytes[4];
+};
+
+struct gw_addr { u32 tgid; u32 pad; u64 addr; };
+struct gw_alloc { u64 size; s32 gpu; u32 kind; };
+struct gw_handle { u64 size; s32 gpu; s32 mappings; u32 released; u32 pad; };
+struct gw_mapping { u64 handle; u64 size; };
+
+/* Arguments an entry probe keeps for its return probe, per thread. */
+struct gw_call { u64 out; u64 out2; u64 arg; u64 size; s32 gpu; u32 kind; };
+
+struct gw_ctx_stack { u64 ctx[GW_CTX_STACK]; u32 depth; u32 pad; };
+
+struct gw_event {
+    u64 ts_ns;
+    u64 addr;
+    u64 size;
+    u32 tgid;
+    u32 tid;
+    u32 type;
+    u32 kind;
+    s32 gpu;
+    s32 result;
+    char comm[16];
+};
+
+BPF_HASH(mem, struct gw_proc_gpu, struct gw_mem, 65536);
+BPF_PERCPU_HASH(work, struct gw_proc_gpu, struct gw_work, 65536);
+BPF_HASH(procs, u32, u32, 65536);                          /* tgid -> gpu_mask */
+BPF_HASH(allocs, struct gw_addr, struct gw_alloc, 1048576);
+BPF_HASH(handles, struct gw_addr, struct gw_handle, 262144);
+BPF_HASH(mappings, struct gw_addr, struct gw_mapping, 262144);
+BPF_HASH(calls, u64, struct gw_call, 65536);               /* pid_tgid -> pending call */
+BPF_HASH(ctx_dev, struct gw_addr, s32, 65536);              /* (tgid, CUcontext) -> device */
+BPF_HASH(thread_ctx, u32, struct gw_ctx_stack, 65536);      /* thread id -> context stack */
+BPF_HASH(proc_dev, u32, s32, 65536);                        /* tgid -> device made current last */
+BPF_HASH(lib_opens, u64, u32, 4096);                         /* pid_tgid -> openat of a libcuda */
+BPF_ARRAY(lost, u64, 1);
+BPF_RINGBUF_OUTPUT(events, 1024);
+
+static __always_inline u32 gw_tgid(void) { return bpf_get_current_pid_tgid() >> 32; }
+
+static __always_inline s32 gw_current_gpu(u32 tgid)
+{
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    struct gw_ctx_stack *st = thread_ctx.lookup(&tid);
+    if (st && st->depth > 0 && st->depth <= GW_CTX_STACK) {
+        u32 top = (st->depth - 1) & (GW_CTX_STACK - 1);
+        struct gw_addr key = {.tgid = tgid, .addr = st->ctx[top]};
+        s32 *dev = ctx_dev.lookup(&key);
+        if (dev)
+            return *dev;
+    }
+    s32 *last = proc_dev.lookup(&tgid);
+    return last ? *last : GW_GPU_UNKNOWN;
+}
+
+static __always_inline void gw_note_gpu(u32 tgid, s32 gpu)
+{
+    u32 bit = (gpu >= 0 && gpu < GW_MAX_GPUS) ? 1u << (gpu + 1) : 1u;
+    u32 *mask = procs.lookup(&tgid);
+    if (!mask) {
+        procs.update(&tgid, &bit);
+    } else if (!(*mask & bit)) {
+        u32 updated = *mask | bit;
+        procs.update(&tgid, &updated);
+    }
+}
+
+static __always_inline struct gw_mem *gw_mem_of(u32 tgid, s32 gpu)
+{
+    struct gw_proc_gpu key = {.tgid = tgid, .gpu = gpu};
+    struct gw_mem zero = {};
+    struct gw_mem *m = mem.lookup(&key);
+    if (m)
+        return m;
+    gw_note_gpu(tgid, gpu);
+    return mem.lookup_or_try_init(&key, &zero);
+}
+
+static __always_inline void gw_emit(u32 type, u32 tgid, s32 gpu, u32 kind, u64 addr, u64 size, s32 result)
+{
+    struct gw_event *e = events.ringbuf_reserve(sizeof(struct gw_event));
+    if (!e) {
+        u32 zero = 0;
+        u64 *n = lost.lookup(&zero);
+        if (n)
+            __sync_fetch_and_add(n, 1);
+        return;
+    }
+    e->ts_ns = bpf_ktime_get_ns();
+    e->addr = addr;
+    e->size = size;
+    e->tgid = tgid;
+    e->tid = (u32)bpf_get_current_pid_tgid();
+    e->type = type;
+    e->kind = kind;
+    e->gpu = gpu;
+    e->result = result;
+    bpf_get_current_comm(&e->comm, sizeof(e->comm));
+    events.ringbuf_submit(e, 0);
+}
+
+static __always_inline void gw_add_bytes(struct gw_mem *m, u32 kind, u64 bytes)
+{
+    if (kind == GW_MANAGED)
+        __sync_fetch_and_add(&m->managed_bytes, bytes);
+    else if (kind == GW_HOST)
+        __sync_fetch_and_add(&m->host_pinned_bytes, bytes);
+    else
+        __sync_fetch_and_add(&m->device_bytes, bytes);
+}
+
+/* Entry probes park their arguments here; the matching return probe takes them back. */
+static __always_inline void gw_park(struct gw_call *c)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    calls.update(&id, c);
+}
+
+static __always_inline int gw_unpark(struct gw_call *out)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    struct gw_call *c = calls.lookup(&id);
+    if (!c)
+        return 0;
+    *out = *c;
+    calls.delete(&id);
+    return 1;
+}
+
+#endif

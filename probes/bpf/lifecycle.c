@@ -1,0 +1,73 @@
+/* Process exit drops a process's accounting at once; an openat of a libcuda tells user space to
+ * look for a driver library it does not watch yet. */
+#include "gpuwatch.h"
+
+TRACEPOINT_PROBE(sched, sched_process_exit)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tid = (u32)id, tgid = id >> 32;
+    thread_ctx.delete(&tid);
+    calls.delete(&id);
+#ifdef GW_HAVE_GROUP_DEAD
+    if (!args->group_dead)
+        return 0;
+#else
+    if (tid != tgid)
+        return 0;
+#endif
+    u32 *maskp = procs.lookup(&tgid);
+    if (!maskp)
+        return 0;
+    u32 mask = *maskp;
+    for (int bit = 0; bit <= GW_MAX_GPUS; bit++) {
+        if (!(mask & (1u << bit)))
+            continue;
+        struct gw_proc_gpu key = {.tgid = tgid, .gpu = bit - 1};
+        mem.delete(&key);
+        work.delete(&key);
+    }
+    procs.delete(&tgid);
+    proc_dev.delete(&tgid);
+    gw_emit(GW_EV_EXIT, tgid, GW_GPU_UNKNOWN, 0, 0, 0, 0);
+    return 0;
+}
+
+/* the path contains "libcuda.so" */
+static __always_inline int gw_is_libcuda(const char *name, int len)
+{
+#pragma clang loop unroll(disable)
+    for (int i = 0; i < 118; i++) {
+        if (i + 10 > len)
+            return 0;
+        if (name[i & 127] != 'l' || name[(i + 3) & 127] != 'c' || name[(i + 7) & 127] != '.')
+            continue;
+        if (name[(i + 1) & 127] == 'i' && name[(i + 2) & 127] == 'b' && name[(i + 4) & 127] == 'u' &&
+            name[(i + 5) & 127] == 'd' && name[(i + 6) & 127] == 'a' && name[(i + 8) & 127] == 's' &&
+            name[(i + 9) & 127] == 'o')
+            return 1;
+    }
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_openat)
+{
+    char name[128];
+    int len = bpf_probe_read_user_str(name, sizeof(name), args->filename);
+    if (len <= 10 || !gw_is_libcuda(name, len - 1))
+        return 0;
+    u64 id = bpf_get_current_pid_tgid();
+    u32 one = 1;
+    lib_opens.update(&id, &one);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_openat)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    if (!lib_opens.lookup(&id))
+        return 0;
+    lib_opens.delete(&id);
+    if (args->ret >= 0)
+        gw_emit(GW_EV_LIB_OPEN, id >> 32, GW_GPU_UNKNOWN, 0, 0, 0, 0);
+    return 0;
+}

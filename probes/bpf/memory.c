@@ -1,0 +1,88 @@
+/* Device, pitch, async/pool, managed and pinned host allocations: counted when the call returns
+ * success, keyed by process and GPU; a free matches its allocation from any thread. */
+#include "gpuwatch.h"
+
+static __always_inline int gw_alloc_enter(u64 out, u64 size, u32 kind)
+{
+    u32 tgid = gw_tgid();
+    struct gw_call c = {.out = out, .size = size, .kind = kind, .gpu = gw_current_gpu(tgid)};
+    gw_park(&c);
+    return 0;
+}
+
+static __always_inline int gw_alloc_return(struct pt_regs *ctx)
+{
+    struct gw_call c;
+    if (!gw_unpark(&c))
+        return 0;
+    u32 tgid = gw_tgid();
+    s32 rc = PT_REGS_RC(ctx);
+    struct gw_mem *m = gw_mem_of(tgid, c.gpu);
+    if (!m)
+        return 0;
+    if (rc != 0) {
+        __sync_fetch_and_add(&m->failed_allocs, 1);
+        gw_emit(GW_EV_ALLOC_FAIL, tgid, c.gpu, c.kind, 0, c.size, rc);
+        return 0;
+    }
+    u64 addr = 0;
+    bpf_probe_read_user(&addr, sizeof(addr), (void *)c.out);
+    if (c.kind == GW_PITCH) {
+        u64 pitch = 0;
+        bpf_probe_read_user(&pitch, sizeof(pitch), (void *)c.out2);
+        c.size = pitch * c.arg;
+    }
+    struct gw_addr key = {.tgid = tgid, .addr = addr};
+    struct gw_alloc a = {.size = c.size, .gpu = c.gpu, .kind = c.kind};
+    allocs.update(&key, &a);
+    gw_add_bytes(m, c.kind, c.size);
+    __sync_fetch_and_add(&m->allocs, 1);
+    gw_emit(GW_EV_ALLOC, tgid, c.gpu, c.kind, addr, c.size, 0);
+    return 0;
+}
+
+int alloc_device(struct pt_regs *ctx)  { return gw_alloc_enter(PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx), GW_DEVICE); }
+int alloc_async(struct pt_regs *ctx)   { return gw_alloc_enter(PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx), GW_ASYNC); }
+int alloc_managed(struct pt_regs *ctx) { return gw_alloc_enter(PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx), GW_MANAGED); }
+int alloc_host(struct pt_regs *ctx)    { return gw_alloc_enter(PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx), GW_HOST); }
+
+/* cuMemAllocPitch_v2(CUdeviceptr *dptr, size_t *pitch, size_t width, size_t height, unsigned elem) */
+int alloc_pitch(struct pt_regs *ctx)
+{
+    u32 tgid = gw_tgid();
+    struct gw_call c = {.out = PT_REGS_PARM1(ctx), .out2 = PT_REGS_PARM2(ctx), .arg = PT_REGS_PARM4(ctx),
+                        .size = PT_REGS_PARM3(ctx) * PT_REGS_PARM4(ctx), .kind = GW_PITCH,
+                        .gpu = gw_current_gpu(tgid)};
+    gw_park(&c);
+    return 0;
+}
+
+int alloc_return(struct pt_regs *ctx) { return gw_alloc_return(ctx); }
+
+int free_enter(struct pt_regs *ctx)
+{
+    struct gw_call c = {.arg = PT_REGS_PARM1(ctx)};
+    gw_park(&c);
+    return 0;
+}
+
+int free_return(struct pt_regs *ctx)
+{
+    struct gw_call c;
+    if (!gw_unpark(&c) || PT_REGS_RC(ctx) != 0)
+        return 0;
+    u32 tgid = gw_tgid();
+    struct gw_addr key = {.tgid = tgid, .addr = c.arg};
+    struct gw_alloc *a = allocs.lookup(&key);
+    if (!a)
+        return 0;
+    struct gw_alloc freed = *a;
+    allocs.delete(&key);
+    struct gw_mem *m = gw_mem_of(tgid, freed.gpu);
+    if (!m)
+        return 0;
+    gw_add_bytes(m, freed.kind, -freed.size);
+    __sync_fetch_and_add(&m->frees, 1);
+    gw_emit(GW_EV_FREE, tgid, freed.gpu, freed.kind, c.arg, freed.size, 0);
+    return 0;
+}

@@ -1,0 +1,44 @@
+"""From a process's CUDA device ordinal to the host's GPU, honouring CUDA_VISIBLE_DEVICES."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .model import Gpu
+
+
+def visible_devices(pid: int) -> list[str] | None:
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    for item in env:
+        if item.startswith(b"CUDA_VISIBLE_DEVICES="):
+            return [d.strip() for d in item.split(b"=", 1)[1].decode(errors="replace").split(",") if d.strip()]
+    return None
+
+
+class DeviceResolver:
+    def __init__(self) -> None:
+        self._visible: dict[int, list[str] | None] = {}
+
+    def forget(self, pid: int) -> None:
+        self._visible.pop(pid, None)
+
+    def resolve(self, pid: int, ordinal: int, gpus: list[Gpu]) -> tuple[int | None, str | None]:
+        """Host GPU index and UUID of `ordinal` as seen by `pid`; ordinal < 0 means not known."""
+        if ordinal < 0:
+            return (0, gpus[0].uuid) if len(gpus) == 1 else (None, None)
+        if pid not in self._visible:
+            self._visible[pid] = visible_devices(pid)
+        visible = self._visible[pid]
+        index: int | None = ordinal
+        if visible is not None:
+            if ordinal >= len(visible):
+                return None, None
+            entry = visible[ordinal]
+            if entry.isdigit():
+                index = int(entry)
+            else:
+                index = next((g.index for g in gpus if g.uuid and g.uuid.startswith(entry)), None)
+        uuid = next((g.uuid for g in gpus if g.index == index), None)
+        return index, uuid

@@ -1,0 +1,59 @@
+"""NVML, where the host has it: the GPUs, and what the driver says each process holds."""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from .model import Gpu
+
+log = logging.getLogger(__name__)
+
+
+class Nvml:
+    def __init__(self, pynvml: Any) -> None:
+        self._nv = pynvml
+        self._handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+
+    @classmethod
+    def open(cls) -> Nvml | None:
+        try:
+            import pynvml
+            pynvml.nvmlInit()
+            return cls(pynvml)
+        except Exception as exc:  # no library, no driver, no device: NVML is optional
+            log.info("NVML not available (%s): reporting traced bytes only", exc)
+            return None
+
+    def gpus(self) -> list[Gpu]:
+        nv, out = self._nv, []
+        for index, h in enumerate(self._handles):
+            gpu = Gpu(index=index)
+            try:
+                gpu.uuid = _text(nv.nvmlDeviceGetUUID(h))
+                gpu.name = _text(nv.nvmlDeviceGetName(h))
+                mem = nv.nvmlDeviceGetMemoryInfo(h)
+                gpu.memory_total, gpu.memory_used = int(mem.total), int(mem.used)
+                gpu.utilization = int(nv.nvmlDeviceGetUtilizationRates(h).gpu)
+            except nv.NVMLError as exc:
+                log.debug("NVML query of GPU %d failed: %s", index, exc)
+            out.append(gpu)
+        return out
+
+    def process_bytes(self) -> dict[tuple[int, int], int]:
+        """(pid, GPU index) -> used device memory, as NVML sees it."""
+        nv, out = self._nv, {}
+        for index, h in enumerate(self._handles):
+            for query in (nv.nvmlDeviceGetComputeRunningProcesses, nv.nvmlDeviceGetGraphicsRunningProcesses):
+                try:
+                    procs = query(h)
+                except nv.NVMLError:
+                    continue
+                for p in procs:
+                    used = p.usedGpuMemory
+                    if used is not None and used >= 0:
+                        out[(int(p.pid), index)] = max(out.get((int(p.pid), index), 0), int(used))
+        return out
+
+
+def _text(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)

@@ -1,0 +1,60 @@
+"""Which libcuda entry points gpuwatch probes, and with which BPF functions."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+
+class Group(str, Enum):
+    MEMORY = "memory"
+    CONTEXT = "context"
+    WORK = "work"  # launches, graph launches, copies: the ones --launches controls
+
+
+@dataclass(frozen=True)
+class ProbeSpec:
+    symbol: str
+    entry: str | None
+    ret: str | None
+    group: Group
+
+
+def _specs(group: Group, entry: str | None, ret: str | None, *symbols: str) -> list[ProbeSpec]:
+    return [ProbeSpec(s, entry, ret, group) for s in symbols]
+
+
+M, C, W = Group.MEMORY, Group.CONTEXT, Group.WORK
+
+PROBES: list[ProbeSpec] = [
+    *_specs(M, "alloc_device", "alloc_return", "cuMemAlloc_v2"),
+    *_specs(M, "alloc_pitch", "alloc_return", "cuMemAllocPitch_v2"),
+    *_specs(M, "alloc_async", "alloc_return", "cuMemAllocAsync", "cuMemAllocAsync_ptsz",
+            "cuMemAllocFromPoolAsync", "cuMemAllocFromPoolAsync_ptsz"),
+    *_specs(M, "alloc_managed", "alloc_return", "cuMemAllocManaged"),
+    *_specs(M, "alloc_host", "alloc_return", "cuMemHostAlloc", "cuMemAllocHost_v2"),
+    *_specs(M, "free_enter", "free_return", "cuMemFree_v2", "cuMemFreeAsync", "cuMemFreeAsync_ptsz",
+            "cuMemFreeHost"),
+    *_specs(M, "vmm_create", "vmm_create_return", "cuMemCreate"),
+    *_specs(M, "vmm_release", "vmm_release_return", "cuMemRelease"),
+    *_specs(M, "vmm_map", "vmm_map_return", "cuMemMap"),
+    *_specs(M, "vmm_unmap", "vmm_unmap_return", "cuMemUnmap"),
+    *_specs(C, "ctx_retain", "ctx_retain_return", "cuDevicePrimaryCtxRetain"),
+    *_specs(C, "ctx_create_v2", "ctx_create_return", "cuCtxCreate_v2"),
+    *_specs(C, "ctx_create_v3", "ctx_create_return", "cuCtxCreate_v3"),
+    *_specs(C, "ctx_create_v4", "ctx_create_return", "cuCtxCreate_v4"),
+    *_specs(C, "ctx_set", "ctx_set_return", "cuCtxSetCurrent"),
+    *_specs(C, "ctx_set", "ctx_push_return", "cuCtxPushCurrent_v2"),
+    *_specs(C, None, "ctx_pop_return", "cuCtxPopCurrent_v2"),
+    *_specs(W, "launch", None, "cuLaunchKernel", "cuLaunchKernel_ptsz", "cuLaunchKernelEx",
+            "cuLaunchKernelEx_ptsz", "cuLaunchCooperativeKernel", "cuLaunchCooperativeKernel_ptsz"),
+    *_specs(W, "graph_launch", None, "cuGraphLaunch", "cuGraphLaunch_ptsz"),
+    *_specs(W, "copy_h2d", None, "cuMemcpyHtoD_v2", "cuMemcpyHtoDAsync_v2", "cuMemcpyHtoD_v2_ptds",
+            "cuMemcpyHtoDAsync_v2_ptsz"),
+    *_specs(W, "copy_d2h", None, "cuMemcpyDtoH_v2", "cuMemcpyDtoHAsync_v2", "cuMemcpyDtoH_v2_ptds",
+            "cuMemcpyDtoHAsync_v2_ptsz"),
+    *_specs(W, "copy_d2d", None, "cuMemcpyDtoD_v2", "cuMemcpyDtoDAsync_v2", "cuMemcpyDtoD_v2_ptds",
+            "cuMemcpyDtoDAsync_v2_ptsz"),
+    *_specs(W, "copy_any", None, "cuMemcpy", "cuMemcpyAsync", "cuMemcpy_ptds", "cuMemcpyAsync_ptsz"),
+]
+
+BPF_SOURCES = ["context.c", "memory.c", "vmm.c", "work.c", "lifecycle.c"]

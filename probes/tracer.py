@@ -1,0 +1,356 @@
+"""The Tracer: loads the BPF programs, attaches them to every libcuda in use, and reads accounting."""
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import queue
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+from . import libraries, preflight
+from .devices import DeviceResolver
+from .libraries import Library
+from .model import COPY_DIRECTIONS, Event, EventType, Gpu, Kind, ProcessGpu, Snapshot, TracerHealth
+from .nvml import Nvml
+from .symbols import BPF_SOURCES, PROBES, Group
+
+log = logging.getLogger(__name__)
+BPF_DIR = Path(__file__).with_name("bpf")
+EXIT_FORMAT = Path("/sys/kernel/tracing/events/sched/sched_process_exit/format")
+
+
+class LaunchMode(str, Enum):
+    ALL = "all"        # every launch and copy probed
+    SAMPLE = "sample"  # work probes attached part of the time, counts scaled and marked estimated
+    OFF = "off"
+
+
+class _RawEvent(ctypes.Structure):
+    _fields_ = [("ts_ns", ctypes.c_uint64), ("addr", ctypes.c_uint64), ("size", ctypes.c_uint64),
+                ("tgid", ctypes.c_uint32), ("tid", ctypes.c_uint32), ("type", ctypes.c_uint32),
+                ("kind", ctypes.c_uint32), ("gpu", ctypes.c_int32), ("result", ctypes.c_int32),
+                ("comm", ctypes.c_char * 16)]
+
+
+@dataclass
+class _AttachedLibrary:
+    library: Library
+    addresses: dict[str, int]
+    events: dict[Group, list[tuple[bytes, bool]]] = field(default_factory=dict)
+
+
+def bpf_source() -> str:
+    """All probe files as one program: bcc rewrites map calls only in the main file, not in headers."""
+    include = re.compile(r'^#include "gpuwatch.h"$', re.M)
+    parts = [(BPF_DIR / "gpuwatch.h").read_text()]
+    parts += [include.sub("", (BPF_DIR / name).read_text()) for name in BPF_SOURCES]
+    return "\n".join(parts)
+
+
+class Tracer:
+    """Attaches on start(), always detaches on stop(); snapshot() and subscribe() read what it sees."""
+
+    def __init__(self, launches: LaunchMode | str = LaunchMode.SAMPLE, use_nvml: bool = True,
+                 rescan_seconds: float = 30.0, sample_window: float = 0.02, sample_period: float = 1.0) -> None:
+        self.launch_mode = LaunchMode(launches)
+        self._use_nvml = use_nvml
+        self._rescan_seconds = rescan_seconds
+        self._sample_window, self._sample_period = sample_window, sample_period
+        self._bpf = None
+        self._lock = threading.RLock()
+        self._libs: dict[tuple[int, int], _AttachedLibrary] = {}
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._lib_open_pids: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self._exited: set[int] = set()
+        self._subscribers: list[queue.Queue[Event]] = []
+        self._comms: dict[int, str] = {}
+        self._devices = DeviceResolver()
+        self._nvml: Nvml | None = None
+        self._work_attached = False
+        self._events_seen = 0
+
+    # lifecycle
+
+    def start(self) -> None:
+        bcc = preflight.check_all()
+        cflags = ["-Wno-unused-function"]
+        if EXIT_FORMAT.exists() and "group_dead" in EXIT_FORMAT.read_text():
+            cflags.append("-DGW_HAVE_GROUP_DEAD")
+        self._bpf = bcc.BPF(text=bpf_source(), cflags=cflags)
+        try:
+            self._bpf["events"].open_ring_buffer(self._on_event)
+            if self._use_nvml:
+                self._nvml = Nvml.open()
+            self._attach_new(libraries.host_libraries() + libraries.all_process_libraries())
+            if not self._libs:
+                log.warning("no libcuda found yet: waiting for a process to load one")
+            self._spawn(self._poll_loop, "gpuwatch-events")
+            self._spawn(self._maintenance_loop, "gpuwatch-maintenance")
+            if self.launch_mode == LaunchMode.SAMPLE:
+                self._spawn(self._sample_loop, "gpuwatch-sampler")
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            if t is not threading.current_thread():
+                t.join(timeout=2)
+        self._threads.clear()
+        with self._lock:
+            if self._bpf is not None:
+                self._bpf.cleanup()
+                self._bpf = None
+            self._libs.clear()
+
+    def __enter__(self) -> Tracer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _spawn(self, target, name: str) -> None:
+        t = threading.Thread(target=target, name=name, daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    # attaching
+
+    def _attach_new(self, libs: list[Library]) -> None:
+        with self._lock:
+            for lib in libs:
+                if lib.key in self._libs or self._bpf is None:
+                    continue
+                try:
+                    self._attach_library(lib)
+                except Exception as exc:
+                    log.warning("cannot attach to %s: %s", lib.path, exc)
+
+    def _attach_library(self, lib: Library) -> None:
+        wanted = "^(" + "|".join(sorted({p.symbol for p in PROBES})) + ")$"
+        found = self._bpf.get_user_functions_and_addresses(lib.path.encode(), wanted.encode())
+        attached = _AttachedLibrary(lib, {name.decode(): addr for name, addr in found})
+        if not any(s in attached.addresses for s in ("cuMemAlloc_v2", "cuLaunchKernel")):
+            log.info("%s exports no driver entry points: skipped", lib.path)
+            return
+        self._libs[lib.key] = attached
+        for group in (Group.CONTEXT, Group.MEMORY):
+            self._attach_group(attached, group)
+        if self.launch_mode == LaunchMode.ALL or self._work_attached:
+            self._attach_group(attached, Group.WORK)
+        log.info("watching %s (%d probes)", lib.path, self._count(attached))
+
+    def _attach_group(self, attached: _AttachedLibrary, group: Group) -> None:
+        path, done, events = attached.library.path.encode(), set(), []
+        for spec in PROBES:
+            addr = attached.addresses.get(spec.symbol)
+            if spec.group != group or addr is None:
+                continue
+            for fn, is_ret in ((spec.entry, False), (spec.ret, True)):
+                if fn is None or (addr, is_ret) in done:
+                    continue
+                done.add((addr, is_ret))
+                if is_ret:
+                    self._bpf.attach_uretprobe(name=path, addr=addr, fn_name=fn.encode())
+                else:
+                    self._bpf.attach_uprobe(name=path, addr=addr, fn_name=fn.encode())
+                prefix = b"r" if is_ret else b"p"
+                events.append((self._bpf._get_uprobe_evname(prefix, path, addr, -1), is_ret))
+        attached.events[group] = events
+
+    def _detach_group(self, attached: _AttachedLibrary, group: Group) -> None:
+        for ev_name, _ in attached.events.pop(group, []):
+            try:
+                self._bpf.detach_uprobe_event(ev_name)
+            except Exception as exc:
+                log.debug("detach %s: %s", ev_name, exc)
+
+    @staticmethod
+    def _count(attached: _AttachedLibrary) -> int:
+        return sum(len(v) for v in attached.events.values())
+
+    def _set_work_probes(self, on: bool) -> None:
+        with self._lock:
+            if self._bpf is None or on == self._work_attached:
+                return
+            self._work_attached = on
+            for attached in self._libs.values():
+                if on:
+                    self._attach_group(attached, Group.WORK)
+                else:
+                    self._detach_group(attached, Group.WORK)
+
+    # threads
+
+    def _poll_loop(self) -> None:
+        while not self._stop.is_set():
+            bpf = self._bpf
+            if bpf is None:
+                return
+            bpf.ring_buffer_poll(100)
+
+    def _on_event(self, _ctx, data, _size) -> None:
+        raw = ctypes.cast(data, ctypes.POINTER(_RawEvent)).contents
+        self._events_seen += 1
+        if raw.type == EventType.LIB_OPEN:
+            self._lib_open_pids.put(raw.tgid)
+        elif raw.type == EventType.EXIT:
+            self._exited.add(raw.tgid)
+        if not self._subscribers:
+            return
+        event = Event(ts_ns=raw.ts_ns, type=EventType(raw.type), kind=Kind(raw.kind), pid=raw.tgid, tid=raw.tid,
+                      comm=raw.comm.decode(errors="replace"), gpu=raw.gpu if raw.gpu >= 0 else None,
+                      addr=raw.addr, size=raw.size, result=raw.result)
+        for sub in list(self._subscribers):
+            try:
+                sub.put_nowait(event)
+            except queue.Full:
+                pass
+
+    def _maintenance_loop(self) -> None:
+        last_rescan = last_gc = time.monotonic()
+        while not self._stop.wait(0.05):
+            self._attach_loaded_by(self._pending_lib_opens())
+            now = time.monotonic()
+            if self._exited and now - last_gc >= 1.0:
+                last_gc = now
+                self._collect_exited()
+            if now - last_rescan >= self._rescan_seconds:
+                last_rescan = now
+                self._collect_exited()
+                self._attach_new(libraries.host_libraries() + libraries.all_process_libraries())
+
+    def _pending_lib_opens(self) -> set[int]:
+        pids = set()
+        while True:
+            try:
+                pids.add(self._lib_open_pids.get_nowait())
+            except queue.Empty:
+                return pids
+
+    def _attach_loaded_by(self, pids: set[int]) -> None:
+        """A process opened a libcuda; it maps it right after. Look until it does (1 s at most)."""
+        deadline = time.monotonic() + 1.0
+        while pids and time.monotonic() < deadline and not self._stop.is_set():
+            for pid in list(pids):
+                libs = libraries.process_libraries(pid)
+                if libs or not os.path.exists(f"/proc/{pid}"):
+                    pids.discard(pid)
+                    self._attach_new(libs)
+            if pids:
+                time.sleep(0.005)
+
+    def _collect_exited(self) -> None:
+        """Drop what exited processes left in the address-keyed maps (the exit probe cleared the rest)."""
+        exited, self._exited = self._exited, set()
+        with self._lock:
+            if self._bpf is None:
+                return
+            for pid in exited:
+                self._comms.pop(pid, None)
+                self._devices.forget(pid)
+            for name in ("allocs", "handles", "mappings", "ctx_dev"):
+                table = self._bpf[name]
+                stale = [k for k in table.keys() if k.tgid in exited or not _alive(k.tgid)]
+                for k in stale:
+                    table.pop(k, None)
+
+    def _sample_loop(self) -> None:
+        while not self._stop.is_set():
+            self._set_work_probes(True)
+            self._stop.wait(self._sample_window)
+            self._set_work_probes(False)
+            self._stop.wait(self._sample_period - self._sample_window)
+
+    # reading
+
+    def subscribe(self, maxsize: int = 65536) -> queue.Queue[Event]:
+        q: queue.Queue[Event] = queue.Queue(maxsize=maxsize)
+        self._subscribers.append(q)
+        return q
+
+    def unsubscribe(self, q: queue.Queue[Event]) -> None:
+        if q in self._subscribers:
+            self._subscribers.remove(q)
+
+    def health(self) -> TracerHealth:
+        with self._lock:
+            lost = 0
+            if self._bpf is not None:
+                lost = int(self._bpf["lost"][ctypes.c_int(0)].value)
+            return TracerHealth(launch_mode=self.launch_mode.value,
+                                libraries=[a.library.path for a in self._libs.values()],
+                                probes_attached=sum(self._count(a) for a in self._libs.values()),
+                                events_lost=lost, events_seen=self._events_seen,
+                                waiting_for_driver=not self._libs, nvml=self._nvml is not None)
+
+    def snapshot(self) -> Snapshot:
+        gpus = self._nvml.gpus() if self._nvml else []
+        nvml_bytes = self._nvml.process_bytes() if self._nvml else {}
+        rows: dict[tuple[int, int | None], ProcessGpu] = {}
+        with self._lock:
+            if self._bpf is None:
+                return Snapshot([], gpus, self.health())
+            mem_items = list(self._bpf["mem"].items())
+            work_items = list(self._bpf["work"].items())
+        scale = self._sample_period / self._sample_window if self.launch_mode == LaunchMode.SAMPLE else 1.0
+
+        def row(tgid: int, ordinal: int) -> ProcessGpu:
+            index, uuid = self._devices.resolve(tgid, ordinal, gpus)
+            key = (tgid, index)
+            if key not in rows:
+                rows[key] = ProcessGpu(pid=tgid, comm=self._comm(tgid), gpu=index, gpu_uuid=uuid,
+                                       launches_estimated=self.launch_mode == LaunchMode.SAMPLE)
+            return rows[key]
+
+        for k, m in mem_items:
+            r = row(k.tgid, k.gpu)
+            r.device_bytes += _signed(m.device_bytes)
+            r.managed_bytes += _signed(m.managed_bytes)
+            r.host_pinned_bytes += _signed(m.host_pinned_bytes)
+            r.allocs += m.allocs
+            r.frees += m.frees
+            r.failed_allocs += m.failed_allocs
+        for k, per_cpu in work_items:
+            r = row(k.tgid, k.gpu)
+            r.launches += round(sum(w.launches for w in per_cpu) * scale)
+            r.graph_launches += round(sum(w.graph_launches for w in per_cpu) * scale)
+            for i, direction in enumerate(COPY_DIRECTIONS):
+                r.copy_bytes[direction] += round(sum(w.copy_bytes[i] for w in per_cpu) * scale)
+        for (pid, index), used in nvml_bytes.items():
+            key = (pid, index)
+            if key not in rows:
+                uuid = next((g.uuid for g in gpus if g.index == index), None)
+                rows[key] = ProcessGpu(pid=pid, comm=self._comm(pid), gpu=index, gpu_uuid=uuid)
+            rows[key].nvml_bytes = used
+        for r in rows.values():
+            if r.nvml_bytes is not None:
+                r.untracked_bytes = max(r.nvml_bytes - r.device_bytes, 0)
+        live = [r for r in rows.values() if _alive(r.pid)]
+        live.sort(key=lambda r: (r.pid, -1 if r.gpu is None else r.gpu))
+        return Snapshot(live, gpus, self.health())
+
+    def _comm(self, pid: int) -> str:
+        if pid not in self._comms:
+            try:
+                self._comms[pid] = Path(f"/proc/{pid}/comm").read_text().strip()
+            except OSError:
+                return "?"
+        return self._comms[pid]
+
+
+def _alive(pid: int) -> bool:
+    return os.path.exists(f"/proc/{pid}")
+
+
+def _signed(v: int) -> int:
+    """Counters are u64 in BPF; a free seen before its allocation can leave one briefly below zero."""
+    return v - (1 << 64) if v >= 1 << 63 else v
