@@ -49,7 +49,7 @@ def event_from_json(d: dict[str, Any]) -> Event:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    tracer = Tracer(launches=args.launches, use_nvml=not args.no_nvml)
+    tracer = Tracer(launches=args.launches, use_nvml=not args.no_nvml, ring_buffer_pages=args.ring_buffer_pages)
     Daemon(tracer, args.socket).run()
     return 0
 
@@ -86,6 +86,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def power_of_two(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1 or n & (n - 1):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a power of two")
+    return n
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gpuwatch", description="Watch and share NVIDIA GPUs between processes.")
     p.add_argument("--socket", default=socket_path(), help="daemon control socket (default: %(default)s)")
@@ -97,6 +107,8 @@ def parser() -> argparse.ArgumentParser:
                      help="kernel launch and copy probes: all, sample (part of the time, scaled), off "
                           "(default: %(default)s)")
     run.add_argument("--no-nvml", action="store_true", help="do not query NVML")
+    run.add_argument("--ring-buffer-pages", type=power_of_two, default=1024, metavar="N",
+                     help="event ring buffer size in 4 KiB pages, a power of two (default: %(default)s)")
     run.set_defaults(func=cmd_run)
 
     ps = sub.add_parser("ps", help="traced processes, per GPU")

@@ -61,13 +61,21 @@ def process_libraries(pid: int) -> list[Library]:
         text = Path(f"/proc/{pid}/maps").read_text()
     except (OSError, ProcessLookupError):
         return []
+    root = "" if _shares_our_root(pid) else f"/proc/{pid}/root"
     paths = set()
     for line in text.splitlines():
         parts = line.split(maxsplit=5)
         if len(parts) == 6 and os.path.basename(parts[5]).startswith(LIB_PREFIX):
-            path = parts[5].removesuffix(" (deleted)")
-            paths.add(f"/proc/{pid}/root{path}")
+            paths.add(root + parts[5].removesuffix(" (deleted)"))
     return _unique(p for p in paths if not _is_stub(p))
+
+
+def _shares_our_root(pid: int) -> bool:
+    try:
+        theirs, ours = os.stat(f"/proc/{pid}/root/"), os.stat("/")
+    except OSError:
+        return False
+    return (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino)
 
 
 def all_process_libraries() -> list[Library]:

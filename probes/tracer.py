@@ -56,8 +56,12 @@ class Tracer:
     """Attaches on start(), always detaches on stop(); snapshot() and subscribe() read what it sees."""
 
     def __init__(self, launches: LaunchMode | str = LaunchMode.SAMPLE, use_nvml: bool = True,
-                 rescan_seconds: float = 30.0, sample_window: float = 0.02, sample_period: float = 1.0) -> None:
+                 rescan_seconds: float = 30.0, sample_window: float = 0.02, sample_period: float = 1.0,
+                 ring_buffer_pages: int = 1024) -> None:
+        if ring_buffer_pages < 1 or ring_buffer_pages & (ring_buffer_pages - 1):
+            raise ValueError(f"ring buffer pages must be a power of two, not {ring_buffer_pages}")
         self.launch_mode = LaunchMode(launches)
+        self._ring_pages = ring_buffer_pages
         self._use_nvml = use_nvml
         self._rescan_seconds = rescan_seconds
         self._sample_window, self._sample_period = sample_window, sample_period
@@ -79,7 +83,7 @@ class Tracer:
 
     def start(self) -> None:
         bcc = preflight.check_all()
-        cflags = ["-Wno-unused-function"]
+        cflags = ["-Wno-unused-function", f"-DGW_RING_PAGES={self._ring_pages}"]
         if EXIT_FORMAT.exists() and "group_dead" in EXIT_FORMAT.read_text():
             cflags.append("-DGW_HAVE_GROUP_DEAD")
         self._bpf = bcc.BPF(text=bpf_source(), cflags=cflags)

@@ -69,7 +69,10 @@ BPF_HASH(thread_ctx, u32, struct gw_ctx_stack, 65536);      /* thread id -> cont
 BPF_HASH(proc_dev, u32, s32, 65536);                        /* tgid -> device made current last */
 BPF_HASH(lib_opens, u64, u32, 4096);                         /* pid_tgid -> openat of a libcuda */
 BPF_ARRAY(lost, u64, 1);
-BPF_RINGBUF_OUTPUT(events, 1024);
+#ifndef GW_RING_PAGES
+#define GW_RING_PAGES 1024
+#endif
+BPF_RINGBUF_OUTPUT(events, GW_RING_PAGES);
 
 static __always_inline u32 gw_tgid(void) { return bpf_get_current_pid_tgid() >> 32; }
 

@@ -1,0 +1,156 @@
+"""Real eBPF against a test-double libcuda: a daemon, scripted CUDA programs, and the real CLI."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+FAKECUDA_SRC = ROOT / "tests" / "fakecuda"
+GPUWATCH = [sys.executable, "-m", "gpuwatch.enforcer.cli"]
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@pytest.fixture(scope="session")
+def fakecuda(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("fakecuda")
+    subprocess.run(["make", "-s", "-C", str(FAKECUDA_SRC), f"OUT={out}"], check=True)
+    return out
+
+
+class Daemon:
+    def __init__(self, workdir: Path, *args: str) -> None:
+        self.socket = str(workdir / "gpuwatch.sock")
+        self.log = workdir / "daemon.log"
+        self.proc = subprocess.Popen([*GPUWATCH, "--socket", self.socket, "run", "--no-nvml", *args],
+                                     stdout=self.log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+        wait_for(lambda: self.proc.poll() is not None or self.answers(), 60, "daemon to answer")
+        assert self.proc.poll() is None, self.log.read_text()
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        result = subprocess.run([*GPUWATCH, "--socket", self.socket, *args], capture_output=True, text=True, timeout=30)
+        if check:
+            assert result.returncode == 0, result.stderr
+        return result
+
+    def answers(self) -> bool:
+        return os.path.exists(self.socket) and self.cli("status", "--json", check=False).returncode == 0
+
+    def status(self) -> dict:
+        return json.loads(self.cli("status", "--json").stdout)
+
+    def ps(self, pid: int | None = None) -> list[dict]:
+        rows = json.loads(self.cli("ps", "--json").stdout)
+        return [r for r in rows if pid is None or r["pid"] == pid]
+
+    def row(self, pid: int, gpu: int = 0) -> dict:
+        rows = [r for r in self.ps(pid) if r["gpu"] == gpu]
+        assert len(rows) == 1, f"expected one row for pid {pid} gpu {gpu}: {self.ps(pid)}"
+        return rows[0]
+
+    def watching(self, library: Path) -> bool:
+        ino = library.stat().st_ino
+        return any(os.path.exists(p) and os.stat(p).st_ino == ino for p in self.status()["health"]["libraries"])
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def daemon(tmp_path_factory) -> Iterator[Daemon]:
+    d = Daemon(tmp_path_factory.mktemp("daemon"), "--launches", "all")
+    yield d
+    d.stop()
+
+
+class Prog:
+    """A scripted CUDA program (C or Python) speaking the fakecuda command protocol."""
+
+    def __init__(self, argv: list[str], env: dict[str, str] | None = None) -> None:
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
+                                     env={**os.environ, **(env or {})})
+        self.pid = self.proc.pid
+
+    def send(self, line: str) -> str:
+        assert self.proc.stdin and self.proc.stdout
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        reply = self.proc.stdout.readline().strip()
+        assert reply, f"no reply to {line!r} (exit code {self.proc.poll()})"
+        return reply
+
+    def ok(self, line: str) -> list[str]:
+        reply = self.send(line)
+        assert reply.split()[0] == "ok", f"{line!r} -> {reply!r}"
+        return reply.split()[1:]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.fixture
+def progs(fakecuda: Path, daemon: Daemon) -> Iterator[Callable[..., Prog]]:
+    """Starts programs that have loaded the test-double libcuda, once the daemon watches it."""
+    started: list[Prog] = []
+
+    def start(kind: str = "c", library: Path | None = None, env: dict[str, str] | None = None,
+              ctx: int | None = 0, watch_timeout: float = 5.0) -> Prog:
+        lib = library or fakecuda / "libcuda.so.1"
+        argv = [str(fakecuda / "cudaprog")] if kind == "c" else [sys.executable, str(FAKECUDA_SRC / "cudaprog.py")]
+        p = Prog(argv, env)
+        started.append(p)
+        p.ok(f"load {lib}")
+        wait_for(lambda: daemon.watching(lib), watch_timeout, f"daemon to watch {lib}")
+        if ctx is not None:
+            p.ok(f"ctx {ctx}")
+        return p
+
+    yield start
+    for p in started:
+        p.close()
+
+
+def uprobe_events() -> str:
+    path = Path("/sys/kernel/tracing/uprobe_events")
+    return path.read_text() if path.exists() else ""
+
+
+def first_code_byte(library: Path, symbol: str) -> int:
+    """The first instruction byte of a function as a process sees it: 0xcc while a uprobe is registered."""
+    code = f"""
+import ctypes
+lib = ctypes.CDLL({str(library)!r})
+addr = ctypes.cast(getattr(lib, {symbol!r}), ctypes.c_void_p).value
+print(ctypes.string_at(addr, 1)[0])
+"""
+    return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+
+
+@pytest.fixture
+def library_copy(fakecuda: Path, tmp_path: Path) -> Path:
+    """The test double under a new inode in an unusual directory (a container's or compat copy)."""
+    target = tmp_path / "opt" / "vendor driver" / "lib64" / "libcuda.so.1"
+    target.parent.mkdir(parents=True)
+    shutil.copy2(fakecuda / "libcuda.so.1", target)
+    return target
