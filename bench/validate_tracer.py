@@ -101,6 +101,28 @@ def nccl_single() -> None:
     dist.destroy_process_group()
 
 
+def torch_two_gpus() -> None:
+    """One process, memory on both GPUs: each GPU's bytes must land on its own row."""
+    import torch
+    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda:0")
+    b = torch.empty(3 << 30, dtype=torch.uint8, device="cuda:1")
+    torch.cuda.synchronize(0)
+    torch.cuda.synchronize(1)
+    _checkpoint(stage="allocated", reserved0=torch.cuda.memory_reserved(0), reserved1=torch.cuda.memory_reserved(1),
+                a=a.numel(), b=b.numel())
+
+
+def torch_visible_devices() -> None:
+    """CUDA_VISIBLE_DEVICES=1: the process's cuda:0 is the host's GPU 1."""
+    os.environ["CUDA_VISIBLE_DEVICES"] = "1"
+    import torch
+    a = torch.empty(2 << 30, dtype=torch.uint8, device="cuda:0")
+    torch.cuda.synchronize()
+    _checkpoint(stage="allocated", reserved_host_gpu1=torch.cuda.memory_reserved(0), a=a.numel())
+
+
+TWO_GPU_SCENARIOS = {"torch_two_gpus": torch_two_gpus, "torch_visible_devices": torch_visible_devices}
+
 SCENARIOS = {
     "torch_default": lambda: torch_alloc(None),
     "torch_expandable": lambda: torch_alloc("expandable_segments:True"),
@@ -151,7 +173,7 @@ def summarize(results: list[dict]) -> None:
 
 def main() -> int:
     if len(sys.argv) > 2 and sys.argv[1] == "child":
-        SCENARIOS[sys.argv[2]]()
+        {**SCENARIOS, **TWO_GPU_SCENARIOS}[sys.argv[2]]()
         return 0
     names = sys.argv[1:] or list(SCENARIOS)
     log = open(os.path.join(os.environ.get("OUT", "/tmp"), "daemon.log"), "w")

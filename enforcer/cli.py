@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from ..probes import Event, EventType, Kind, LaunchMode, PreflightError, Tracer
+from ..probes.preflight import check_privileges
 from .control import Client, ControlError, DaemonUnavailable, socket_path
 from .daemon import Daemon
 
@@ -49,6 +50,7 @@ def event_from_json(d: dict[str, Any]) -> Event:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    check_privileges()
     tracer = Tracer(launches=args.launches, use_nvml=not args.no_nvml, ring_buffer_pages=args.ring_buffer_pages)
     Daemon(tracer, args.socket).run()
     return 0
@@ -135,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (PreflightError, DaemonUnavailable, ControlError) as exc:
         print(f"gpuwatch: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"gpuwatch: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

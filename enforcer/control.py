@@ -64,7 +64,9 @@ class ControlServer:
             def handle(self) -> None:
                 server._serve(self.request, self.rfile, self.wfile)
 
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        if not Path(path).parent.exists():
+            Path(path).parent.mkdir(parents=True)
+            os.chmod(Path(path).parent, 0o755)
         if os.path.exists(path):
             if _answers(path):
                 raise ControlError(f"another gpuwatch daemon is running on {path}: stop it first")

@@ -58,3 +58,21 @@ PROBES: list[ProbeSpec] = [
 ]
 
 BPF_SOURCES = ["context.c", "memory.c", "vmm.c", "work.c", "lifecycle.c"]
+
+# Every BPF handler gets a number: the attach cookie that the dispatcher switches on.
+HANDLERS: list[str] = sorted({fn for p in PROBES for fn in (p.entry, p.ret) if fn})
+COOKIE: dict[str, int] = {name: i for i, name in enumerate(HANDLERS)}
+DISPATCH = "gw_dispatch"
+
+
+def perf_wrapper(handler: str) -> str:
+    return f"gw_perf_{handler}"
+
+
+def generated_programs() -> str:
+    """The dispatcher that uprobe_multi links run (one program, the cookie names the handler), and one
+    wrapper per handler for kernels without uprobe_multi, where each probe is its own perf event."""
+    cases = "\n".join(f"    case {COOKIE[h]}: return {h}(ctx);" for h in HANDLERS)
+    wrappers = "\n".join(f"int {perf_wrapper(h)}(struct pt_regs *ctx) {{ return {h}(ctx); }}" for h in HANDLERS)
+    return (f"int {DISPATCH}(struct pt_regs *ctx)\n{{\n    switch (bpf_get_attach_cookie(ctx)) {{\n{cases}\n"
+            f"    }}\n    return 0;\n}}\n{wrappers}\n")

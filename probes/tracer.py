@@ -17,7 +17,8 @@ from .devices import DeviceResolver
 from .libraries import Library
 from .model import COPY_DIRECTIONS, Event, EventType, Gpu, Kind, ProcessGpu, Snapshot, TracerHealth
 from .nvml import Nvml
-from .symbols import BPF_SOURCES, PROBES, Group
+from .attach import Attacher, Attachment, Target
+from .symbols import BPF_SOURCES, PROBES, Group, generated_programs
 
 log = logging.getLogger(__name__)
 BPF_DIR = Path(__file__).with_name("bpf")
@@ -40,8 +41,12 @@ class _RawEvent(ctypes.Structure):
 @dataclass
 class _AttachedLibrary:
     library: Library
-    addresses: dict[str, int]
-    events: dict[Group, list[tuple[bytes, bool]]] = field(default_factory=dict)
+    targets: dict[Group, list[Target]]
+    attached: dict[Group, Attachment] = field(default_factory=dict)
+
+    @property
+    def probes(self) -> int:
+        return sum(len(self.targets[g]) for g in self.attached)
 
 
 def bpf_source() -> str:
@@ -49,7 +54,7 @@ def bpf_source() -> str:
     include = re.compile(r'^#include "gpuwatch.h"$', re.M)
     parts = [(BPF_DIR / "gpuwatch.h").read_text()]
     parts += [include.sub("", (BPF_DIR / name).read_text()) for name in BPF_SOURCES]
-    return "\n".join(parts)
+    return "\n".join(parts) + generated_programs()
 
 
 class Tracer:
@@ -66,6 +71,7 @@ class Tracer:
         self._rescan_seconds = rescan_seconds
         self._sample_window, self._sample_period = sample_window, sample_period
         self._bpf = None
+        self._attacher: Attacher | None = None
         self._lock = threading.RLock()
         self._libs: dict[tuple[int, int], _AttachedLibrary] = {}
         self._stop = threading.Event()
@@ -87,6 +93,7 @@ class Tracer:
         if EXIT_FORMAT.exists() and "group_dead" in EXIT_FORMAT.read_text():
             cflags.append("-DGW_HAVE_GROUP_DEAD")
         self._bpf = bcc.BPF(text=bpf_source(), cflags=cflags)
+        self._attacher = Attacher(self._bpf)
         try:
             self._bpf["events"].open_ring_buffer(self._on_event)
             if self._use_nvml:
@@ -109,6 +116,9 @@ class Tracer:
                 t.join(timeout=2)
         self._threads.clear()
         with self._lock:
+            if self._attacher is not None:
+                self._attacher.detach(Attachment(
+                    fds=[fd for e in self._libs.values() for a in e.attached.values() for fd in a.fds]))
             if self._bpf is not None:
                 self._bpf.cleanup()
                 self._bpf = None
@@ -139,58 +149,29 @@ class Tracer:
                     log.warning("cannot attach to %s: %s", lib.path, exc)
 
     def _attach_library(self, lib: Library) -> None:
-        wanted = "^(" + "|".join(sorted({p.symbol for p in PROBES})) + ")$"
-        found = self._bpf.get_user_functions_and_addresses(lib.path.encode(), wanted.encode())
-        attached = _AttachedLibrary(lib, {name.decode(): addr for name, addr in found})
-        if not any(s in attached.addresses for s in ("cuMemAlloc_v2", "cuLaunchKernel")):
+        targets = resolve_targets(self._bpf, lib.path)
+        if not any(t.symbol in ("cuMemAlloc_v2", "cuLaunchKernel") for ts in targets.values() for t in ts):
             log.info("%s exports no driver entry points: skipped", lib.path)
             return
-        self._libs[lib.key] = attached
-        for group in (Group.CONTEXT, Group.MEMORY):
-            self._attach_group(attached, group)
+        entry = _AttachedLibrary(lib, targets)
+        self._libs[lib.key] = entry
+        groups = [Group.CONTEXT, Group.MEMORY]
         if self.launch_mode == LaunchMode.ALL or self._work_attached:
-            self._attach_group(attached, Group.WORK)
-        log.info("watching %s (%d probes)", lib.path, self._count(attached))
-
-    def _attach_group(self, attached: _AttachedLibrary, group: Group) -> None:
-        path, done, events = attached.library.path.encode(), set(), []
-        for spec in PROBES:
-            addr = attached.addresses.get(spec.symbol)
-            if spec.group != group or addr is None:
-                continue
-            for fn, is_ret in ((spec.entry, False), (spec.ret, True)):
-                if fn is None or (addr, is_ret) in done:
-                    continue
-                done.add((addr, is_ret))
-                if is_ret:
-                    self._bpf.attach_uretprobe(name=path, addr=addr, fn_name=fn.encode())
-                else:
-                    self._bpf.attach_uprobe(name=path, addr=addr, fn_name=fn.encode())
-                prefix = b"r" if is_ret else b"p"
-                events.append((self._bpf._get_uprobe_evname(prefix, path, addr, -1), is_ret))
-        attached.events[group] = events
-
-    def _detach_group(self, attached: _AttachedLibrary, group: Group) -> None:
-        for ev_name, _ in attached.events.pop(group, []):
-            try:
-                self._bpf.detach_uprobe_event(ev_name)
-            except Exception as exc:
-                log.debug("detach %s: %s", ev_name, exc)
-
-    @staticmethod
-    def _count(attached: _AttachedLibrary) -> int:
-        return sum(len(v) for v in attached.events.values())
+            groups.append(Group.WORK)
+        for group in groups:
+            entry.attached[group] = self._attacher.attach(lib.path, targets[group])
+        log.info("watching %s (%d probes)", lib.path, entry.probes)
 
     def _set_work_probes(self, on: bool) -> None:
         with self._lock:
             if self._bpf is None or on == self._work_attached:
                 return
             self._work_attached = on
-            for attached in self._libs.values():
+            for entry in self._libs.values():
                 if on:
-                    self._attach_group(attached, Group.WORK)
-                else:
-                    self._detach_group(attached, Group.WORK)
+                    entry.attached[Group.WORK] = self._attacher.attach(entry.library.path, entry.targets[Group.WORK])
+                elif Group.WORK in entry.attached:
+                    self._attacher.detach(entry.attached.pop(Group.WORK))
 
     # threads
 
@@ -242,14 +223,16 @@ class Tracer:
 
     def _attach_loaded_by(self, pids: set[int]) -> None:
         """A process opened a libcuda; it maps it right after. Look until it does (1 s at most)."""
-        deadline = time.monotonic() + 1.0
-        while pids and time.monotonic() < deadline and not self._stop.is_set():
-            for pid in list(pids):
+        deadline = {pid: time.monotonic() + 1.0 for pid in pids}
+        while deadline and not self._stop.is_set():
+            for pid in list(deadline):
                 libs = libraries.process_libraries(pid)
-                if libs or not os.path.exists(f"/proc/{pid}"):
-                    pids.discard(pid)
+                if libs or time.monotonic() > deadline[pid] or not os.path.exists(f"/proc/{pid}"):
+                    del deadline[pid]
                     self._attach_new(libs)
-            if pids:
+            for pid in self._pending_lib_opens():
+                deadline.setdefault(pid, time.monotonic() + 1.0)
+            if deadline:
                 time.sleep(0.005)
 
     def _collect_exited(self) -> None:
@@ -292,7 +275,7 @@ class Tracer:
                 lost = int(self._bpf["lost"][ctypes.c_int(0)].value)
             return TracerHealth(launch_mode=self.launch_mode.value,
                                 libraries=[a.library.path for a in self._libs.values()],
-                                probes_attached=sum(self._count(a) for a in self._libs.values()),
+                                probes_attached=sum(e.probes for e in self._libs.values()),
                                 events_lost=lost, events_seen=self._events_seen,
                                 waiting_for_driver=not self._libs, nvml=self._nvml is not None)
 
@@ -349,6 +332,22 @@ class Tracer:
             except OSError:
                 return "?"
         return self._comms[pid]
+
+
+def resolve_targets(bpf, path: str) -> dict[Group, list[Target]]:
+    """Each probed function's file offset, once per (offset, direction): aliases share an address."""
+    targets: dict[Group, list[Target]] = {g: [] for g in Group}
+    seen: set[tuple[int, bool]] = set()
+    for spec in PROBES:
+        try:
+            _, offset = bpf._check_path_symbol(path.encode(), spec.symbol.encode(), None, -1)
+        except Exception:
+            continue  # this driver version does not export it
+        for handler, is_return in ((spec.entry, False), (spec.ret, True)):
+            if handler and (offset, is_return) not in seen:
+                seen.add((offset, is_return))
+                targets[spec.group].append(Target(spec.symbol, offset, handler, is_return))
+    return targets
 
 
 def _alive(pid: int) -> bool:

@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -75,9 +76,13 @@ class Daemon:
         return self.proc.wait(timeout=10)
 
 
-@pytest.fixture(scope="session")
-def daemon(tmp_path_factory) -> Iterator[Daemon]:
-    d = Daemon(tmp_path_factory.mktemp("daemon"), "--launches", "all")
+@pytest.fixture(scope="module")
+def daemon() -> Iterator[Daemon]:
+    """One daemon per module. Tests that need to be the only daemon (it would attach to their libraries
+    too) come before the first test that uses this fixture in their module."""
+    workdir = Path(tempfile.mkdtemp(prefix="gpuwatch-test-"))
+    workdir.chmod(0o755)  # other users reach the socket (tests of unprivileged reads)
+    d = Daemon(workdir, "--launches", "all")
     yield d
     d.stop()
 
@@ -150,7 +155,7 @@ print(ctypes.string_at(addr, 1)[0])
 @pytest.fixture
 def library_copy(fakecuda: Path, tmp_path: Path) -> Path:
     """The test double under a new inode in an unusual directory (a container's or compat copy)."""
-    target = tmp_path / "opt" / "vendor driver" / "lib64" / "libcuda.so.1"
+    target = tmp_path / "opt" / "vendor-driver" / "lib64" / "libcuda.so.1"
     target.parent.mkdir(parents=True)
     shutil.copy2(fakecuda / "libcuda.so.1", target)
     return target

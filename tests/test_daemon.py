@@ -37,7 +37,11 @@ def test_process_that_loaded_the_driver_before_the_daemon_is_found_at_start(tmp_
     try:
         assert d.watching(library_copy)
         p.ok("alloc a 3M")
-        assert d.row(p.pid)["device_bytes"] == 3 * MiB
+        # the context was made current before the daemon started: without NVML the GPU is not known
+        assert [(r["gpu"], r["device_bytes"]) for r in d.ps(p.pid)] == [(None, 3 * MiB)]
+        p.ok("ctx 0")  # made current again (cudart does this per thread): attributed from here on
+        p.ok("alloc b 5M")
+        assert d.row(p.pid, gpu=0)["device_bytes"] == 5 * MiB
     finally:
         p.close()
         d.stop()
@@ -104,7 +108,7 @@ def test_trace_human_output_has_one_line_per_event(daemon, progs):
     finally:
         trace.terminate()
         trace.wait()
-    assert line[1:] [:5] == [str(p.pid), line[2], "cudaprog", "0", "alloc"] and line[6] == str(MiB)
+    assert line[1:8] == [str(p.pid), line[2], "cudaprog", "0", "alloc", "device", str(MiB)]
 
 
 def test_ps_without_a_daemon_says_how_to_start_one(tmp_path):

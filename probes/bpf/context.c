@@ -27,14 +27,14 @@ static __always_inline void gw_ctx_current(u32 tgid, u64 ctx, int push)
 }
 
 /* cuDevicePrimaryCtxRetain(CUcontext *pctx, CUdevice dev) */
-int ctx_retain(struct pt_regs *ctx)
+static __always_inline int ctx_retain(struct pt_regs *ctx)
 {
     struct gw_call c = {.out = PT_REGS_PARM1(ctx), .gpu = PT_REGS_PARM2(ctx)};
     gw_park(&c);
     return 0;
 }
 
-int ctx_retain_return(struct pt_regs *ctx)
+static __always_inline int ctx_retain_return(struct pt_regs *ctx)
 {
     struct gw_call c;
     if (!gw_unpark(&c) || PT_REGS_RC(ctx) != 0)
@@ -53,11 +53,11 @@ static __always_inline int gw_ctx_create(u64 out, s32 dev)
     gw_park(&c);
     return 0;
 }
-int ctx_create_v2(struct pt_regs *ctx) { return gw_ctx_create(PT_REGS_PARM1(ctx), PT_REGS_PARM3(ctx)); }
-int ctx_create_v3(struct pt_regs *ctx) { return gw_ctx_create(PT_REGS_PARM1(ctx), PT_REGS_PARM5(ctx)); }
-int ctx_create_v4(struct pt_regs *ctx) { return gw_ctx_create(PT_REGS_PARM1(ctx), PT_REGS_PARM4(ctx)); }
+static __always_inline int ctx_create_v2(struct pt_regs *ctx) { return gw_ctx_create(PT_REGS_PARM1(ctx), PT_REGS_PARM3(ctx)); }
+static __always_inline int ctx_create_v3(struct pt_regs *ctx) { return gw_ctx_create(PT_REGS_PARM1(ctx), PT_REGS_PARM5(ctx)); }
+static __always_inline int ctx_create_v4(struct pt_regs *ctx) { return gw_ctx_create(PT_REGS_PARM1(ctx), PT_REGS_PARM4(ctx)); }
 
-int ctx_create_return(struct pt_regs *ctx)
+static __always_inline int ctx_create_return(struct pt_regs *ctx)
 {
     struct gw_call c;
     if (!gw_unpark(&c) || PT_REGS_RC(ctx) != 0)
@@ -71,14 +71,14 @@ int ctx_create_return(struct pt_regs *ctx)
 }
 
 /* cuCtxSetCurrent(ctx) and cuCtxPushCurrent_v2(ctx) */
-int ctx_set(struct pt_regs *ctx)
+static __always_inline int ctx_set(struct pt_regs *ctx)
 {
     struct gw_call c = {.arg = PT_REGS_PARM1(ctx)};
     gw_park(&c);
     return 0;
 }
 
-int ctx_set_return(struct pt_regs *ctx)
+static __always_inline int ctx_set_return(struct pt_regs *ctx)
 {
     struct gw_call c;
     if (!gw_unpark(&c) || PT_REGS_RC(ctx) != 0)
@@ -87,7 +87,7 @@ int ctx_set_return(struct pt_regs *ctx)
     return 0;
 }
 
-int ctx_push_return(struct pt_regs *ctx)
+static __always_inline int ctx_push_return(struct pt_regs *ctx)
 {
     struct gw_call c;
     if (!gw_unpark(&c) || PT_REGS_RC(ctx) != 0)
@@ -97,7 +97,7 @@ int ctx_push_return(struct pt_regs *ctx)
 }
 
 /* cuCtxPopCurrent_v2(CUcontext *pctx) */
-int ctx_pop_return(struct pt_regs *ctx)
+static __always_inline int ctx_pop_return(struct pt_regs *ctx)
 {
     if (PT_REGS_RC(ctx) != 0)
         return 0;

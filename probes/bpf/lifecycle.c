@@ -51,6 +51,8 @@ static __always_inline int gw_is_libcuda(const char *name, int len)
 
 TRACEPOINT_PROBE(syscalls, sys_enter_openat)
 {
+    if (args->flags & 3)  /* O_ACCMODE: the loader opens libraries read-only */
+        return 0;
     char name[128];
     int len = bpf_probe_read_user_str(name, sizeof(name), args->filename);
     if (len <= 10 || !gw_is_libcuda(name, len - 1))

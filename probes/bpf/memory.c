@@ -41,13 +41,13 @@ static __always_inline int gw_alloc_return(struct pt_regs *ctx)
     return 0;
 }
 
-int alloc_device(struct pt_regs *ctx)  { return gw_alloc_enter(PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx), GW_DEVICE); }
-int alloc_async(struct pt_regs *ctx)   { return gw_alloc_enter(PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx), GW_ASYNC); }
-int alloc_managed(struct pt_regs *ctx) { return gw_alloc_enter(PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx), GW_MANAGED); }
-int alloc_host(struct pt_regs *ctx)    { return gw_alloc_enter(PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx), GW_HOST); }
+static __always_inline int alloc_device(struct pt_regs *ctx)  { return gw_alloc_enter(PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx), GW_DEVICE); }
+static __always_inline int alloc_async(struct pt_regs *ctx)   { return gw_alloc_enter(PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx), GW_ASYNC); }
+static __always_inline int alloc_managed(struct pt_regs *ctx) { return gw_alloc_enter(PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx), GW_MANAGED); }
+static __always_inline int alloc_host(struct pt_regs *ctx)    { return gw_alloc_enter(PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx), GW_HOST); }
 
 /* cuMemAllocPitch_v2(CUdeviceptr *dptr, size_t *pitch, size_t width, size_t height, unsigned elem) */
-int alloc_pitch(struct pt_regs *ctx)
+static __always_inline int alloc_pitch(struct pt_regs *ctx)
 {
     u32 tgid = gw_tgid();
     struct gw_call c = {.out = PT_REGS_PARM1(ctx), .out2 = PT_REGS_PARM2(ctx), .arg = PT_REGS_PARM4(ctx),
@@ -57,16 +57,16 @@ int alloc_pitch(struct pt_regs *ctx)
     return 0;
 }
 
-int alloc_return(struct pt_regs *ctx) { return gw_alloc_return(ctx); }
+static __always_inline int alloc_return(struct pt_regs *ctx) { return gw_alloc_return(ctx); }
 
-int free_enter(struct pt_regs *ctx)
+static __always_inline int free_enter(struct pt_regs *ctx)
 {
     struct gw_call c = {.arg = PT_REGS_PARM1(ctx)};
     gw_park(&c);
     return 0;
 }
 
-int free_return(struct pt_regs *ctx)
+static __always_inline int free_return(struct pt_regs *ctx)
 {
     struct gw_call c;
     if (!gw_unpark(&c) || PT_REGS_RC(ctx) != 0)

@@ -17,7 +17,7 @@ static __always_inline void gw_handle_gone(u32 tgid, u64 handle, struct gw_handl
 
 /* cuMemCreate(CUmemGenericAllocationHandle *h, size_t size, const CUmemAllocationProp *prop, flags):
  * prop->location.id, at offset 12, is the device ordinal. */
-int vmm_create(struct pt_regs *ctx)
+static __always_inline int vmm_create(struct pt_regs *ctx)
 {
     s32 dev = GW_GPU_UNKNOWN;
     bpf_probe_read_user(&dev, sizeof(dev), (void *)(PT_REGS_PARM3(ctx) + 12));
@@ -26,7 +26,7 @@ int vmm_create(struct pt_regs *ctx)
     return 0;
 }
 
-int vmm_create_return(struct pt_regs *ctx)
+static __always_inline int vmm_create_return(struct pt_regs *ctx)
 {
     struct gw_call c;
     if (!gw_unpark(&c))
@@ -52,14 +52,14 @@ int vmm_create_return(struct pt_regs *ctx)
     return 0;
 }
 
-int vmm_release(struct pt_regs *ctx)
+static __always_inline int vmm_release(struct pt_regs *ctx)
 {
     struct gw_call c = {.arg = PT_REGS_PARM1(ctx)};
     gw_park(&c);
     return 0;
 }
 
-int vmm_release_return(struct pt_regs *ctx)
+static __always_inline int vmm_release_return(struct pt_regs *ctx)
 {
     struct gw_call c;
     if (!gw_unpark(&c) || PT_REGS_RC(ctx) != 0)
@@ -76,14 +76,14 @@ int vmm_release_return(struct pt_regs *ctx)
 }
 
 /* cuMemMap(CUdeviceptr ptr, size_t size, size_t offset, handle, flags) */
-int vmm_map(struct pt_regs *ctx)
+static __always_inline int vmm_map(struct pt_regs *ctx)
 {
     struct gw_call c = {.arg = PT_REGS_PARM1(ctx), .size = PT_REGS_PARM2(ctx), .out = PT_REGS_PARM4(ctx)};
     gw_park(&c);
     return 0;
 }
 
-int vmm_map_return(struct pt_regs *ctx)
+static __always_inline int vmm_map_return(struct pt_regs *ctx)
 {
     struct gw_call c;
     if (!gw_unpark(&c) || PT_REGS_RC(ctx) != 0)
@@ -101,14 +101,14 @@ int vmm_map_return(struct pt_regs *ctx)
 }
 
 /* cuMemUnmap(CUdeviceptr ptr, size_t size): the range may cover several mappings. */
-int vmm_unmap(struct pt_regs *ctx)
+static __always_inline int vmm_unmap(struct pt_regs *ctx)
 {
     struct gw_call c = {.arg = PT_REGS_PARM1(ctx), .size = PT_REGS_PARM2(ctx)};
     gw_park(&c);
     return 0;
 }
 
-int vmm_unmap_return(struct pt_regs *ctx)
+static __always_inline int vmm_unmap_return(struct pt_regs *ctx)
 {
     struct gw_call c;
     if (!gw_unpark(&c) || PT_REGS_RC(ctx) != 0)

@@ -14,7 +14,7 @@ static __always_inline struct gw_work *gw_work_of(void)
     return work.lookup_or_try_init(&key, &zero);
 }
 
-int launch(struct pt_regs *ctx)
+static __always_inline int launch(struct pt_regs *ctx)
 {
     struct gw_work *w = gw_work_of();
     if (w)
@@ -22,7 +22,7 @@ int launch(struct pt_regs *ctx)
     return 0;
 }
 
-int graph_launch(struct pt_regs *ctx)
+static __always_inline int graph_launch(struct pt_regs *ctx)
 {
     struct gw_work *w = gw_work_of();
     if (w)
@@ -38,7 +38,7 @@ static __always_inline int gw_copy(struct pt_regs *ctx, int dir)
         w->copy_bytes[dir & 3] += PT_REGS_PARM3(ctx);
     return 0;
 }
-int copy_h2d(struct pt_regs *ctx) { return gw_copy(ctx, GW_H2D); }
-int copy_d2h(struct pt_regs *ctx) { return gw_copy(ctx, GW_D2H); }
-int copy_d2d(struct pt_regs *ctx) { return gw_copy(ctx, GW_D2D); }
-int copy_any(struct pt_regs *ctx) { return gw_copy(ctx, GW_COPY_ANY); }
+static __always_inline int copy_h2d(struct pt_regs *ctx) { return gw_copy(ctx, GW_H2D); }
+static __always_inline int copy_d2h(struct pt_regs *ctx) { return gw_copy(ctx, GW_D2H); }
+static __always_inline int copy_d2d(struct pt_regs *ctx) { return gw_copy(ctx, GW_D2D); }
+static __always_inline int copy_any(struct pt_regs *ctx) { return gw_copy(ctx, GW_COPY_ANY); }

@@ -1,0 +1,131 @@
+"""Attaching handlers to offsets in a library: uprobe_multi links where the kernel has them (6.6+), one
+perf-event uprobe per function otherwise. Both vanish with their file descriptors, so a killed daemon
+leaves nothing registered."""
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from .symbols import COOKIE, DISPATCH, perf_wrapper
+
+log = logging.getLogger(__name__)
+_libc = ctypes.CDLL(None, use_errno=True)
+SYS_BPF = 321  # x86-64
+BPF_LINK_CREATE = 28
+BPF_TRACE_UPROBE_MULTI = 48
+BPF_F_UPROBE_MULTI_RETURN = 1
+KPROBE_PROG = 2
+
+
+@dataclass(frozen=True)
+class Target:
+    symbol: str
+    offset: int      # file offset of the function in the library
+    handler: str     # BPF handler name
+    is_return: bool
+
+
+class Attachment:
+    """What attach() made; detach() undoes it."""
+
+    def __init__(self, fds: list[int] | None = None, perf_events: list[bytes] | None = None) -> None:
+        self.fds = fds or []
+        self.perf_events = perf_events or []
+
+    def __len__(self) -> int:
+        return len(self.fds) + len(self.perf_events)
+
+
+def _close_all(fds: list[int]) -> None:
+    """Each close waits for an RCU grace period; closes made at once share one."""
+    threads = [threading.Thread(target=os.close, args=(fd,)) for fd in fds]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+class Attacher:
+    def __init__(self, bpf: Any) -> None:
+        self._bpf = bpf
+        self._dispatch_fd: int | None = None
+        self.multi = True
+        try:
+            self._dispatch_fd = bpf.load_func(DISPATCH.encode(), KPROBE_PROG, attach_type=BPF_TRACE_UPROBE_MULTI).fd
+        except Exception as exc:
+            log.info("uprobe_multi programs not supported (%s): one perf event per probe", exc)
+            self.multi = False
+
+    def attach(self, path: str, targets: list[Target]) -> Attachment:
+        if self.multi:
+            try:
+                return self._attach_multi(path, targets)
+            except OSError as exc:
+                if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUPP if hasattr(errno, "ENOTSUPP")
+                                     else errno.EOPNOTSUPP, errno.ENOSYS, errno.E2BIG):
+                    raise
+                log.info("uprobe_multi links not supported (%s): one perf event per probe", exc)
+                self.multi = False
+        return self._attach_perf(path, targets)
+
+    def detach(self, attachment: Attachment) -> None:
+        _close_all(attachment.fds)
+        attachment.fds = []
+        for ev_name in attachment.perf_events:
+            try:
+                self._bpf.detach_uprobe_event(ev_name)
+            except Exception as exc:
+                log.debug("detach %s: %s", ev_name, exc)
+        attachment.perf_events = []
+
+    def _attach_multi(self, path: str, targets: list[Target]) -> Attachment:
+        fds: list[int] = []
+        try:
+            for is_return in (False, True):
+                group = [t for t in targets if t.is_return == is_return]
+                if group:
+                    fds.append(self._link(path, group, is_return))
+        except BaseException:
+            _close_all(fds)
+            raise
+        return Attachment(fds=fds)
+
+    def _link(self, path: str, targets: list[Target], is_return: bool) -> int:
+        n = len(targets)
+        c_path = ctypes.create_string_buffer(path.encode())
+        offsets = (ctypes.c_uint64 * n)(*(t.offset for t in targets))
+        cookies = (ctypes.c_uint64 * n)(*(COOKIE[t.handler] for t in targets))
+        attr = (ctypes.c_uint8 * 64)()
+        ctypes.c_uint32.from_buffer(attr, 0).value = self._dispatch_fd
+        ctypes.c_uint32.from_buffer(attr, 8).value = BPF_TRACE_UPROBE_MULTI
+        ctypes.c_uint64.from_buffer(attr, 16).value = ctypes.addressof(c_path)
+        ctypes.c_uint64.from_buffer(attr, 24).value = ctypes.addressof(offsets)
+        ctypes.c_uint64.from_buffer(attr, 40).value = ctypes.addressof(cookies)
+        ctypes.c_uint32.from_buffer(attr, 48).value = n
+        ctypes.c_uint32.from_buffer(attr, 52).value = BPF_F_UPROBE_MULTI_RETURN if is_return else 0
+        fd = _libc.syscall(SYS_BPF, BPF_LINK_CREATE, attr, ctypes.sizeof(attr))
+        if fd < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"uprobe_multi link on {path}: {os.strerror(err)}")
+        return fd
+
+    def _attach_perf(self, path: str, targets: list[Target]) -> Attachment:
+        done = Attachment()
+        raw = path.encode()
+        try:
+            for t in targets:
+                fn = perf_wrapper(t.handler).encode()
+                if t.is_return:
+                    self._bpf.attach_uretprobe(name=raw, sym=t.symbol.encode(), fn_name=fn)
+                else:
+                    self._bpf.attach_uprobe(name=raw, sym=t.symbol.encode(), fn_name=fn)
+                done.perf_events.append(self._bpf._get_uprobe_evname(b"r" if t.is_return else b"p", raw, t.offset, -1))
+        except BaseException:
+            self.detach(done)
+            raise
+        return done
