@@ -26,20 +26,20 @@ MODES = ["none", "off", "sample", "all"]
 def worker_launch() -> None:
     """Launch-bound loop: one tiny kernel per add_; reports microseconds per launch over ~1 s chunks."""
     import torch
+    os.sched_setaffinity(0, {2})  # one CPU, away from the daemon's threads
     x = torch.zeros(1, device="cuda")
     for _ in range(20000):
         x.add_(1)
     torch.cuda.synchronize()
     print("ready", flush=True)
     while sys.stdin.readline():
-        chunks = []
-        for _ in range(3):
-            n, start = 100000, time.perf_counter()
-            for _ in range(n):
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < 4.0:  # one full sampling period of --launches sample
+            for _ in range(10000):
                 x.add_(1)
-            torch.cuda.synchronize()
-            chunks.append((time.perf_counter() - start) / n * 1e6)
-        print(json.dumps({"us_per_launch": statistics.median(chunks)}), flush=True)
+            n += 10000
+        torch.cuda.synchronize()
+        print(json.dumps({"us_per_launch": (time.perf_counter() - start) / n * 1e6}), flush=True)
 
 
 def worker_gpt2() -> None:
@@ -128,15 +128,20 @@ def main() -> int:
     unit = "us/launch" if workload == "launch" else "ms/step"
     base = statistics.median(samples["none"])
     report = {"workload": workload, "rounds": rounds, "unit": unit, "samples": samples, "modes": {}}
-    print(f"{workload}: median over {rounds} interleaved rounds")
-    print(f"{'mode':8s} {unit:>11s} {'added':>10s} {'overhead':>9s} {'daemon CPU%':>12s} {'daemon RSS':>11s}")
+    print(f"{workload}: medians over {rounds} interleaved rounds; 'added' is the median of each round's "
+          "difference to that round's run without gpuwatch")
+    print(f"{'mode':8s} {unit:>11s} {'added':>10s} {'overhead':>9s} {'spread':>17s} {'daemon CPU%':>12s} "
+          f"{'daemon RSS':>11s}")
     for mode in MODES:
         med = statistics.median(samples[mode])
+        diffs = [m - n for m, n in zip(samples[mode], samples["none"])]
+        added = statistics.median(diffs)
         cpu = statistics.median(daemon_cpu[mode]) if daemon_cpu[mode] else 0.0
-        report["modes"][mode] = {"median": med, "added": med - base, "overhead_pct": (med / base - 1) * 100,
-                                 "daemon_cpu_pct": cpu, "daemon_peak_rss": daemon_rss[mode]}
-        print(f"{mode:8s} {med:11.3f} {med - base:+10.3f} {(med / base - 1) * 100:+8.2f}% {cpu:12.1f} "
-              f"{daemon_rss[mode] / 2**20:9.1f}Mi")
+        report["modes"][mode] = {"median": med, "added": added, "overhead_pct": added / base * 100,
+                                 "round_differences": diffs, "daemon_cpu_pct": cpu,
+                                 "daemon_peak_rss": daemon_rss[mode]}
+        print(f"{mode:8s} {med:11.3f} {added:+10.3f} {added / base * 100:+8.2f}% "
+              f"{min(diffs):+8.3f}..{max(diffs):+.3f} {cpu:12.1f} {daemon_rss[mode] / 2**20:9.1f}Mi")
     with open(os.path.join(os.environ.get("OUT", "/tmp"), f"overhead_{workload}.json"), "w") as f:
         json.dump(report, f, indent=1)
     return 0

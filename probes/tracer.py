@@ -61,7 +61,7 @@ class Tracer:
     """Attaches on start(), always detaches on stop(); snapshot() and subscribe() read what it sees."""
 
     def __init__(self, launches: LaunchMode | str = LaunchMode.SAMPLE, use_nvml: bool = True,
-                 rescan_seconds: float = 30.0, sample_window: float = 0.02, sample_period: float = 1.0,
+                 rescan_seconds: float = 30.0, sample_window: float = 0.04, sample_period: float = 4.0,
                  ring_buffer_pages: int = 1024) -> None:
         if ring_buffer_pages < 1 or ring_buffer_pages & (ring_buffer_pages - 1):
             raise ValueError(f"ring buffer pages must be a power of two, not {ring_buffer_pages}")
@@ -162,7 +162,8 @@ class Tracer:
             entry.attached[group] = self._attacher.attach(lib.path, targets[group])
         log.info("watching %s (%d probes)", lib.path, entry.probes)
 
-    def _set_work_probes(self, on: bool) -> None:
+    def set_work_probes(self, on: bool) -> None:
+        """Attach or detach the launch and copy probes (what sample mode does on its own)."""
         with self._lock:
             if self._bpf is None or on == self._work_attached:
                 return
@@ -252,9 +253,9 @@ class Tracer:
 
     def _sample_loop(self) -> None:
         while not self._stop.is_set():
-            self._set_work_probes(True)
+            self.set_work_probes(True)
             self._stop.wait(self._sample_window)
-            self._set_work_probes(False)
+            self.set_work_probes(False)
             self._stop.wait(self._sample_period - self._sample_window)
 
     # reading
