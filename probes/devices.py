@@ -24,8 +24,14 @@ class DeviceResolver:
     def forget(self, pid: int) -> None:
         self._visible.pop(pid, None)
 
-    def resolve(self, pid: int, ordinal: int, gpus: list[Gpu]) -> tuple[int | None, str | None]:
-        """Host GPU index and UUID of `ordinal` as seen by `pid`; ordinal < 0 means not known."""
+    def resolve(self, pid: int, ordinal: int, gpus: list[Gpu],
+                uuids: dict[tuple[int, int], str] | None = None) -> tuple[int | None, str | None]:
+        """Host GPU index and UUID of `ordinal` as seen by `pid`; ordinal < 0 means not known.
+        A UUID the process itself asked the driver for wins; then its CUDA_VISIBLE_DEVICES at exec."""
+        uuid = (uuids or {}).get((pid, ordinal))
+        if uuid is not None:
+            index = next((g.index for g in gpus if g.uuid == uuid), None if gpus else ordinal)
+            return index, uuid
         if ordinal < 0:
             return (0, gpus[0].uuid) if len(gpus) == 1 else (None, None)
         if pid not in self._visible:
@@ -42,3 +48,9 @@ class DeviceResolver:
                 index = next((g.index for g in gpus if g.uuid and g.uuid.startswith(entry)), None)
         uuid = next((g.uuid for g in gpus if g.index == index), None)
         return index, uuid
+
+
+def format_uuid(raw: bytes) -> str:
+    """The driver's 16 UUID bytes as NVML writes them: GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx."""
+    h = raw.hex()
+    return f"GPU-{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"

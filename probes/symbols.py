@@ -45,6 +45,7 @@ PROBES: list[ProbeSpec] = [
     *_specs(C, "ctx_set", "ctx_set_return", "cuCtxSetCurrent"),
     *_specs(C, "ctx_set", "ctx_push_return", "cuCtxPushCurrent_v2"),
     *_specs(C, None, "ctx_pop_return", "cuCtxPopCurrent_v2"),
+    *_specs(C, "uuid_enter", "uuid_return", "cuDeviceGetUuid", "cuDeviceGetUuid_v2"),
     *_specs(W, "launch", None, "cuLaunchKernel", "cuLaunchKernel_ptsz", "cuLaunchKernelEx",
             "cuLaunchKernelEx_ptsz", "cuLaunchCooperativeKernel", "cuLaunchCooperativeKernel_ptsz"),
     *_specs(W, "graph_launch", None, "cuGraphLaunch", "cuGraphLaunch_ptsz"),

@@ -13,7 +13,7 @@ from enum import Enum
 from pathlib import Path
 
 from . import libraries, preflight
-from .devices import DeviceResolver
+from .devices import DeviceResolver, format_uuid
 from .libraries import Library
 from .model import COPY_DIRECTIONS, Event, EventType, Gpu, Kind, ProcessGpu, Snapshot, TracerHealth
 from .nvml import Nvml
@@ -245,7 +245,7 @@ class Tracer:
             for pid in exited:
                 self._comms.pop(pid, None)
                 self._devices.forget(pid)
-            for name in ("allocs", "handles", "mappings", "ctx_dev"):
+            for name in ("allocs", "handles", "mappings", "ctx_dev", "dev_uuid"):
                 table = self._bpf[name]
                 stale = [k for k in table.keys() if k.tgid in exited or not _alive(k.tgid)]
                 for k in stale:
@@ -289,10 +289,11 @@ class Tracer:
                 return Snapshot([], gpus, self.health())
             mem_items = list(self._bpf["mem"].items())
             work_items = list(self._bpf["work"].items())
+            uuids = {(k.tgid, k.gpu): format_uuid(bytes(v.bytes)) for k, v in self._bpf["dev_uuid"].items()}
         scale = self._sample_period / self._sample_window if self.launch_mode == LaunchMode.SAMPLE else 1.0
 
         def row(tgid: int, ordinal: int) -> ProcessGpu:
-            index, uuid = self._devices.resolve(tgid, ordinal, gpus)
+            index, uuid = self._devices.resolve(tgid, ordinal, gpus, uuids)
             key = (tgid, index)
             if key not in rows:
                 rows[key] = ProcessGpu(pid=tgid, comm=self._comm(tgid), gpu=index, gpu_uuid=uuid,

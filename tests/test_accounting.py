@@ -172,3 +172,13 @@ def test_library_in_unusual_directory_loaded_after_start(daemon, progs, library_
     p.ok("launch 4")
     row = daemon.row(p.pid)
     assert (row["device_bytes"], row["launches"]) == (12 * MiB, 4)
+
+
+def test_gpu_uuid_comes_from_the_process_own_driver_query(daemon, progs):
+    p = progs()
+    p.ok("uuid 1")  # what cudart does for every device at start
+    p.ok("ctx 1")
+    p.ok("alloc a 1M")
+    row = daemon.row(p.pid, gpu=1)
+    assert row["gpu_uuid"] == "GPU-" + "-".join(
+        b"fakecuda-dev0001".hex()[a:b] for a, b in ((0, 8), (8, 12), (12, 16), (16, 20), (20, 32)))

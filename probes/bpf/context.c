@@ -107,3 +107,24 @@ static __always_inline int ctx_pop_return(struct pt_regs *ctx)
         st->depth--;
     return 0;
 }
+
+/* cuDeviceGetUuid(_v2)(CUuuid *uuid, CUdevice dev): a process's ordinal names a host GPU through its
+ * UUID, whatever CUDA_VISIBLE_DEVICES the process set for itself. */
+static __always_inline int uuid_enter(struct pt_regs *ctx)
+{
+    struct gw_call c = {.out = PT_REGS_PARM1(ctx), .gpu = PT_REGS_PARM2(ctx)};
+    gw_park(&c);
+    return 0;
+}
+
+static __always_inline int uuid_return(struct pt_regs *ctx)
+{
+    struct gw_call c;
+    if (!gw_unpark(&c) || PT_REGS_RC(ctx) != 0)
+        return 0;
+    struct gw_uuid uuid = {};
+    bpf_probe_read_user(&uuid, sizeof(uuid), (void *)c.out);
+    struct gw_proc_gpu key = {.tgid = gw_tgid(), .gpu = c.gpu};
+    dev_uuid.update(&key, &uuid);
+    return 0;
+}

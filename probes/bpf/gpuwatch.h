@@ -43,6 +43,7 @@ struct gw_mapping { u64 handle; u64 size; };
 struct gw_call { u64 out; u64 out2; u64 arg; u64 size; s32 gpu; u32 kind; };
 
 struct gw_ctx_stack { u64 ctx[GW_CTX_STACK]; u32 depth; u32 pad; };
+struct gw_uuid { u8 bytes[16]; };
 
 struct gw_event {
     u64 ts_ns;
@@ -67,6 +68,7 @@ BPF_HASH(calls, u64, struct gw_call, 65536);               /* pid_tgid -> pendin
 BPF_HASH(ctx_dev, struct gw_addr, s32, 65536);              /* (tgid, CUcontext) -> device */
 BPF_HASH(thread_ctx, u32, struct gw_ctx_stack, 65536);      /* thread id -> context stack */
 BPF_HASH(proc_dev, u32, s32, 65536);                        /* tgid -> device made current last */
+BPF_HASH(dev_uuid, struct gw_proc_gpu, struct gw_uuid, 16384); /* (tgid, ordinal) -> GPU UUID */
 BPF_HASH(lib_opens, u64, u32, 4096);                         /* pid_tgid -> openat of a libcuda */
 BPF_ARRAY(lost, u64, 1);
 #ifndef GW_RING_PAGES

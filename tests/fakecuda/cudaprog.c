@@ -19,6 +19,7 @@
 typedef int CUresult;
 typedef unsigned long long u64, CUdeviceptr, CUhandle;
 typedef void *CUcontext;
+typedef struct { char bytes[16]; } CUuuid;
 typedef struct { int type, id; } CUmemLocation;
 typedef struct {
 	int type, requestedHandleTypes;
@@ -41,6 +42,7 @@ typedef struct {
 	X(cuCtxSetCurrent, (CUcontext))                                            \
 	X(cuCtxPushCurrent_v2, (CUcontext))                                        \
 	X(cuCtxPopCurrent_v2, (CUcontext *))                                       \
+	X(cuDeviceGetUuid_v2, (CUuuid *, int))                                     \
 	X(cuMemAlloc_v2, (CUdeviceptr *, size_t))                                  \
 	X(cuMemAllocPitch_v2, (CUdeviceptr *, size_t *, size_t, size_t, unsigned)) \
 	X(cuMemAllocManaged, (CUdeviceptr *, size_t, unsigned))                    \
@@ -206,6 +208,12 @@ static int c_alloc(char **a, u64 *n, char *v)
 	CUdeviceptr p;
 	int r = cuMemAlloc_v2(&p, n[2]);
 	return r ? r : define(a[1], MEM, p, n[2], 0);
+}
+
+static int c_uuid(char **a, u64 *n, char *v)
+{
+	CUuuid u;
+	return cuDeviceGetUuid_v2(&u, (int)n[1]);
 }
 
 static int c_churn(char **a, u64 *n, char *v)
@@ -456,7 +464,7 @@ static const struct command {
 	{"copy", "wn", c_copy, true},          {"info", "", c_info, true},
 	{"proc", "w", c_proc, true},           {"pid", "", c_pid, false},
 	{"sleep", "n", c_sleep, false},        {"exit", "n", c_exit, false},
-	{"churn", "nn", c_churn, true},
+	{"churn", "nn", c_churn, true},        {"uuid", "n", c_uuid, true},
 };
 
 static void exec(char *line, char *reply);
