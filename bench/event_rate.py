@@ -39,6 +39,8 @@ def peak_rss(pid: int) -> int:
 
 def main() -> int:
     pairs = int(sys.argv[1]) if len(sys.argv) > 1 else 100000
+    if subprocess.run([*GPUWATCH, "status"], capture_output=True).returncode == 0:
+        sys.exit(f"a daemon already answers on {SOCK}: stop it first")
     build = Path(tempfile.mkdtemp(prefix="gw-rate-"))
     subprocess.run(["make", "-s", "-C", str(ROOT / "tests/fakecuda"), f"OUT={build}"], check=True)
     subprocess.run(["gcc", "-O2", "-pthread", "-o", str(build / "churn"), str(ROOT / "bench/churn.c"), "-ldl"],
@@ -52,6 +54,7 @@ def main() -> int:
 
     rows = []
     for threads in (1, 2, 4):
+        print(f"{threads} thread(s)...", file=sys.stderr, flush=True)
         plain, traced, rates, lost_total = [], [], [], 0
         for _ in range(3):
             plain.append(churn(threads))
@@ -59,10 +62,17 @@ def main() -> int:
                                  stderr=subprocess.DEVNULL, start_new_session=True)
             while subprocess.run([*GPUWATCH, "status"], capture_output=True).returncode != 0:
                 time.sleep(0.1)
-            loader = subprocess.Popen([str(build / "churn"), lib, "1", "1", "4096"])  # makes the daemon attach
-            loader.wait()
+            assert d.poll() is None, "the daemon exited"
+            loader = subprocess.Popen([str(build / "cudaprog")], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                      text=True)
+            loader.stdin.write(f"load {lib}\n")
+            loader.stdin.flush()
+            deadline = time.time() + 10
             while not status()["libraries"]:
+                assert time.time() < deadline, "the daemon did not attach to the test double"
                 time.sleep(0.05)
+            loader.stdin.close()
+            loader.wait()
             before, cpu0 = status(), cpu_seconds(d.pid)
             elapsed = churn(threads)
             while True:  # let the consumer drain the ring buffer
