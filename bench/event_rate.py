@@ -41,10 +41,12 @@ def main() -> int:
     pairs = int(sys.argv[1]) if len(sys.argv) > 1 else 100000
     if subprocess.run([*GPUWATCH, "status"], capture_output=True).returncode == 0:
         sys.exit(f"a daemon already answers on {SOCK}: stop it first")
-    build = Path(tempfile.mkdtemp(prefix="gw-rate-"))
-    subprocess.run(["make", "-s", "-C", str(ROOT / "tests/fakecuda"), f"OUT={build}"], check=True)
-    subprocess.run(["gcc", "-O2", "-pthread", "-o", str(build / "churn"), str(ROOT / "bench/churn.c"), "-ldl"],
-                   check=True)
+    prebuilt = os.environ.get("GW_PREBUILT")  # a folder with libcuda.so.1, cudaprog and churn built elsewhere
+    build = Path(prebuilt) if prebuilt else Path(tempfile.mkdtemp(prefix="gw-rate-"))
+    if not prebuilt:
+        subprocess.run(["make", "-s", "-C", str(ROOT / "tests/fakecuda"), f"OUT={build}"], check=True)
+        subprocess.run(["gcc", "-O2", "-pthread", "-o", str(build / "churn"), str(ROOT / "bench/churn.c"), "-ldl"],
+                       check=True)
     lib = str(build / "libcuda.so.1")
 
     def churn(threads: int) -> float:
@@ -53,7 +55,7 @@ def main() -> int:
         return float(out.stdout)
 
     rows = []
-    for threads in (1, 2, 4):
+    for threads in [int(t) for t in os.environ.get("THREADS", "1,2,4").split(",")]:
         print(f"{threads} thread(s)...", file=sys.stderr, flush=True)
         plain, traced, rates, lost_total = [], [], [], 0
         for _ in range(3):
