@@ -29,14 +29,14 @@ def check_privileges() -> None:
         raise PreflightError("gpuwatch run needs root (or CAP_BPF and CAP_PERFMON): run it with sudo")
 
 
-def check_kernel() -> None:
+def check_kernel(root: Path = Path("/")) -> None:
     release = platform.release()
-    if not Path("/sys/bus/event_source/devices/uprobe").exists():
+    if not (root / "sys/bus/event_source/devices/uprobe").exists():
         raise PreflightError(f"kernel {release} has no uprobe support: use a kernel built with CONFIG_UPROBE_EVENTS=y")
-    if not Path("/sys/kernel/btf/vmlinux").exists():
+    if not (root / "sys/kernel/btf/vmlinux").exists():
         raise PreflightError(f"kernel {release} has no BTF (/sys/kernel/btf/vmlinux): use a kernel built with "
                              "CONFIG_DEBUG_INFO_BTF=y")
-    if not Path(f"/lib/modules/{release}/build").exists() and not Path("/sys/kernel/kheaders.tar.xz").exists():
+    if not (root / f"lib/modules/{release}/build").exists() and not (root / "sys/kernel/kheaders.tar.xz").exists():
         raise PreflightError(f"no kernel headers for {release}: run ./install.sh, or apt-get install "
                              f"linux-headers-{release}")
 
