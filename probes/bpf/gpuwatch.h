@@ -149,6 +149,36 @@ static __always_inline void gw_add_bytes(struct gw_mem *m, u32 kind, u64 bytes)
         __sync_fetch_and_add(&m->device_bytes, bytes);
 }
 
+/* The three outcomes every allocation path shares: counted, told to user space. */
+static __always_inline void gw_allocated(u32 tgid, s32 gpu, u32 kind, u64 addr, u64 size)
+{
+    struct gw_mem *m = gw_mem_of(tgid, gpu);
+    if (!m)
+        return;
+    gw_add_bytes(m, kind, size);
+    __sync_fetch_and_add(&m->allocs, 1);
+    gw_emit(GW_EV_ALLOC, tgid, gpu, kind, addr, size, 0);
+}
+
+static __always_inline void gw_alloc_failed(u32 tgid, s32 gpu, u32 kind, u64 size, s32 rc)
+{
+    struct gw_mem *m = gw_mem_of(tgid, gpu);
+    if (!m)
+        return;
+    __sync_fetch_and_add(&m->failed_allocs, 1);
+    gw_emit(GW_EV_ALLOC_FAIL, tgid, gpu, kind, 0, size, rc);
+}
+
+static __always_inline void gw_freed(u32 tgid, s32 gpu, u32 kind, u64 addr, u64 size)
+{
+    struct gw_mem *m = gw_mem_of(tgid, gpu);
+    if (!m)
+        return;
+    gw_add_bytes(m, kind, -size);
+    __sync_fetch_and_add(&m->frees, 1);
+    gw_emit(GW_EV_FREE, tgid, gpu, kind, addr, size, 0);
+}
+
 /* Entry probes park their arguments here; the matching return probe takes them back. */
 static __always_inline void gw_park(struct gw_call *c)
 {

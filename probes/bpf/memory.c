@@ -17,12 +17,8 @@ static __always_inline int gw_alloc_return(struct pt_regs *ctx)
         return 0;
     u32 tgid = gw_tgid();
     s32 rc = PT_REGS_RC(ctx);
-    struct gw_mem *m = gw_mem_of(tgid, c.gpu);
-    if (!m)
-        return 0;
     if (rc != 0) {
-        __sync_fetch_and_add(&m->failed_allocs, 1);
-        gw_emit(GW_EV_ALLOC_FAIL, tgid, c.gpu, c.kind, 0, c.size, rc);
+        gw_alloc_failed(tgid, c.gpu, c.kind, c.size, rc);
         return 0;
     }
     u64 addr = 0;
@@ -35,9 +31,7 @@ static __always_inline int gw_alloc_return(struct pt_regs *ctx)
     struct gw_addr key = {.tgid = tgid, .addr = addr};
     struct gw_alloc a = {.size = c.size, .gpu = c.gpu, .kind = c.kind};
     allocs.update(&key, &a);
-    gw_add_bytes(m, c.kind, c.size);
-    __sync_fetch_and_add(&m->allocs, 1);
-    gw_emit(GW_EV_ALLOC, tgid, c.gpu, c.kind, addr, c.size, 0);
+    gw_allocated(tgid, c.gpu, c.kind, addr, c.size);
     return 0;
 }
 
@@ -78,11 +72,6 @@ static __always_inline int free_return(struct pt_regs *ctx)
         return 0;
     struct gw_alloc freed = *a;
     allocs.delete(&key);
-    struct gw_mem *m = gw_mem_of(tgid, freed.gpu);
-    if (!m)
-        return 0;
-    gw_add_bytes(m, freed.kind, -freed.size);
-    __sync_fetch_and_add(&m->frees, 1);
-    gw_emit(GW_EV_FREE, tgid, freed.gpu, freed.kind, c.arg, freed.size, 0);
+    gw_freed(tgid, freed.gpu, freed.kind, c.arg, freed.size);
     return 0;
 }

@@ -7,12 +7,7 @@ static __always_inline void gw_handle_gone(u32 tgid, u64 handle, struct gw_handl
     struct gw_handle gone = *h;
     struct gw_addr key = {.tgid = tgid, .addr = handle};
     handles.delete(&key);
-    struct gw_mem *m = gw_mem_of(tgid, gone.gpu);
-    if (!m)
-        return;
-    __sync_fetch_and_add(&m->device_bytes, -gone.size);
-    __sync_fetch_and_add(&m->frees, 1);
-    gw_emit(GW_EV_FREE, tgid, gone.gpu, GW_VMM, handle, gone.size, 0);
+    gw_freed(tgid, gone.gpu, GW_VMM, handle, gone.size);
 }
 
 /* cuMemCreate(CUmemGenericAllocationHandle *h, size_t size, const CUmemAllocationProp *prop, flags):
@@ -33,12 +28,8 @@ static __always_inline int vmm_create_return(struct pt_regs *ctx)
         return 0;
     u32 tgid = gw_tgid();
     s32 rc = PT_REGS_RC(ctx);
-    struct gw_mem *m = gw_mem_of(tgid, c.gpu);
-    if (!m)
-        return 0;
     if (rc != 0) {
-        __sync_fetch_and_add(&m->failed_allocs, 1);
-        gw_emit(GW_EV_ALLOC_FAIL, tgid, c.gpu, GW_VMM, 0, c.size, rc);
+        gw_alloc_failed(tgid, c.gpu, GW_VMM, c.size, rc);
         return 0;
     }
     u64 handle = 0;
@@ -46,9 +37,7 @@ static __always_inline int vmm_create_return(struct pt_regs *ctx)
     struct gw_addr key = {.tgid = tgid, .addr = handle};
     struct gw_handle h = {.size = c.size, .gpu = c.gpu};
     handles.update(&key, &h);
-    __sync_fetch_and_add(&m->device_bytes, c.size);
-    __sync_fetch_and_add(&m->allocs, 1);
-    gw_emit(GW_EV_ALLOC, tgid, c.gpu, GW_VMM, handle, c.size, 0);
+    gw_allocated(tgid, c.gpu, GW_VMM, handle, c.size);
     return 0;
 }
 
