@@ -43,6 +43,9 @@ class ProcessGpu:
     comm: str
     gpu: int | None
     gpu_uuid: str | None = None
+    user: str = "?"
+    container_id: str = ""   # empty on the host
+    pod_uid: str = ""        # empty outside Kubernetes
     device_bytes: int = 0
     managed_bytes: int = 0
     host_pinned_bytes: int = 0

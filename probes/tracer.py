@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
-from . import libraries, preflight
+from . import libraries, preflight, procinfo
 from .devices import DeviceResolver, format_uuid
 from .libraries import Library
 from .model import COPY_DIRECTIONS, Event, EventType, Gpu, Kind, ProcessGpu, Snapshot, TracerHealth
@@ -79,7 +79,7 @@ class Tracer:
         self._lib_open_pids: queue.SimpleQueue[int] = queue.SimpleQueue()
         self._exited: set[int] = set()
         self._subscribers: list[queue.Queue[Event]] = []
-        self._comms: dict[int, str] = {}
+        self._procs: dict[int, procinfo.ProcInfo] = {}
         self._devices = DeviceResolver()
         self._nvml: Nvml | None = None
         self._work_attached = False
@@ -243,7 +243,7 @@ class Tracer:
             if self._bpf is None:
                 return
             for pid in exited:
-                self._comms.pop(pid, None)
+                self._procs.pop(pid, None)
                 self._devices.forget(pid)
             for name in ("allocs", "handles", "mappings", "ctx_dev", "dev_uuid"):
                 table = self._bpf[name]
@@ -296,8 +296,8 @@ class Tracer:
             index, uuid = self._devices.resolve(tgid, ordinal, gpus, uuids)
             key = (tgid, index)
             if key not in rows:
-                rows[key] = ProcessGpu(pid=tgid, comm=self._comm(tgid), gpu=index, gpu_uuid=uuid,
-                                       launches_estimated=self.launch_mode == LaunchMode.SAMPLE)
+                rows[key] = self._row(tgid, index, uuid)
+                rows[key].launches_estimated = self.launch_mode == LaunchMode.SAMPLE
             return rows[key]
 
         for k, m in mem_items:
@@ -318,7 +318,7 @@ class Tracer:
             key = (pid, index)
             if key not in rows:
                 uuid = next((g.uuid for g in gpus if g.index == index), None)
-                rows[key] = ProcessGpu(pid=pid, comm=self._comm(pid), gpu=index, gpu_uuid=uuid)
+                rows[key] = self._row(pid, index, uuid)
             rows[key].nvml_bytes = used
         for r in rows.values():
             if r.nvml_bytes is not None:
@@ -327,13 +327,16 @@ class Tracer:
         live.sort(key=lambda r: (r.pid, -1 if r.gpu is None else r.gpu))
         return Snapshot(live, gpus, self.health())
 
-    def _comm(self, pid: int) -> str:
-        if pid not in self._comms:
-            try:
-                self._comms[pid] = Path(f"/proc/{pid}/comm").read_text().strip()
-            except OSError:
-                return "?"
-        return self._comms[pid]
+    def _row(self, pid: int, gpu: int | None, uuid: str | None) -> ProcessGpu:
+        info = self._procs.get(pid)
+        if info is None:
+            info = procinfo.read(pid)
+            if info is not None:
+                self._procs[pid] = info
+        if info is None:
+            return ProcessGpu(pid=pid, comm="?", gpu=gpu, gpu_uuid=uuid)
+        return ProcessGpu(pid=pid, comm=info.comm, gpu=gpu, gpu_uuid=uuid, user=info.user,
+                          container_id=info.container_id, pod_uid=info.pod_uid)
 
 
 def resolve_targets(bpf, path: str) -> dict[Group, list[Target]]:
