@@ -9,6 +9,7 @@ from typing import Any
 
 from ..probes import Event, EventType, Kind, LaunchMode, PreflightError, Tracer
 from ..probes.preflight import check_privileges
+from . import config as configuration
 from .control import Client, ControlError, DaemonUnavailable, socket_path
 from .daemon import Daemon
 
@@ -51,20 +52,35 @@ def event_from_json(d: dict[str, Any]) -> Event:
 
 def cmd_run(args: argparse.Namespace) -> int:
     check_privileges()
-    tracer = Tracer(launches=args.launches, use_nvml=not args.no_nvml, ring_buffer_pages=args.ring_buffer_pages)
-    Daemon(tracer, args.socket).run()
+    cfg = configuration.with_overrides(
+        configuration.load(args.config),
+        daemon={"socket": args.socket, "launches": args.launches, "nvml": False if args.no_nvml else None,
+                "ring_buffer_pages": args.ring_buffer_pages},
+        metrics={"listen": args.listen, "enabled": False if args.no_metrics else None})
+    d = cfg.daemon
+    tracer = Tracer(launches=d.launches, use_nvml=d.nvml, ring_buffer_pages=d.ring_buffer_pages)
+    listen = configuration.parse_listen(cfg.metrics.listen) if cfg.metrics.enabled else None
+    Daemon(tracer, d.socket, listen).run()
     return 0
 
 
+def listen_address(text: str) -> str:
+    try:
+        configuration.parse_listen(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def cmd_ps(args: argparse.Namespace) -> int:
-    with Client(args.socket) as client:
+    with Client(args.socket or socket_path()) as client:
         rows = client.call("ps")
     print(json.dumps(rows, indent=1) if args.json else format_ps(rows))
     return 0
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
-    with Client(args.socket) as client:
+    with Client(args.socket or socket_path()) as client:
         if not args.json:
             print(Event.header(), flush=True)
         for event in client.stream("trace", pid=args.pid, comm=args.comm):
@@ -73,7 +89,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    with Client(args.socket) as client:
+    with Client(args.socket or socket_path()) as client:
         status = client.call("status")
     if args.json:
         print(json.dumps(status, indent=1))
@@ -100,17 +116,24 @@ def power_of_two(text: str) -> int:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gpuwatch", description="Watch and share NVIDIA GPUs between processes.")
-    p.add_argument("--socket", default=socket_path(), help="daemon control socket (default: %(default)s)")
+    p.add_argument("--socket", help=f"daemon control socket (default: $GPUWATCH_SOCKET, the configuration's, or "
+                                    f"{socket_path()})")
     p.add_argument("-v", "--verbose", action="store_true", help="log more")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", help="run the daemon (as root)")
-    run.add_argument("--launches", choices=[m.value for m in LaunchMode], default=LaunchMode.SAMPLE.value,
+    run = sub.add_parser("run", help="run the daemon (as root)",
+                         description="Options given here win over the configuration file.")
+    run.add_argument("--config", metavar="FILE", help=f"configuration file (default: {configuration.DEFAULT_PATH}; "
+                                                      "built-in defaults when it does not exist)")
+    run.add_argument("--launches", choices=[m.value for m in LaunchMode],
                      help="kernel launch and copy probes: all, sample (part of the time, scaled), off "
-                          "(default: %(default)s)")
+                          "(default: sample)")
     run.add_argument("--no-nvml", action="store_true", help="do not query NVML")
-    run.add_argument("--ring-buffer-pages", type=power_of_two, default=1024, metavar="N",
-                     help="event ring buffer size in 4 KiB pages, a power of two (default: %(default)s)")
+    run.add_argument("--ring-buffer-pages", type=power_of_two, metavar="N",
+                     help="event ring buffer size in 4 KiB pages, a power of two (default: 1024)")
+    run.add_argument("--listen", type=listen_address, metavar="HOST:PORT",
+                     help="serve Prometheus metrics here (default: :9445, every interface)")
+    run.add_argument("--no-metrics", action="store_true", help="serve no metrics")
     run.set_defaults(func=cmd_run)
 
     ps = sub.add_parser("ps", help="traced processes, per GPU")
@@ -135,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="gpuwatch: %(levelname)s: %(message)s", stream=sys.stderr)
     try:
         return args.func(args)
-    except (PreflightError, DaemonUnavailable, ControlError) as exc:
+    except (PreflightError, DaemonUnavailable, ControlError, configuration.ConfigError) as exc:
         print(f"gpuwatch: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:

@@ -8,6 +8,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+from ..exporters.metrics import MetricsServer
 from ..probes import Tracer
 from .control import Command, ControlError, ControlServer, Peer
 
@@ -15,9 +16,10 @@ log = logging.getLogger(__name__)
 
 
 class Daemon:
-    def __init__(self, tracer: Tracer, socket_path: str) -> None:
+    def __init__(self, tracer: Tracer, socket_path: str, metrics_listen: tuple[str, int] | None = None) -> None:
         self.tracer = tracer
         self.socket_path = socket_path
+        self.metrics_listen = metrics_listen
         self._stopping = threading.Event()
         self.commands = {
             "ps": Command(self._ps),
@@ -32,16 +34,23 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self.request_stop)
         server = ControlServer(self.socket_path, self.commands)
+        metrics: MetricsServer | None = None
         try:
             self.tracer.start()
             server.start()
+            if self.metrics_listen:
+                host, port = self.metrics_listen
+                metrics = MetricsServer(host, port, self.tracer.snapshot)
             health = self.tracer.health()
-            log.info("running: %d libraries, %d probes, launches=%s, socket %s", len(health.libraries),
-                     health.probes_attached, health.launch_mode, self.socket_path)
-            while not self._stopping.wait(1.0):
+            log.info("running: %d libraries, %d probes, launches=%s, socket %s, metrics %s", len(health.libraries),
+                     health.probes_attached, health.launch_mode, self.socket_path,
+                     f"on {self.metrics_listen[0]}:{metrics.port}" if metrics else "off")
+            while not self._stopping.wait(0.2):
                 pass
         finally:
             server.close()
+            if metrics:
+                metrics.close()
             self.tracer.stop()
             log.info("stopped: probes detached")
 

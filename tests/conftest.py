@@ -37,10 +37,14 @@ def fakecuda(tmp_path_factory) -> Path:
 
 
 class Daemon:
-    def __init__(self, workdir: Path, *args: str) -> None:
+    def __init__(self, workdir: Path, *args: str, nvml: bool = False) -> None:
         self.socket = str(workdir / "gpuwatch.sock")
         self.log = workdir / "daemon.log"
-        self.proc = subprocess.Popen([*GPUWATCH, "--socket", self.socket, "run", "--no-nvml", *args],
+        if "--listen" not in args:
+            args = (*args, "--no-metrics")
+        if not nvml:
+            args = ("--no-nvml", *args)
+        self.proc = subprocess.Popen([*GPUWATCH, "--socket", self.socket, "run", *args],
                                      stdout=self.log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
         wait_for(lambda: self.proc.poll() is not None or self.answers(), 60, "daemon to answer")
         assert self.proc.poll() is None, self.log.read_text()

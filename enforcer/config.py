@@ -1,0 +1,130 @@
+"""The daemon's configuration file (TOML). Every key, its default and its check live in one table;
+a bad file stops start-up with one line naming the key and the problem."""
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+DEFAULT_PATH = "/etc/gpuwatch/gpuwatch.toml"
+
+
+class ConfigError(Exception):
+    pass
+
+
+def _one_of(*choices: str) -> Callable[[Any], str | None]:
+    return lambda v: None if v in choices else f"must be one of {', '.join(choices)}, not {v!r}"
+
+
+def _power_of_two(v: int) -> str | None:
+    return None if v >= 1 and v & (v - 1) == 0 else f"must be a power of two, not {v}"
+
+
+def _listen(v: str) -> str | None:
+    try:
+        parse_listen(v)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def _absolute(v: str) -> str | None:
+    return None if v.startswith("/") else f"must be an absolute path, not {v!r}"
+
+
+def _key(default: Any, check: Callable[[Any], str | None] | None = None, doc: str = "") -> Any:
+    return field(default=default, metadata={"check": check, "doc": doc})
+
+
+@dataclass(frozen=True)
+class DaemonSection:
+    socket: str = _key("/run/gpuwatch/gpuwatch.sock", _absolute, "control socket (any user may connect and read)")
+    launches: str = _key("sample", _one_of("all", "sample", "off"), "launch and copy probes: all, sample or off")
+    nvml: bool = _key(True, None, "query NVML for GPUs and per-process memory")
+    ring_buffer_pages: int = _key(1024, _power_of_two, "event ring buffer size in 4 KiB pages")
+
+
+@dataclass(frozen=True)
+class MetricsSection:
+    enabled: bool = _key(True, None, "serve Prometheus metrics")
+    listen: str = _key(":9445", _listen, "HOST:PORT to serve metrics on; an empty HOST is every interface")
+
+
+@dataclass(frozen=True)
+class Config:
+    daemon: DaemonSection = field(default_factory=DaemonSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"must be HOST:PORT with a port from 1 to 65535, not {text!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _section(cls: type, name: str, values: Any, where: str) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: [{name}] must be a table")
+    known = {f.name: f for f in fields(cls)}
+    for key in values:
+        if key not in known:
+            raise ConfigError(f"{where}: {name}.{key}: unknown key (known: {', '.join(known)})")
+    settings = {}
+    for key, value in values.items():
+        f = known[key]
+        want = type(f.default)
+        if type(value) is not want:
+            raise ConfigError(f"{where}: {name}.{key}: must be {want.__name__}, not {type(value).__name__} {value!r}")
+        if f.metadata["check"] and (problem := f.metadata["check"](value)):
+            raise ConfigError(f"{where}: {name}.{key}: {problem}")
+        settings[key] = value
+    return cls(**settings)
+
+
+def parse(text: str, where: str = "config") -> Config:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{where}: invalid TOML: {exc}") from None
+    sections = {f.name: f for f in fields(Config)}
+    for name in data:
+        if name not in sections:
+            raise ConfigError(f"{where}: [{name}]: unknown section (known: {', '.join(sections)})")
+    return Config(**{name: _section(sections[name].default_factory().__class__, name, value, where)
+                     for name, value in data.items()})
+
+
+def load(path: str | None) -> Config:
+    """The file at `path`; built-in defaults when the default file does not exist."""
+    target = Path(path or DEFAULT_PATH)
+    try:
+        text = target.read_text()
+    except FileNotFoundError:
+        if path is None:
+            return Config()
+        raise ConfigError(f"{target}: no such file") from None
+    except OSError as exc:
+        raise ConfigError(f"{target}: cannot read: {exc.strerror}") from None
+    return parse(text, str(target))
+
+
+def with_overrides(config: Config, daemon: dict[str, Any], metrics: dict[str, Any]) -> Config:
+    """Command-line options win over the file; None means 'not given'."""
+    return Config(daemon=replace(config.daemon, **{k: v for k, v in daemon.items() if v is not None}),
+                  metrics=replace(config.metrics, **{k: v for k, v in metrics.items() if v is not None}))
+
+
+def reference() -> str:
+    """Every key with its default and meaning, as TOML (for the README and `gpuwatch config`)."""
+    lines = []
+    for section in fields(Config):
+        lines.append(f"[{section.name}]")
+        for f in fields(section.default_factory()):
+            default = str(f.default).lower() if isinstance(f.default, bool) else repr(f.default).replace("'", '"')
+            lines.append(f"{f.name + ' = ' + default:44s} # {f.metadata['doc']}")
+        lines.append("")
+    return "\n".join(lines)
