@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Validates metrics and `gpuwatch top` against two real PyTorch processes (GPU machine, root, bcc and
+# urwid importable). Writes a top screen capture, a metrics excerpt and NVML's view to $OUT.
+#   source .bcc/env.sh && source bench/gw-env.sh && bash bench/validate_exporters.sh
+set -euo pipefail
+OUT=${OUT:-/tmp}
+sock=/tmp/gw-exporters.sock
+python3 -m gpuwatch.enforcer.cli --socket $sock run --launches all --listen 127.0.0.1:9445 >"$OUT/daemon.log" 2>&1 &
+daemon=$!
+until python3 -m gpuwatch.enforcer.cli --socket $sock status >/dev/null 2>&1; do sleep 0.2; done
+worker() {  # GiB to hold, seconds to run
+  python3 - "$1" "$2" <<'PY'
+import sys, time, torch
+held = torch.empty(int(float(sys.argv[1]) * 2**30), dtype=torch.uint8, device="cuda")
+x = torch.zeros(1, device="cuda")
+end = time.time() + float(sys.argv[2])
+while time.time() < end:
+    for _ in range(1000):
+        x.add_(1)
+    torch.cuda.synchronize()
+print("reserved", torch.cuda.memory_reserved(), flush=True)
+PY
+}
+worker 2 25 >"$OUT/worker_small.txt" & small=$!
+worker 12 25 >"$OUT/worker_large.txt" & large=$!
+sleep 15
+python3 -m gpuwatch.enforcer.cli --socket $sock ps >"$OUT/ps.txt"
+python3 -m gpuwatch.enforcer.cli --socket $sock ps --json >"$OUT/ps.json"
+nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader,nounits >"$OUT/nvidia_smi.csv"
+python3 -c "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:9445/metrics').read().decode())" \
+  | grep -E '^gpuwatch_(process_(device|nvml|untracked)_memory_bytes|gpu_|process_launches_total)' >"$OUT/metrics.txt"
+if command -v tmux >/dev/null; then
+  tmux -L gwval new-session -d -s top -x 120 -y 24 "python3 -m gpuwatch.enforcer.cli --socket $sock top --interval 1"
+  sleep 4; tmux -L gwval capture-pane -p -t top >"$OUT/top_120.txt"
+  tmux -L gwval resize-window -t top -x 80 -y 24; sleep 3; tmux -L gwval capture-pane -p -t top >"$OUT/top_80.txt"
+  tmux -L gwval send-keys -t top q; sleep 1; tmux -L gwval kill-server 2>/dev/null || true
+else
+  echo "no tmux on this machine" >"$OUT/top_120.txt"
+fi
+wait $small $large
+kill -TERM $daemon; wait $daemon || true
+echo "== ps"; cat "$OUT/ps.txt"; echo "== nvidia-smi (pid, MiB)"; cat "$OUT/nvidia_smi.csv"
+echo "== metrics"; cat "$OUT/metrics.txt"; echo "== top 120"; cat "$OUT/top_120.txt"; echo "== top 80"; cat "$OUT/top_80.txt" 2>/dev/null
+echo "== workers"; cat "$OUT"/worker_*.txt
