@@ -71,13 +71,6 @@ static __always_inline int ctx_create_return(struct pt_regs *ctx)
 }
 
 /* cuCtxSetCurrent(ctx) and cuCtxPushCurrent_v2(ctx) */
-static __always_inline int ctx_set(struct pt_regs *ctx)
-{
-    struct gw_call c = {.arg = PT_REGS_PARM1(ctx)};
-    gw_park(&c);
-    return 0;
-}
-
 static __always_inline int ctx_set_return(struct pt_regs *ctx)
 {
     struct gw_call c;

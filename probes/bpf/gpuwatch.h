@@ -73,6 +73,14 @@ BPF_HASH(lib_opens, u64, u32, 4096);                         /* pid_tgid -> open
 BPF_ARRAY(lost, u64, 1);
 #ifndef GW_RING_PAGES
 #define GW_RING_PAGES 1024
+/* Entry handler of every call whose return probe needs only the first argument. */
+static __always_inline int park_arg1(struct pt_regs *ctx)
+{
+    struct gw_call c = {.arg = PT_REGS_PARM1(ctx)};
+    gw_park(&c);
+    return 0;
+}
+
 #endif
 BPF_RINGBUF_OUTPUT(events, GW_RING_PAGES);
 
@@ -195,6 +203,14 @@ static __always_inline int gw_unpark(struct gw_call *out)
     *out = *c;
     calls.delete(&id);
     return 1;
+}
+
+/* Entry handler of every call whose return probe needs only the first argument. */
+static __always_inline int park_arg1(struct pt_regs *ctx)
+{
+    struct gw_call c = {.arg = PT_REGS_PARM1(ctx)};
+    gw_park(&c);
+    return 0;
 }
 
 #endif

@@ -53,13 +53,6 @@ static __always_inline int alloc_pitch(struct pt_regs *ctx)
 
 static __always_inline int alloc_return(struct pt_regs *ctx) { return gw_alloc_return(ctx); }
 
-static __always_inline int free_enter(struct pt_regs *ctx)
-{
-    struct gw_call c = {.arg = PT_REGS_PARM1(ctx)};
-    gw_park(&c);
-    return 0;
-}
-
 static __always_inline int free_return(struct pt_regs *ctx)
 {
     struct gw_call c;

@@ -41,13 +41,6 @@ static __always_inline int vmm_create_return(struct pt_regs *ctx)
     return 0;
 }
 
-static __always_inline int vmm_release(struct pt_regs *ctx)
-{
-    struct gw_call c = {.arg = PT_REGS_PARM1(ctx)};
-    gw_park(&c);
-    return 0;
-}
-
 static __always_inline int vmm_release_return(struct pt_regs *ctx)
 {
     struct gw_call c;
