@@ -20,7 +20,7 @@ from conftest import FAKECUDA_SRC, GPUWATCH, Daemon, Prog, wait_for
 MiB = 1 << 20
 ROOT = FAKECUDA_SRC.parent.parent
 DASHBOARD = ROOT / "exporters" / "grafana" / "gpuwatch.json"
-GPU0_UUID = "GPU-11111111-2222-3333-4444-555555555555"
+GPU0_UUID = "GPU-66616b65-6375-6461-2d64-657630303030"  # what the test-double libcuda reports for device 0
 
 
 def free_port() -> int:
@@ -34,9 +34,16 @@ def fakenvml(tmp_path_factory) -> tuple[Path, Path]:
     out = tmp_path_factory.mktemp("fakenvml")
     subprocess.run(["make", "-s", "-C", str(ROOT / "tests" / "fakenvml"), f"OUT={out}"], check=True)
     state = out / "state"
-    state.write_text(f"gpu 0 {GPU0_UUID} {80 << 30} 37 Fake H200\ngpu 1 GPU-99999999-8888-7777-6666-555555555555 "
+    write_atomically(state, f"gpu 0 {GPU0_UUID} {80 << 30} 37 Fake H200\ngpu 1 GPU-99999999-8888-7777-6666-555555555555 "
                      f"{80 << 30} 0 Fake H200\n")
     return out, state
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """The daemon may read the file at any moment: it must see the old contents or the new."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 class MetricsDaemon(Daemon):
@@ -117,7 +124,7 @@ def mprogs(fakecuda, mdaemon):
 def set_nvml(fakenvml, procs: dict[int, int]) -> None:
     _, state = fakenvml
     gpus = [line for line in state.read_text().splitlines() if line.startswith("gpu ")]
-    state.write_text("\n".join(gpus + [f"proc {pid} 0 {used}" for pid, used in procs.items()]) + "\n")
+    write_atomically(state, "\n".join(gpus + [f"proc {pid} 0 {used}" for pid, used in procs.items()]) + "\n")
 
 
 def test_prometheus_sees_exact_bytes_that_ps_shows(mdaemon, prometheus, mprogs, fakenvml):
