@@ -71,8 +71,12 @@ class Daemon:
         return rows[0]
 
     def watching(self, library: Path) -> bool:
+        """Asked in-process (no CLI start-up in the measurement): tests time the attach against 1 s."""
+        from gpuwatch.enforcer.control import Client
+        with Client(self.socket) as client:
+            libraries = client.call("status")["health"]["libraries"]
         ino = library.stat().st_ino
-        return any(os.path.exists(p) and os.stat(p).st_ino == ino for p in self.status()["health"]["libraries"])
+        return any(os.path.exists(p) and os.stat(p).st_ino == ino for p in libraries)
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
         if self.proc.poll() is None:
