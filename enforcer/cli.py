@@ -104,6 +104,21 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    from ..exporters import top  # imports urwid, and exporters.top imports this module
+    return top.main(args.socket or socket_path(), args.interval, args.sort, args.filter)
+
+
 def power_of_two(text: str) -> int:
     try:
         n = int(text)
@@ -149,6 +164,16 @@ def parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="the daemon's state: libraries, probes, GPUs")
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=cmd_status)
+
+    top = sub.add_parser("top", help="a live view of processes and GPUs",
+                         description="Keys: m p l f n c sort by memory, pid, launches/s, failures, name, container; "
+                                     "r reverses; / filters; + and - change the interval; q quits.")
+    top.add_argument("--interval", type=positive_seconds, default=1.0, metavar="SECONDS",
+                     help="refresh interval in seconds (default: 1)")
+    top.add_argument("--sort", choices=["memory", "pid", "launches", "failed", "command", "container"],
+                     default="memory", help="sort key (default: memory)")
+    top.add_argument("--filter", metavar="TEXT", help="only rows whose command, user, container or pid contains TEXT")
+    top.set_defaults(func=cmd_top)
     return p
 
 
