@@ -34,8 +34,24 @@ if command -v tmux >/dev/null; then
   sleep 4; tmux -L gwval capture-pane -p -t top >"$OUT/top_120.txt"
   tmux -L gwval resize-window -t top -x 80 -y 24; sleep 3; tmux -L gwval capture-pane -p -t top >"$OUT/top_80.txt"
   tmux -L gwval send-keys -t top q; sleep 1; tmux -L gwval kill-server 2>/dev/null || true
-else
-  echo "no tmux on this machine" >"$OUT/top_120.txt"
+else  # no tmux here: render the lines top draws, from the same code, at both widths
+  for w in 120 80; do
+    python3 - "$sock" "$w" >"$OUT/top_$w.txt" <<'PY'
+import sys, time
+from gpuwatch.enforcer.control import Client
+from gpuwatch.exporters.top import Top, ViewState, plain, row_line
+def fetch():
+    with Client(sys.argv[1]) as c:
+        return c.call("ps"), c.call("status")
+top, width = Top(fetch, ViewState()), int(sys.argv[2])
+top.refresh(); time.sleep(1); top.refresh()
+print("(rendered without a terminal: no tmux on this machine)")
+for line in top.header_lines(width):
+    print(plain(line))
+for row in top.visible():
+    print(row_line(row, width))
+PY
+  done
 fi
 wait $small $large
 kill -TERM $daemon; wait $daemon || true
