@@ -51,10 +51,12 @@ def _close_all(fds: list[int]) -> None:
 
 
 class Attacher:
-    def __init__(self, bpf: Any) -> None:
+    def __init__(self, bpf: Any, multi: bool = True) -> None:
         self._bpf = bpf
         self._dispatch_fd: int | None = None
-        self.multi = True
+        self.multi = multi
+        if not multi:
+            return
         try:
             self._dispatch_fd = bpf.load_func(DISPATCH.encode(), KPROBE_PROG, attach_type=BPF_TRACE_UPROBE_MULTI).fd
         except Exception as exc:

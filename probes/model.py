@@ -66,6 +66,7 @@ class ProcessGpu:
 @dataclass
 class TracerHealth:
     launch_mode: str
+    attach: str = "uprobe_multi"   # or "perf_event": one uprobe per function, kernels before 6.6
     libraries: list[str] = field(default_factory=list)
     probes_attached: int = 0
     events_lost: int = 0

@@ -93,7 +93,7 @@ class Tracer:
         if EXIT_FORMAT.exists() and "group_dead" in EXIT_FORMAT.read_text():
             cflags.append("-DGW_HAVE_GROUP_DEAD")
         self._bpf = bcc.BPF(text=bpf_source(), cflags=cflags)
-        self._attacher = Attacher(self._bpf)
+        self._attacher = Attacher(self._bpf, multi=os.environ.get("GPUWATCH_UPROBE_MULTI", "1") != "0")
         try:
             self._bpf["events"].open_ring_buffer(self._on_event)
             if self._use_nvml:
@@ -275,6 +275,7 @@ class Tracer:
             if self._bpf is not None:
                 lost = int(self._bpf["lost"][ctypes.c_int(0)].value)
             return TracerHealth(launch_mode=self.launch_mode.value,
+                                attach="uprobe_multi" if self._attacher and self._attacher.multi else "perf_event",
                                 libraries=[a.library.path for a in self._libs.values()],
                                 probes_attached=sum(e.probes for e in self._libs.values()),
                                 events_lost=lost, events_seen=self._events_seen,

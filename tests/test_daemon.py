@@ -47,6 +47,26 @@ def test_process_that_loaded_the_driver_before_the_daemon_is_found_at_start(tmp_
         d.stop()
 
 
+def test_perf_event_fallback_for_kernels_without_uprobe_multi(tmp_path, fakecuda, library_copy, monkeypatch):
+    monkeypatch.setenv("GPUWATCH_UPROBE_MULTI", "0")
+    d = Daemon(tmp_path, "--launches", "all")
+    p = Prog([str(fakecuda / "cudaprog")])
+    try:
+        p.ok(f"load {library_copy}")
+        wait_for(lambda: d.watching(library_copy), 2, "attach")
+        assert d.status()["health"]["attach"] == "perf_event"
+        p.ok("ctx 0")
+        p.ok("alloc a 3M")
+        p.ok("create h 4M 0")
+        p.ok("launch 9")
+        row = d.row(p.pid)
+        assert (row["device_bytes"], row["launches"]) == (7 * MiB, 9)
+    finally:
+        p.close()
+        d.stop()
+    assert first_code_byte(library_copy, "cuMemAlloc_v2") != 0xCC
+
+
 def test_sigterm_detaches_every_probe_and_removes_the_socket(tmp_path, fakecuda, library_copy):
     d = Daemon(tmp_path, "--launches", "all")
     p = Prog([str(fakecuda / "cudaprog")])
