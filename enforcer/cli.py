@@ -55,10 +55,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = configuration.with_overrides(
         configuration.load(args.config),
         daemon={"socket": args.socket, "launches": args.launches, "nvml": False if args.no_nvml else None,
-                "ring_buffer_pages": args.ring_buffer_pages},
+                "ring_buffer_pages": args.ring_buffer_pages, "sample_window_ms": args.sample_window_ms,
+                "sample_period_ms": args.sample_period_ms},
         metrics={"listen": args.listen, "enabled": False if args.no_metrics else None})
     d = cfg.daemon
-    tracer = Tracer(launches=d.launches, use_nvml=d.nvml, ring_buffer_pages=d.ring_buffer_pages)
+    if d.sample_window_ms >= d.sample_period_ms:
+        raise configuration.ConfigError(f"the sample window ({d.sample_window_ms} ms) must be shorter than its "
+                                        f"period ({d.sample_period_ms} ms)")
+    tracer = Tracer(launches=d.launches, use_nvml=d.nvml, ring_buffer_pages=d.ring_buffer_pages,
+                    sample_window=d.sample_window_ms / 1000, sample_period=d.sample_period_ms / 1000)
     listen = configuration.parse_listen(cfg.metrics.listen) if cfg.metrics.enabled else None
     Daemon(tracer, d.socket, listen).run()
     return 0
@@ -146,6 +151,10 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--no-nvml", action="store_true", help="do not query NVML")
     run.add_argument("--ring-buffer-pages", type=power_of_two, metavar="N",
                      help="event ring buffer size in 4 KiB pages, a power of two (default: 1024)")
+    run.add_argument("--sample-window-ms", type=int, metavar="MS",
+                     help="sample mode: launch probes attached this long (default: 40) ...")
+    run.add_argument("--sample-period-ms", type=int, metavar="MS",
+                     help="... once every this long (default: 4000); counts are scaled by period/window")
     run.add_argument("--listen", type=listen_address, metavar="HOST:PORT",
                      help="serve Prometheus metrics here (default: :9445, every interface)")
     run.add_argument("--no-metrics", action="store_true", help="serve no metrics")

@@ -31,6 +31,10 @@ def _listen(v: str) -> str | None:
     return None
 
 
+def _positive(v: int) -> str | None:
+    return None if v > 0 else f"must be above 0, not {v}"
+
+
 def _absolute(v: str) -> str | None:
     return None if v.startswith("/") else f"must be an absolute path, not {v!r}"
 
@@ -45,6 +49,8 @@ class DaemonSection:
     launches: str = _key("sample", _one_of("all", "sample", "off"), "launch and copy probes: all, sample or off")
     nvml: bool = _key(True, None, "query NVML for GPUs and per-process memory")
     ring_buffer_pages: int = _key(1024, _power_of_two, "event ring buffer size in 4 KiB pages")
+    sample_window_ms: int = _key(40, _positive, "sample mode: launch probes attached this long ...")
+    sample_period_ms: int = _key(4000, _positive, "... once every this long (counts scaled by period/window)")
 
 
 @dataclass(frozen=True)
@@ -94,8 +100,13 @@ def parse(text: str, where: str = "config") -> Config:
     for name in data:
         if name not in sections:
             raise ConfigError(f"{where}: [{name}]: unknown section (known: {', '.join(sections)})")
-    return Config(**{name: _section(sections[name].default_factory().__class__, name, value, where)
-                     for name, value in data.items()})
+    config = Config(**{name: _section(sections[name].default_factory().__class__, name, value, where)
+                       for name, value in data.items()})
+    d = config.daemon
+    if d.sample_window_ms >= d.sample_period_ms:
+        raise ConfigError(f"{where}: daemon.sample_window_ms: must be shorter than daemon.sample_period_ms "
+                          f"({d.sample_window_ms} >= {d.sample_period_ms})")
+    return config
 
 
 def load(path: str | None) -> Config:

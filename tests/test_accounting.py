@@ -1,7 +1,11 @@
 """Exact per-process, per-GPU accounting through `gpuwatch ps --json`, real uprobes on the test double."""
 from __future__ import annotations
 
+import time
+
 import pytest
+
+from conftest import Daemon, Prog, wait_for
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -139,7 +143,6 @@ def test_two_processes_counted_apart(daemon, progs):
 
 
 def test_exit_without_freeing_drops_the_process(daemon, progs):
-    from conftest import wait_for
     p = progs()
     p.ok("alloc leak 100M")
     assert daemon.row(p.pid)["device_bytes"] == 100 * MiB
@@ -182,3 +185,22 @@ def test_gpu_uuid_comes_from_the_process_own_driver_query(daemon, progs):
     row = daemon.row(p.pid, gpu=1)
     assert row["gpu_uuid"] == "GPU-" + "-".join(
         b"fakecuda-dev0001".hex()[a:b] for a, b in ((0, 8), (8, 12), (12, 16), (16, 20), (20, 32)))
+
+
+def test_sample_mode_scales_counts_and_marks_them_estimated(tmp_path, fakecuda, library_copy):
+    d = Daemon(tmp_path, "--launches", "sample", "--sample-window-ms", "100", "--sample-period-ms", "400")
+    p = Prog([str(fakecuda / "cudaprog")])
+    try:
+        p.ok(f"load {library_copy}")
+        wait_for(lambda: d.watching(library_copy), 2, "attach")
+        p.ok("ctx 0")
+        p.ok("alloc a 1M")  # memory probes are always on
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            p.ok("launch 200")
+        row = d.row(p.pid)
+    finally:
+        p.close()
+        d.stop()
+    assert row["launches_estimated"] is True and row["device_bytes"] == MiB
+    assert row["launches"] > 0 and row["launches"] % 4 == 0, "raw counts scaled by period/window = 4"

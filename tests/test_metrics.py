@@ -210,6 +210,8 @@ def test_sigterm_with_metrics_on_stops_within_two_seconds(tmp_path, fakenvml):
     ("[daemon]\ncolour = 1\n", "daemon.colour: unknown key"),
     ("[enforcer]\n", "[enforcer]: unknown section"),
     ("[daemon\n", "invalid TOML"),
+    ("[daemon]\nsample_window_ms = 500\nsample_period_ms = 500\n", "daemon.sample_window_ms: must be shorter"),
+    ("[daemon]\nsample_period_ms = 0\n", "daemon.sample_period_ms: must be above 0, not 0"),
 ])
 def test_bad_configuration_stops_start_up_with_one_line(tmp_path, text, message):
     cfg = tmp_path / "gpuwatch.toml"
