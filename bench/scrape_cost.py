@@ -8,7 +8,6 @@ programs that each allocate on two GPUs and launch. Times 20 scrapes of /metrics
 """
 from __future__ import annotations
 
-import os
 import resource
 import signal
 import socket

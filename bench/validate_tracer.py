@@ -73,7 +73,6 @@ def torch_graph() -> None:
 
 def jax_alloc() -> None:
     os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.05")
-    import jax
     import jax.numpy as jnp
     a = jnp.ones((256, MiB // 4), dtype=jnp.float32)  # 256 MiB
     b = (a * 2).block_until_ready()

@@ -20,6 +20,8 @@ BPF_LINK_CREATE = 28
 BPF_TRACE_UPROBE_MULTI = 48
 BPF_F_UPROBE_MULTI_RETURN = 1
 KPROBE_PROG = 2
+ENOTSUPP = 524  # the kernel's own "not supported", which Python's errno module does not name
+UNSUPPORTED = {errno.EINVAL, errno.EOPNOTSUPP, ENOTSUPP, errno.ENOSYS, errno.E2BIG}
 
 
 @dataclass(frozen=True)
@@ -68,8 +70,7 @@ class Attacher:
             try:
                 return self._attach_multi(path, targets)
             except OSError as exc:
-                if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUPP if hasattr(errno, "ENOTSUPP")
-                                     else errno.EOPNOTSUPP, errno.ENOSYS, errno.E2BIG):
+                if exc.errno not in UNSUPPORTED:
                     raise
                 log.info("uprobe_multi links not supported (%s): one perf event per probe", exc)
                 self.multi = False

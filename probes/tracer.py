@@ -15,7 +15,7 @@ from pathlib import Path
 from . import libraries, preflight, procinfo
 from .devices import DeviceResolver, format_uuid
 from .libraries import Library
-from .model import COPY_DIRECTIONS, Event, EventType, Gpu, Kind, ProcessGpu, Snapshot, TracerHealth
+from .model import COPY_DIRECTIONS, Event, EventType, Kind, ProcessGpu, Snapshot, TracerHealth
 from .nvml import Nvml
 from .attach import Attacher, Attachment, Target
 from .symbols import BPF_SOURCES, PROBES, Group, generated_programs
