@@ -1,0 +1,390 @@
+// Configuration, the shared page and the connection to the daemon, which may pause, swap and resume us.
+#include "interposer.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+
+#define DEFAULT_SOCKET "/run/gpuwatch/gpuwatch.sock"
+#define RECONNECT_MS 1000
+#define POLL_MS 100
+
+HIDDEN struct gw_config gw_cfg = {.priority = 1, .swap = true, .real_libcuda = "libcuda.so.1"};
+static struct gw_shm local_page; // until the shared page exists, and if it cannot be made
+HIDDEN struct gw_shm *gw = &local_page;
+static int shm_fd = -1;
+static pthread_mutex_t control_lock = PTHREAD_MUTEX_INITIALIZER; // one pause, swap or resume at a time
+
+HIDDEN uint64_t gw_now_ns(void)
+{
+	struct timespec t;
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
+}
+
+static void vlog(const char *fmt, va_list ap)
+{
+	char line[512];
+	int n = snprintf(line, sizeof line, "gpuwatch-interposer[%d]: ", getpid());
+	vsnprintf(line + n, sizeof line - n, fmt, ap);
+	fprintf(stderr, "%s\n", line);
+}
+
+HIDDEN void gw_log(const char *fmt, ...)
+{
+	if (!gw_cfg.debug)
+		return;
+	va_list ap;
+	va_start(ap, fmt);
+	vlog(fmt, ap);
+	va_end(ap);
+}
+
+HIDDEN void gw_warn_once(atomic_bool *said, const char *fmt, ...)
+{
+	if (atomic_exchange(said, true))
+		return;
+	va_list ap;
+	va_start(ap, fmt);
+	vlog(fmt, ap);
+	va_end(ap);
+}
+
+// ---- configuration
+
+static void configure(void)
+{
+	const char *s;
+	if ((s = getenv("GPUWATCH_MEM_LIMIT")) && *s) {
+		char *end;
+		errno = 0;
+		unsigned long long v = strtoull(s, &end, 10);
+		if (errno || *end || !v)
+			fprintf(stderr, "gpuwatch-interposer: GPUWATCH_MEM_LIMIT=%s is not a size in bytes; "
+				"running without a quota\n", s);
+		else
+			gw_cfg.mem_limit = v;
+	}
+	if ((s = getenv("GPUWATCH_PRIORITY")))
+		gw_cfg.priority = !strcmp(s, "low") ? 0 : !strcmp(s, "high") ? 2 : 1;
+	if ((s = getenv("GPUWATCH_SWAP")) && !strcmp(s, "0"))
+		gw_cfg.swap = false;
+	gw_cfg.debug = (s = getenv("GPUWATCH_DEBUG")) && *s && strcmp(s, "0");
+	s = getenv("GPUWATCH_SOCKET");
+	gw_cfg.socket = !s ? DEFAULT_SOCKET : *s ? s : NULL;
+	if ((s = getenv("GPUWATCH_REAL_LIBCUDA")) && *s)
+		gw_cfg.real_libcuda = s;
+}
+
+static void page_init(struct gw_shm *p)
+{
+	p->magic = GW_SHM_MAGIC;
+	p->version = GW_SHM_VERSION;
+	p->pid = getpid();
+	p->max_devices = GW_MAX_DEVICES;
+	p->priority = gw_cfg.priority;
+	atomic_store(&p->flags, gw_cfg.swap ? GW_FLAG_SWAP : 0);
+	for (int d = 0; d < GW_MAX_DEVICES; d++)
+		atomic_store(&p->dev[d].quota, gw_cfg.mem_limit);
+}
+
+static void make_shared_page(void)
+{
+	int fd = memfd_create("gpuwatch-interposer", MFD_CLOEXEC);
+	void *p = MAP_FAILED;
+	if (fd >= 0 && !ftruncate(fd, GW_SHM_SIZE))
+		p = mmap(NULL, GW_SHM_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+	if (p == MAP_FAILED) {
+		fprintf(stderr, "gpuwatch-interposer: no shared page (%s): the daemon will not see this process\n",
+			strerror(errno));
+		if (fd >= 0)
+			close(fd);
+		page_init(&local_page);
+		return;
+	}
+	shm_fd = fd;
+	page_init(p);
+	gw = p;
+}
+
+// ---- the daemon connection
+
+static int connect_daemon(void)
+{
+	struct sockaddr_un addr = {.sun_family = AF_UNIX};
+	if (strlen(gw_cfg.socket) >= sizeof addr.sun_path)
+		return -1;
+	strcpy(addr.sun_path, gw_cfg.socket);
+	int s = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (s < 0)
+		return -1;
+	if (connect(s, (struct sockaddr *)&addr, sizeof addr)) {
+		close(s);
+		return -1;
+	}
+	return s;
+}
+
+static bool send_line(int s, const char *line)
+{
+	size_t n = strlen(line), done = 0;
+	while (done < n) {
+		ssize_t w = send(s, line + done, n - done, MSG_NOSIGNAL);
+		if (w <= 0 && errno != EINTR)
+			return false;
+		done += w > 0 ? (size_t)w : 0;
+	}
+	return true;
+}
+
+struct line_reader {
+	char buf[4096];
+	size_t len;
+};
+
+// 1: a line in `out`; 0: nothing yet; -1: closed or failed.
+static int read_line(int s, struct line_reader *r, char *out, size_t cap)
+{
+	for (;;) {
+		char *nl = memchr(r->buf, '\n', r->len);
+		if (nl) {
+			size_t n = (size_t)(nl - r->buf);
+			snprintf(out, cap, "%.*s", (int)n, r->buf);
+			memmove(r->buf, nl + 1, r->len - n - 1);
+			r->len -= n + 1;
+			return 1;
+		}
+		if (r->len == sizeof r->buf)
+			return -1; // a line longer than any the daemon sends
+		ssize_t got = recv(s, r->buf + r->len, sizeof r->buf - r->len, MSG_DONTWAIT);
+		if (got == 0)
+			return -1;
+		if (got < 0)
+			return errno == EAGAIN || errno == EINTR ? 0 : -1;
+		r->len += (size_t)got;
+	}
+}
+
+static bool json_u64(const char *line, const char *key, uint64_t *out)
+{
+	char pattern[40];
+	snprintf(pattern, sizeof pattern, "\"%s\":", key);
+	const char *p = strstr(line, pattern);
+	if (!p)
+		return false;
+	p += strlen(pattern);
+	while (*p == ' ')
+		p++;
+	char *end;
+	errno = 0;
+	*out = strtoull(p, &end, 10);
+	return end != p && !errno;
+}
+
+static bool json_is(const char *line, const char *key, const char *value)
+{
+	char pattern[80];
+	snprintf(pattern, sizeof pattern, "\"%s\": \"%s\"", key, value);
+	if (strstr(line, pattern))
+		return true;
+	snprintf(pattern, sizeof pattern, "\"%s\":\"%s\"", key, value);
+	return strstr(line, pattern) != NULL;
+}
+
+static const char *state_name(uint32_t s)
+{
+	static const char *const names[] = {"running", "paused", "swapping_out", "swapped", "swapping_in"};
+	return s < 5 ? names[s] : "unknown";
+}
+
+static void answer(int s, const char *line)
+{
+	char reply[256];
+	uint64_t id = 0, bytes = 0, moved = 0;
+	int r;
+	json_u64(line, "id", &id);
+	pthread_mutex_lock(&control_lock);
+	if (json_is(line, "op", "pause"))
+		r = gw_pause();
+	else if (json_is(line, "op", "swap_out"))
+		r = (json_u64(line, "bytes", &bytes), gw_swap_out(bytes, &moved));
+	else if (json_is(line, "op", "resume"))
+		r = gw_resume();
+	else if (json_is(line, "op", "quota") && json_u64(line, "bytes", &bytes)) {
+		for (int d = 0; d < GW_MAX_DEVICES; d++)
+			atomic_store(&gw->dev[d].quota, bytes);
+		r = 0;
+	} else {
+		pthread_mutex_unlock(&control_lock);
+		snprintf(reply, sizeof reply, "{\"id\":%" PRIu64 ",\"ok\":false,\"error\":\"unknown request\"}\n", id);
+		send_line(s, reply);
+		return;
+	}
+	pthread_mutex_unlock(&control_lock);
+	if (r)
+		snprintf(reply, sizeof reply, "{\"id\":%" PRIu64 ",\"ok\":false,\"error\":\"CUDA error %d\",\"state\":\"%s\"}\n",
+			 id, r, state_name(atomic_load(&gw->state)));
+	else
+		snprintf(reply, sizeof reply, "{\"id\":%" PRIu64 ",\"ok\":true,\"state\":\"%s\",\"bytes\":%" PRIu64 "}\n",
+			 id, state_name(atomic_load(&gw->state)), moved);
+	send_line(s, reply);
+}
+
+static void fail_open(const char *why)
+{
+	if (atomic_load(&gw->state) != GW_RUNNING || atomic_load(&gw->gate) & GATE_CLOSED) {
+		fprintf(stderr, "gpuwatch-interposer[%d]: %s: resuming on our own\n", getpid(), why);
+		pthread_mutex_lock(&control_lock);
+		gw_resume();
+		pthread_mutex_unlock(&control_lock);
+	}
+}
+
+static bool attach(int s, struct line_reader *r)
+{
+	char line[512];
+	snprintf(line, sizeof line,
+		 "{\"cmd\":\"interposer_attach\",\"version\":%d,\"shm_fd\":%d,\"mem_limit\":%" PRIu64
+		 ",\"priority\":\"%s\",\"swap\":%s}\n",
+		 GW_SHM_VERSION, shm_fd, gw_cfg.mem_limit, (const char *[]){"low", "normal", "high"}[gw_cfg.priority],
+		 gw_cfg.swap ? "true" : "false");
+	if (!send_line(s, line))
+		return false;
+	struct pollfd p = {.fd = s, .events = POLLIN};
+	uint64_t deadline = gw_now_ns() + 5000000000u;
+	int got;
+	while ((got = read_line(s, r, line, sizeof line)) == 0 && gw_now_ns() < deadline)
+		poll(&p, 1, POLL_MS);
+	if (got != 1 || (!strstr(line, "\"ok\": true") && !strstr(line, "\"ok\":true"))) {
+		gw_log("the daemon refused us: %s", got == 1 ? line : "no answer");
+		return false;
+	}
+	return true;
+}
+
+static void *control_thread(void *arg)
+{
+	(void)arg;
+	char line[4096];
+	for (;;) {
+		int s = connect_daemon();
+		struct line_reader reader = {.len = 0};
+		if (s >= 0 && attach(s, &reader)) {
+			gw_log("attached to the daemon on %s", gw_cfg.socket);
+			atomic_fetch_or(&gw->flags, GW_FLAG_ATTACHED);
+			for (;;) {
+				struct pollfd p = {.fd = s, .events = POLLIN};
+				poll(&p, 1, POLL_MS);
+				int got;
+				while ((got = read_line(s, &reader, line, sizeof line)) == 1)
+					answer(s, line);
+				if (got < 0)
+					break;
+				uint32_t bounded = atomic_load(&gw->flags) & GW_FLAG_BOUNDED;
+				if (bounded)
+					atomic_fetch_or(&gw->gate, GATE_BOUNDED);
+				else
+					atomic_fetch_and(&gw->gate, ~GATE_BOUNDED);
+				uint64_t lease = atomic_load(&gw->lease_deadline_ns);
+				if (lease && gw_now_ns() > lease)
+					fail_open("the daemon's lease expired");
+			}
+			atomic_fetch_and(&gw->flags, ~(GW_FLAG_ATTACHED | GW_FLAG_BOUNDED));
+			atomic_fetch_and(&gw->gate, ~GATE_BOUNDED);
+			atomic_store(&gw->lease_deadline_ns, 0);
+			fail_open("the daemon went away");
+		}
+		if (s >= 0)
+			close(s);
+		usleep(RECONNECT_MS * 1000);
+	}
+	return NULL;
+}
+
+HIDDEN void gw_control_start(void)
+{
+	make_shared_page();
+	gw_slots_reset();
+	if (!gw_cfg.socket)
+		return;
+	pthread_t t;
+	pthread_attr_t attr;
+	sigset_t all, old;
+	pthread_attr_init(&attr);
+	pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+	pthread_attr_setstacksize(&attr, 256 * 1024);
+	sigfillset(&all);
+	pthread_sigmask(SIG_SETMASK, &all, &old); // the program's signals are not ours to take
+	if (pthread_create(&t, &attr, control_thread, NULL))
+		fprintf(stderr, "gpuwatch-interposer: no control thread: the daemon will not reach this process\n");
+	pthread_sigmask(SIG_SETMASK, &old, NULL);
+	pthread_attr_destroy(&attr);
+}
+
+// ---- fork: the child holds no CUDA state and none of our threads
+
+static void after_fork_in_child(void)
+{
+	pthread_mutex_init(&control_lock, NULL);
+	gw_memory_reset();
+	gw_slots_reset();
+	if (gw != &local_page) {
+		munmap(gw, GW_SHM_SIZE);
+		close(shm_fd);
+		shm_fd = -1;
+		gw = &local_page;
+	}
+	memset(&local_page, 0, sizeof local_page);
+	page_init(&local_page); // a forked child cannot use CUDA: it stays off the daemon's books
+}
+
+__attribute__((constructor)) static void interposer_init(void)
+{
+	configure();
+	page_init(&local_page);
+	pthread_atfork(NULL, NULL, after_fork_in_child);
+}
+
+// ---- the in-process API
+
+API int gpuwatch_pause(void)
+{
+	if (!gw_ensure_driver(NULL))
+		return CUDA_ERROR_NOT_INITIALIZED;
+	pthread_mutex_lock(&control_lock);
+	int r = gw_pause();
+	pthread_mutex_unlock(&control_lock);
+	return r;
+}
+
+API int gpuwatch_swap_out(unsigned long long bytes)
+{
+	if (!gw_ensure_driver(NULL))
+		return CUDA_ERROR_NOT_INITIALIZED;
+	uint64_t moved;
+	pthread_mutex_lock(&control_lock);
+	int r = gw_swap_out(bytes, &moved);
+	pthread_mutex_unlock(&control_lock);
+	return r;
+}
+
+API int gpuwatch_resume(void)
+{
+	pthread_mutex_lock(&control_lock);
+	int r = gw_resume();
+	pthread_mutex_unlock(&control_lock);
+	return r;
+}
+
+API const void *gpuwatch_shm(void) { return gw; }

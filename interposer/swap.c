@@ -1,0 +1,212 @@
+// Pause, swap out to pinned host memory, swap in and resume.
+#include "interposer.h"
+
+#include <stdio.h>
+#include <unistd.h>
+
+#define SEGMENT_MAX (4ull << 30)  // pinned host memory is allocated in pieces of at most this
+#define SEGMENT_ROUND (64ull << 20)
+#define MAX_SEGMENTS 4096
+#define MAX_STREAMS 64
+#define SWAP_IN_PATIENCE_NS 10000000000ull // retry a swap-in that finds the device full this long
+
+// Pinned host memory, allocated on first use and kept: a bump allocator, reset once everything is back.
+static struct segment {
+	char *base;
+	size_t size;
+} segments[MAX_SEGMENTS];
+static int nsegments, seg_cur;
+static size_t seg_off;
+
+static struct {
+	CUcontext ctx;
+	CUstream stream;
+} streams[MAX_STREAMS];
+static int nstreams;
+
+static void *host_space(size_t size, size_t still_needed)
+{
+	for (; seg_cur < nsegments; seg_cur++, seg_off = 0)
+		if (segments[seg_cur].size - seg_off >= size) {
+			void *p = segments[seg_cur].base + seg_off;
+			seg_off += size;
+			return p;
+		}
+	if (nsegments == MAX_SEGMENTS)
+		return NULL;
+	size_t want = still_needed < SEGMENT_MAX ? still_needed : SEGMENT_MAX;
+	want = (want + SEGMENT_ROUND - 1) / SEGMENT_ROUND * SEGMENT_ROUND;
+	if (want < size)
+		want = size;
+	void *p;
+	if (real_cuMemHostAlloc(&p, want, 1 /* CU_MEMHOSTALLOC_PORTABLE: usable from every context */))
+		return NULL;
+	segments[nsegments++] = (struct segment){p, want};
+	seg_cur = nsegments - 1;
+	seg_off = size;
+	return p;
+}
+
+static CUstream stream_of(CUcontext ctx) // called with ctx current
+{
+	for (int i = 0; i < nstreams; i++)
+		if (streams[i].ctx == ctx)
+			return streams[i].stream;
+	CUstream s = NULL;
+	if (nstreams < MAX_STREAMS && !real_cuStreamCreate(&s, CU_STREAM_NON_BLOCKING))
+		streams[nstreams++] = (typeof(streams[0])){ctx, s};
+	return s;
+}
+
+static CUresult sync_streams(void)
+{
+	CUresult first = CUDA_SUCCESS;
+	for (int i = 0; i < nstreams; i++) {
+		CUcontext popped;
+		if (real_cuCtxPushCurrent_v2(streams[i].ctx))
+			continue;
+		CUresult r = real_cuStreamSynchronize(streams[i].stream);
+		real_cuCtxPopCurrent_v2(&popped);
+		first = first ? first : r;
+	}
+	return first;
+}
+
+typedef CUresult (*copy_fn)(struct gw_region *r, CUstream s);
+static CUresult copy_out(struct gw_region *r, CUstream s) { return real_cuMemcpyDtoHAsync_v2(r->host, r->va, r->size, s); }
+static CUresult copy_in(struct gw_region *r, CUstream s) { return real_cuMemcpyHtoDAsync_v2(r->va, r->host, r->size, s); }
+
+static CUresult copy_region(struct gw_region *r, copy_fn copy)
+{
+	CUcontext popped;
+	CUresult e = real_cuCtxPushCurrent_v2(r->ctx);
+	if (e)
+		return e;
+	CUstream s = stream_of(r->ctx);
+	e = s ? copy(r, s) : CUDA_ERROR_OUT_OF_MEMORY;
+	real_cuCtxPopCurrent_v2(&popped);
+	return e;
+}
+
+HIDDEN void gw_swap_forget(struct gw_region *r)
+{
+	uint64_t size = r->size;
+	if (r->host)
+		atomic_fetch_sub(&gw->dev[r->dev < GW_MAX_DEVICES ? r->dev : GW_MAX_DEVICES - 1].swapped, size);
+	r->host = NULL;
+}
+
+HIDDEN int gw_pause(void)
+{
+	if (atomic_load(&gw->gate) & GATE_CLOSED)
+		return CUDA_SUCCESS;
+	gw_gate_close_and_drain();
+	gw_memory_lock();
+	CUresult e = gw_sync_contexts();
+	gw_memory_unlock();
+	atomic_store(&gw->state, GW_PAUSED);
+	if (e)
+		gw_log("synchronizing before the pause returned CUDA error %d", e);
+	return e;
+}
+
+HIDDEN int gw_swap_out(uint64_t want, uint64_t *moved)
+{
+	*moved = 0;
+	CUresult e = gw_pause();
+	if (e)
+		return e;
+	uint64_t start = gw_now_ns(), total = 0;
+	gw_memory_lock();
+	atomic_store(&gw->state, GW_SWAPPING_OUT);
+	for (struct gw_region *r = gw_regions(); r; r = r->next)
+		total += r->handle ? r->size : 0;
+	if (want && want < total)
+		total = want;
+	uint64_t queued = 0;
+	for (struct gw_region *r = gw_regions(); r && !e && queued < total; r = r->next) {
+		if (!r->handle)
+			continue;
+		CUcontext popped;
+		if (!(e = real_cuCtxPushCurrent_v2(r->ctx))) {
+			r->host = host_space(r->size, total - queued);
+			real_cuCtxPopCurrent_v2(&popped);
+		}
+		if (!e && !r->host)
+			e = CUDA_ERROR_OUT_OF_MEMORY;
+		if (!e && !(e = copy_region(r, copy_out)))
+			queued += r->size;
+	}
+	CUresult synced = sync_streams();
+	e = e ? e : synced;
+	for (struct gw_region *r = gw_regions(); r; r = r->next) {
+		if (!r->handle || !r->host)
+			continue;
+		if (e) { // nothing is lost: what was copied stays on the device
+			r->host = NULL;
+			continue;
+		}
+		gw_physical_unmap(r);
+		atomic_fetch_add(&gw->dev[r->dev < GW_MAX_DEVICES ? r->dev : GW_MAX_DEVICES - 1].swapped, r->size);
+		*moved += r->size;
+	}
+	if (e) {
+		gw_log("swap-out failed with CUDA error %d; nothing was moved", e);
+		*moved = 0;
+	} else if (*moved) {
+		atomic_fetch_add(&gw->swaps_out, 1);
+		atomic_fetch_add(&gw->swap_out_bytes_total, *moved);
+		atomic_fetch_add(&gw->swap_out_ns_total, gw_now_ns() - start);
+	}
+	bool any_out = false;
+	for (struct gw_region *r = gw_regions(); r; r = r->next)
+		any_out |= !r->handle;
+	atomic_store(&gw->state, any_out ? GW_SWAPPED : GW_PAUSED);
+	gw_memory_unlock();
+	return e;
+}
+
+static CUresult map_again(struct gw_region *r)
+{
+	uint64_t deadline = gw_now_ns() + SWAP_IN_PATIENCE_NS;
+	CUresult e;
+	while ((e = gw_physical_map(r)) == CUDA_ERROR_OUT_OF_MEMORY && gw_now_ns() < deadline)
+		usleep(20000);
+	return e;
+}
+
+HIDDEN int gw_resume(void)
+{
+	CUresult e = CUDA_SUCCESS;
+	uint64_t start = gw_now_ns(), moved = 0;
+	gw_memory_lock();
+	bool any_out = false;
+	for (struct gw_region *r = gw_regions(); r; r = r->next)
+		any_out |= !r->handle;
+	if (any_out) {
+		atomic_store(&gw->state, GW_SWAPPING_IN);
+		for (struct gw_region *r = gw_regions(); r && !e; r = r->next)
+			if (!r->handle && !(e = map_again(r)) && !(e = copy_region(r, copy_in)))
+				moved += r->size;
+		CUresult synced = sync_streams();
+		e = e ? e : synced;
+		for (struct gw_region *r = gw_regions(); r; r = r->next)
+			if (r->handle && r->host && !e)
+				gw_swap_forget(r);
+		if (e) {
+			gw_memory_unlock();
+			atomic_store(&gw->state, GW_SWAPPED);
+			gw_log("swap-in stopped with CUDA error %d; the rest stays in host memory", e);
+			return e; // the gate stays closed: a kernel must not meet an unmapped range
+		}
+		seg_cur = 0;
+		seg_off = 0;
+		atomic_fetch_add(&gw->swaps_in, 1);
+		atomic_fetch_add(&gw->swap_in_bytes_total, moved);
+		atomic_fetch_add(&gw->swap_in_ns_total, gw_now_ns() - start);
+	}
+	atomic_store(&gw->state, GW_RUNNING);
+	gw_memory_unlock();
+	gw_gate_open();
+	return CUDA_SUCCESS;
+}
