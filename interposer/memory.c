@@ -767,21 +767,24 @@ static void drop_context_memory(CUcontext ctx) // lock held
 	forget_context(ctx);
 }
 
-API CUresult cuCtxDestroy_v2(CUcontext ctx)
+static CUresult destroy_context(CUcontext ctx, CUresult (*destroy)(CUcontext))
 {
-	if (!gw_ensure_driver(NULL))
+	if (!gw_ensure_driver(NULL) || !destroy)
 		return CUDA_ERROR_NOT_INITIALIZED;
 	gw_memory_lock();
 	if (ctx)
 		drop_context_memory(ctx);
 	gw_memory_unlock();
-	return real_cuCtxDestroy_v2(ctx);
+	return destroy(ctx);
 }
 
-API CUresult cuDevicePrimaryCtxReset_v2(CUdevice dev)
+API CUresult cuCtxDestroy_v2(CUcontext ctx) { return destroy_context(ctx, real_cuCtxDestroy_v2); }
+API CUresult cuCtxDestroy(CUcontext ctx) { return destroy_context(ctx, real_cuCtxDestroy); }
+
+static CUresult reset_primary(CUdevice dev, CUresult (*reset)(CUdevice))
 {
 	CUcontext ctx = NULL;
-	if (!gw_ensure_driver(NULL))
+	if (!gw_ensure_driver(NULL) || !reset)
 		return CUDA_ERROR_NOT_INITIALIZED;
 	if (!real_cuDevicePrimaryCtxRetain(&ctx, dev)) {
 		gw_memory_lock();
@@ -789,5 +792,8 @@ API CUresult cuDevicePrimaryCtxReset_v2(CUdevice dev)
 		gw_memory_unlock();
 		real_cuDevicePrimaryCtxRelease_v2(dev);
 	}
-	return real_cuDevicePrimaryCtxReset_v2(dev);
+	return reset(dev);
 }
+
+API CUresult cuDevicePrimaryCtxReset_v2(CUdevice dev) { return reset_primary(dev, real_cuDevicePrimaryCtxReset_v2); }
+API CUresult cuDevicePrimaryCtxReset(CUdevice dev) { return reset_primary(dev, real_cuDevicePrimaryCtxReset); }

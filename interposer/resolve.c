@@ -229,6 +229,9 @@ static void *wrap_by_name(const char *symbol, cuuint64_t flags)
 static void wrap_proc_address(const char *symbol, void **pfn, cuuint64_t flags)
 {
 	void *w = gw_wrap(*pfn);
+	Dl_info info;
+	if (!w && dladdr(*pfn, &info) && info.dli_saddr == *pfn)
+		return; // an export we do not wrap (an older version of a function, say)
 	if (!w && (w = wrap_by_name(symbol, flags)))
 		gw_log("cuGetProcAddress(%s) returned a function that is not an export; wrapped by name", symbol);
 	if (w)
