@@ -64,6 +64,7 @@ HIDDEN struct gw_slot *gw_gate_wait(struct gw_slot *s, uint32_t *bits)
 	const struct timespec tick = {0, 100 * 1000 * 1000};
 	uint64_t start = gw_now_ns();
 	uint32_t g;
+	atomic_fetch_add(&gw->waiting, 1);
 	for (;;) {
 		gw_gate_exit(s);
 		while ((g = atomic_load(&gw->gate)) & GATE_CLOSED)
@@ -75,6 +76,7 @@ HIDDEN struct gw_slot *gw_gate_wait(struct gw_slot *s, uint32_t *bits)
 		if (!((g = atomic_load(&gw->gate)) & GATE_CLOSED))
 			break;
 	}
+	atomic_fetch_sub(&gw->waiting, 1);
 	atomic_fetch_add(&gw->gate_waits, 1);
 	atomic_fetch_add(&gw->gate_wait_ns_total, gw_now_ns() - start);
 	*bits = g;

@@ -1,0 +1,149 @@
+"""Time slices and oversubscription for one GPU: a pure decision function over what the processes need.
+
+The enforcer feeds it the processes on a GPU and the time; it answers which may run now and how the
+others make room. It keeps no clock of its own, so tests drive it with a simulated one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum, IntEnum
+
+
+class Priority(IntEnum):
+    LOW = 0
+    NORMAL = 1
+    HIGH = 2
+
+    @classmethod
+    def parse(cls, text: str) -> Priority:
+        try:
+            return cls[text.upper()]
+        except KeyError:
+            raise ValueError(f"priority must be high, normal or low, not {text!r}") from None
+
+
+class Verdict(str, Enum):
+    RUN = "run"        # running, or resumed
+    PAUSE = "pause"    # gate closed, memory stays on the device (interposed)
+    SWAP = "swap"      # gate closed and `swap_bytes` moved to host memory (interposed)
+    STOP = "stop"      # SIGSTOP: not under the interposer, its memory stays on the device
+
+
+@dataclass(frozen=True)
+class Client:
+    """One process on one GPU, as the scheduler sees it."""
+    pid: int
+    need_bytes: int          # device memory it must have to run: its allocations and its context
+    movable_bytes: int = 0   # of that, what its interposer can move to host memory
+    launches: int = 0        # cumulative launches: progress tells busy from idle
+    priority: Priority = Priority.NORMAL
+    interposed: bool = True
+    exclusive: bool = False  # a rule asks for the GPU to itself
+    waiting: bool = True     # held at the gate wanting to run (unknown without an interposer: assumed)
+
+
+@dataclass(frozen=True)
+class Decision:
+    verdict: Verdict
+    swap_bytes: int = 0
+
+
+@dataclass
+class _History:
+    launches: int = -1
+    busy_at: float = float("-inf")   # when its launch count last moved
+    running_since: float | None = None
+    last_ran: float = float("-inf")  # when it last stopped running
+
+
+@dataclass
+class Scheduler:
+    capacity: int                 # device bytes the processes may have between them
+    quantum: float = 30.0         # seconds a holder keeps the GPU while others wait
+    idle: float = 0.5             # a holder without launches this long gives up the rest of its slice
+    _seen: dict[int, _History] = field(default_factory=dict)
+    contended: bool = False
+
+    def decide(self, clients: list[Client], now: float) -> dict[int, Decision]:
+        for gone in set(self._seen) - {c.pid for c in clients}:
+            del self._seen[gone]
+        for c in clients:
+            h = self._seen.setdefault(c.pid, _History())
+            if c.launches != h.launches:
+                if h.launches >= 0:
+                    h.busy_at = now
+                h.launches = c.launches
+        run = self._choose(clients, now)
+        self._account(clients, run, now)
+        return self._verdicts(clients, run)
+
+    def busy(self, c: Client, now: float) -> bool:
+        return now - self._seen[c.pid].busy_at < self.idle
+
+    def wants(self, c: Client, now: float) -> bool:
+        """A holder wants the GPU while it launches (a fresh slice counts as busy); a waiter while it waits."""
+        return self.busy(c, now) if self._seen[c.pid].running_since is not None else c.waiting
+
+    def _choose(self, clients: list[Client], now: float) -> set[int]:
+        top = max((c.priority for c in clients if self.wants(c, now)), default=None)
+        fits = sum(c.need_bytes for c in clients) <= self.capacity and not any(c.exclusive for c in clients)
+        self.contended = not fits
+        if fits:  # no contention for memory: all run, but a busy higher class pushes lower ones aside
+            return {c.pid for c in clients if top is None or c.priority >= top}
+        run: set[int] = set()
+        for c in sorted(clients, key=lambda c: self._rank(c, top, now)):
+            if self._feasible(clients, run | {c.pid}):
+                run.add(c.pid)
+        return run
+
+    def _rank(self, c: Client, top: Priority | None, now: float) -> tuple:
+        h = self._seen[c.pid]
+        running = h.running_since is not None
+        holding = running and now - h.running_since < self.quantum
+        # Least recently run first; a holder past its quantum counts as running now, so waiters go before it.
+        recency = now if running else h.last_ran
+        outranked = top is not None and c.priority < top
+        return (outranked, not self.wants(c, now), -c.priority, not holding, recency, c.pid)
+
+    def _feasible(self, clients: list[Client], run: set[int]) -> bool:
+        if len(run) > 1 and any(c.exclusive for c in clients if c.pid in run):
+            return False
+        resident = sum(c.need_bytes if c.pid in run else c.need_bytes - c.movable_bytes for c in clients)
+        return resident <= self.capacity
+
+    def _account(self, clients: list[Client], run: set[int], now: float) -> None:
+        for c in clients:
+            h = self._seen[c.pid]
+            if c.pid in run and h.running_since is None:
+                h.running_since = now
+                h.busy_at = max(h.busy_at, now)  # a fresh slice starts busy: the gate just opened
+            elif c.pid not in run and h.running_since is not None:
+                h.running_since = None
+                h.last_ran = now
+
+    def _verdicts(self, clients: list[Client], run: set[int]) -> dict[int, Decision]:
+        excess = sum(c.need_bytes for c in clients if c.pid in run) + \
+            sum(c.need_bytes for c in clients if c.pid not in run) - self.capacity
+        out: dict[int, Decision] = {}
+        # Make room from those that ran least recently first, and only as much as the running set needs.
+        for c in sorted(clients, key=lambda c: self._seen[c.pid].last_ran):
+            if c.pid in run:
+                out[c.pid] = Decision(Verdict.RUN)
+            elif not c.interposed:
+                out[c.pid] = Decision(Verdict.STOP)
+            elif excess > 0 and c.movable_bytes > 0:
+                moved = min(excess, c.movable_bytes)
+                excess -= moved
+                out[c.pid] = Decision(Verdict.SWAP, moved)
+            else:
+                out[c.pid] = Decision(Verdict.PAUSE)
+        return out
+
+    def running_for(self, pid: int, now: float) -> float:
+        h = self._seen.get(pid)
+        return 0.0 if h is None or h.running_since is None else now - h.running_since
+
+
+def default_quantum(switch_seconds: float, overhead: float = 0.05, floor: float = 1.0) -> float:
+    """A slice long enough that switching (swap-out plus swap-in) costs at most `overhead` of the time."""
+    return max(floor, switch_seconds / overhead)
