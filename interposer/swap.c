@@ -137,7 +137,10 @@ HIDDEN int gw_swap_out(uint64_t want, uint64_t *moved)
 		if (!e && !(e = copy_region(r, copy_out)))
 			queued += r->size;
 	}
+	uint64_t queued_at = gw_now_ns();
 	CUresult synced = sync_streams();
+	gw_log("swap-out: %llu bytes queued in %.1f ms, copies done %.1f ms later", (unsigned long long)queued,
+	       (queued_at - start) / 1e6, (gw_now_ns() - queued_at) / 1e6);
 	e = e ? e : synced;
 	for (struct gw_region *r = gw_regions(); r; r = r->next) {
 		if (!r->handle || !r->host)
@@ -185,10 +188,20 @@ HIDDEN int gw_resume(void)
 		any_out |= !r->handle;
 	if (any_out) {
 		atomic_store(&gw->state, GW_SWAPPING_IN);
-		for (struct gw_region *r = gw_regions(); r && !e; r = r->next)
-			if (!r->handle && !(e = map_again(r)) && !(e = copy_region(r, copy_in)))
+		uint64_t map_ns = 0;
+		for (struct gw_region *r = gw_regions(); r && !e; r = r->next) {
+			if (r->handle)
+				continue;
+			uint64_t t = gw_now_ns();
+			e = map_again(r);
+			map_ns += gw_now_ns() - t;
+			if (!e && !(e = copy_region(r, copy_in)))
 				moved += r->size;
+		}
+		uint64_t queued = gw_now_ns();
 		CUresult synced = sync_streams();
+		gw_log("swap-in: %llu bytes, mapping %.1f ms, queueing %.1f ms, waiting for copies %.1f ms",
+		       (unsigned long long)moved, map_ns / 1e6, (queued - start - map_ns) / 1e6, (gw_now_ns() - queued) / 1e6);
 		e = e ? e : synced;
 		for (struct gw_region *r = gw_regions(); r; r = r->next)
 			if (r->handle && r->host && !e)
