@@ -95,6 +95,7 @@ HIDDEN CUresult gw_sync_contexts(void);     // every context that owns memory, l
 HIDDEN CUresult gw_physical_map(struct gw_region *r);   // create, map and grant access
 HIDDEN void gw_physical_unmap(struct gw_region *r);     // unmap and release
 HIDDEN struct gw_region *gw_regions(void);              // the list, lock held
+HIDDEN void gw_release_empty_chunks(void);              // lock held
 struct gw_region {
 	CUdeviceptr va;
 	size_t size;

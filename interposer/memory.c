@@ -390,6 +390,25 @@ static CUresult alloc_large(CUdeviceptr *dptr, size_t size, CUdevice dev, CUcont
 	return CUDA_SUCCESS;
 }
 
+static bool another_empty_chunk(const struct gw_region *chunk)
+{
+	for (struct gw_region *r = regions; r; r = r->next)
+		if (r != chunk && r->cls == chunk->cls && r->dev == chunk->dev && r->ctx == chunk->ctx && !r->used_slots)
+			return true;
+	return false;
+}
+
+HIDDEN void gw_release_empty_chunks(void) // lock held
+{
+	for (struct gw_region *r = regions, *next; r; r = next) {
+		next = r->next;
+		if (r->cls >= 0 && !r->used_slots) {
+			uncharge(r->dev, r->size, true);
+			region_free(r);
+		}
+	}
+}
+
 static void free_swappable(struct alloc *a)
 {
 	struct gw_region *r = a->region;
@@ -398,7 +417,9 @@ static void free_swappable(struct alloc *a)
 	if (r->cls >= 0) {
 		uint32_t slot = (uint32_t)((a->ptr - r->va) >> (SMALL_MIN_SHIFT + r->cls));
 		r->bitmap[slot / 64] &= ~(1ull << (slot % 64));
-		if (--r->used_slots == 0) {
+		// One empty chunk per class stays, so that a program allocating and freeing one small buffer in a
+		// loop does not create and release a chunk every time.
+		if (--r->used_slots == 0 && another_empty_chunk(r)) {
 			uncharge(dev, r->size, true);
 			region_free(r);
 		}

@@ -119,6 +119,7 @@ HIDDEN int gw_swap_out(uint64_t want, uint64_t *moved)
 	uint64_t start = gw_now_ns(), total = 0;
 	gw_memory_lock();
 	atomic_store(&gw->state, GW_SWAPPING_OUT);
+	gw_release_empty_chunks();
 	for (struct gw_region *r = gw_regions(); r; r = r->next)
 		total += r->handle ? r->size : 0;
 	if (want && want < total)
