@@ -141,10 +141,16 @@ static void table_remove(struct alloc *a)
 
 // ---- quota
 
+static void release_empty_chunks(void);
+
 static bool charge(CUdevice dev, uint64_t bytes, bool swappable)
 {
 	struct gw_device *d = dev_stats(dev);
 	uint64_t quota = atomic_load(&d->quota), used = atomic_load(&d->used);
+	if (quota && (bytes > quota || used > quota - bytes)) {
+		release_empty_chunks(); // kept for speed, never at the price of a refusal
+		used = atomic_load(&d->used);
+	}
 	if (quota && (bytes > quota || used > quota - bytes)) {
 		atomic_fetch_add(&gw->quota_refusals, 1);
 		gw_log("refused %llu bytes on GPU %d: %llu of the quota of %llu in use", (unsigned long long)bytes, dev,
@@ -398,7 +404,9 @@ static bool another_empty_chunk(const struct gw_region *chunk)
 	return false;
 }
 
-HIDDEN void gw_release_empty_chunks(void) // lock held
+HIDDEN void gw_release_empty_chunks(void) { release_empty_chunks(); }
+
+static void release_empty_chunks(void) // lock held
 {
 	for (struct gw_region *r = regions, *next; r; r = next) {
 		next = r->next;

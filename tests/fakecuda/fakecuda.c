@@ -3,6 +3,9 @@
 // another export, so a uprobe on one symbol fires exactly once per API call.
 #define _GNU_SOURCE
 #include <dlfcn.h>
+#include <elf.h>
+#include <fcntl.h>
+#include <link.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdbool.h>
@@ -11,6 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #pragma GCC diagnostic ignored "-Wunused-parameter" // stubs ignore streams, flags, ...
@@ -23,6 +27,7 @@ typedef struct CUstream_st *CUstream;
 typedef struct CUfunc_st *CUfunction;
 typedef struct CUgraphExec_st *CUgraphExec;
 typedef struct CUmemPoolHandle_st *CUmemoryPool;
+typedef struct CUevent_st *CUevent;
 typedef unsigned long long CUmemGenericAllocationHandle;
 typedef struct { char bytes[16]; } CUuuid;
 typedef struct { int type; int id; } CUmemLocation;
@@ -44,9 +49,22 @@ typedef struct {
 	void *attrs;
 	unsigned numAttrs;
 } CUlaunchConfig;
+typedef struct {
+	size_t srcXInBytes, srcY;
+	int srcMemoryType; // 1 host, 2 device, 3 array, 4 unified
+	const void *srcHost;
+	CUdeviceptr srcDevice;
+	void *srcArray;
+	size_t srcPitch, dstXInBytes, dstY;
+	int dstMemoryType;
+	void *dstHost;
+	CUdeviceptr dstDevice;
+	void *dstArray;
+	size_t dstPitch, WidthInBytes, Height;
+} CUDA_MEMCPY2D;
 
 enum { OK = 0, E_VALUE = 1, E_OOM = 2, E_NOINIT = 3, E_DEVICE = 101, E_CONTEXT = 201,
-       E_HANDLE = 400, E_NOTFOUND = 500 };
+       E_HANDLE = 400, E_NOTFOUND = 500, E_UNKNOWN = 999 };
 
 #define API __attribute__((visibility("default"), noipa))
 #define TRY(expr) do { CUresult try_ = (expr); if (try_) return try_; } while (0)
@@ -56,14 +74,18 @@ enum { OK = 0, E_VALUE = 1, E_OOM = 2, E_NOINIT = 3, E_DEVICE = 101, E_CONTEXT =
 #define RW (PROT_READ | PROT_WRITE)
 #define ANON (MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE)
 
-__attribute__((visibility("default"))) _Atomic unsigned long long fakecuda_launch_count;
+// Launches (kernels, graphs, host functions), and all work submitted (launches, copies, memsets, prefetches).
+__attribute__((visibility("default"))) _Atomic unsigned long long fakecuda_launch_count, fakecuda_work_count;
 
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_once_t config_once = PTHREAD_ONCE_INIT;
 static atomic_bool inited;
+static bool config_failed, no_vmm;
 static int ndev;
 static size_t capacity;
-static size_t used[MAX_DEVICES]; // device bytes in use (cuMemAlloc* and cuMemCreate)
+// Device bytes in use (cuMemAlloc* and cuMemCreate): here, or with FAKECUDA_SHARED_STATE=FILE in that file
+// (MAP_SHARED), so that several processes share one emulated GPU. Changed only by take() and give().
+static _Atomic size_t local_used[MAX_DEVICES], *used = local_used;
 
 static unsigned long long env_size(const char *name, unsigned long long dflt)
 {
@@ -94,11 +116,42 @@ static _Thread_local int depth;
 static void configure(void)
 {
 	unsigned long long n = env_size("FAKECUDA_DEVICES", 2);
+	const char *state = getenv("FAKECUDA_SHARED_STATE"), *nv = getenv("FAKECUDA_NO_VMM");
 	ndev = n > MAX_DEVICES ? MAX_DEVICES : (int)n;
 	capacity = env_size("FAKECUDA_MEM_BYTES", 8ULL << 30);
+	no_vmm = nv && !strcmp(nv, "1");
 	for (int i = 0; i < ndev; i++)
 		primary[i] = (struct CUctx_st){.dev = i, .alive = true};
+	if (state && *state) {
+		struct stat st;
+		void *p = MAP_FAILED;
+		int fd = open(state, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+		if (fd >= 0 && !fstat(fd, &st) &&
+		    (st.st_size >= (off_t)sizeof local_used || !ftruncate(fd, sizeof local_used)))
+			p = mmap(NULL, sizeof local_used, RW, MAP_SHARED, fd, 0);
+		if (fd >= 0)
+			close(fd);
+		if (p == MAP_FAILED) {
+			fprintf(stderr, "fakecuda: cannot map FAKECUDA_SHARED_STATE %s\n", state);
+			config_failed = true;
+		} else {
+			used = p;
+		}
+	}
 }
+
+// Takes size bytes of device dev's capacity, or returns false when they are not free.
+static bool take(CUdevice dev, size_t size)
+{
+	size_t u = atomic_load(&used[dev]);
+	do
+		if (u > capacity || size > capacity - u)
+			return false;
+	while (!atomic_compare_exchange_weak(&used[dev], &u, u + size));
+	return true;
+}
+
+static void give(CUdevice dev, size_t size) { atomic_fetch_sub(&used[dev], size); }
 
 static CUresult check_dev(CUdevice dev)
 {
@@ -156,6 +209,8 @@ API CUresult cuInit(unsigned flags)
 	if (flags)
 		return E_VALUE;
 	pthread_once(&config_once, configure);
+	if (config_failed)
+		return E_UNKNOWN;
 	inited = true;
 	return OK;
 }
@@ -224,7 +279,17 @@ API CUresult cuDeviceGetAttribute(int *value, int attrib, CUdevice dev)
 	TRY(check_dev(dev));
 	if (!value)
 		return E_VALUE;
-	*value = 0;
+	*value = attrib == 102 /* VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED */ ? !no_vmm : 0;
+	return OK;
+}
+
+API CUresult cuDeviceCanAccessPeer(int *can, CUdevice dev, CUdevice peer)
+{
+	TRY(check_dev(dev));
+	TRY(check_dev(peer));
+	if (!can)
+		return E_VALUE;
+	*can = dev != peer;
 	return OK;
 }
 
@@ -387,16 +452,17 @@ static CUresult mem_alloc(CUdeviceptr *out, size_t size, enum kind kind)
 		return E_OOM;
 	pthread_mutex_lock(&lock);
 	void *p = MAP_FAILED;
-	if (kind != K_DEVICE || size <= capacity - used[dev])
+	bool took = kind == K_DEVICE && take(dev, size);
+	if (kind != K_DEVICE || took)
 		p = mmap(NULL, size, RW, ANON, -1, 0);
 	if (p == MAP_FAILED) {
 		r = E_OOM;
 		free(a);
+		if (took)
+			give(dev, size);
 	} else {
 		*a = (struct alloc){(uintptr_t)p, size, dev, kind, *bucket((uintptr_t)p)};
 		*bucket(a->ptr) = a;
-		if (kind == K_DEVICE)
-			used[dev] += size;
 		*out = a->ptr;
 	}
 	pthread_mutex_unlock(&lock);
@@ -416,7 +482,7 @@ static CUresult mem_free(CUdeviceptr ptr, bool host)
 	} else {
 		*pp = a->next;
 		if (a->kind == K_DEVICE)
-			used[a->dev] -= a->size;
+			give(a->dev, a->size);
 		munmap((void *)(uintptr_t)a->ptr, a->size);
 		free(a);
 	}
@@ -478,10 +544,9 @@ API CUresult cuMemGetInfo_v2(size_t *free, size_t *total)
 	TRY(current(&dev));
 	if (!free || !total)
 		return E_VALUE;
-	pthread_mutex_lock(&lock);
-	*free = capacity - used[dev];
+	size_t u = atomic_load(&used[dev]);
+	*free = u > capacity ? 0 : capacity - u;
 	*total = capacity;
-	pthread_mutex_unlock(&lock);
 	return OK;
 }
 
@@ -500,6 +565,7 @@ struct range { // a reservation (h == NULL) or a mapping
 	CUdeviceptr va;
 	size_t size;
 	struct handle *h;
+	int prot; // a mapping's access (cuMemSetAccess)
 	struct range *next;
 };
 static struct handle *handles;
@@ -518,7 +584,7 @@ static void handle_put(struct handle *h)
 {
 	if (!h->released || h->maps)
 		return;
-	used[h->dev] -= h->size;
+	give(h->dev, h->size);
 	*handle_find(h->id) = h->next;
 	free(h);
 }
@@ -583,16 +649,18 @@ API CUresult cuMemCreate(CUmemGenericAllocationHandle *handle, size_t size, cons
 	if (!h)
 		return E_OOM;
 	pthread_mutex_lock(&lock);
-	int fd = size <= capacity - used[dev] ? memfd_create("fakecuda-vmm", MFD_CLOEXEC) : -1;
+	bool took = take(dev, size);
+	int fd = took ? memfd_create("fakecuda-vmm", MFD_CLOEXEC) : -1;
 	if (fd < 0 || ftruncate(fd, size)) {
 		r = E_OOM;
 		if (fd >= 0)
 			close(fd);
+		if (took)
+			give(dev, size);
 		free(h);
 	} else {
 		*h = (struct handle){.id = next_handle++, .fd = fd, .dev = dev, .size = size, .next = handles};
 		handles = h;
-		used[dev] += size;
 		*handle = h->id;
 	}
 	pthread_mutex_unlock(&lock);
@@ -707,6 +775,9 @@ API CUresult cuMemSetAccess(CUdeviceptr ptr, size_t size, const CUmemAccessDesc 
 	size_t mapped;
 	pthread_mutex_lock(&lock);
 	bool ok = span_ok(ptr, size, &mapped) && mapped == size && !mprotect((void *)(uintptr_t)ptr, size, prot);
+	for (struct range *m = mappings; ok && m; m = m->next)
+		if (m->va >= ptr && m->va + m->size <= ptr + size)
+			m->prot = prot;
 	pthread_mutex_unlock(&lock);
 	return ok ? OK : E_VALUE;
 }
@@ -728,16 +799,49 @@ API CUresult cuMemUnmap(CUdeviceptr ptr, size_t size)
 	return r;
 }
 
-// ---- copies and sets: device pointers are host pointers ----
+// True unless [p, p+n) touches reserved address space that is not mapped with access prot (the real
+// driver answers CUDA_ERROR_INVALID_VALUE there: unmapped, or swapped out). Lock held.
+static bool accessible(CUdeviceptr p, size_t n, int prot)
+{
+	if (!n)
+		return true;
+	if (p + n < p)
+		return false;
+	for (struct range *r = reservations; r; r = r->next) {
+		CUdeviceptr a = p > r->va ? p : r->va, b = p + n < r->va + r->size ? p + n : r->va + r->size;
+		size_t covered = 0;
+		if (a >= b)
+			continue;
+		for (struct range *m = mappings; m; m = m->next) { // mappings never overlap
+			CUdeviceptr ma = a > m->va ? a : m->va, mb = b < m->va + m->size ? b : m->va + m->size;
+			if (ma < mb && (m->prot & prot) == prot)
+				covered += mb - ma;
+		}
+		if (covered != b - a)
+			return false;
+	}
+	return true;
+}
+
+// Counts one piece of work submitted to a device (a copy, set, prefetch or launch).
+static CUresult work(void)
+{
+	TRY(current(NULL));
+	fakecuda_work_count++;
+	return OK;
+}
 
 static CUresult copy(CUdeviceptr dst, CUdeviceptr src, size_t n)
 {
-	TRY(current(NULL));
+	TRY(work());
 	if (n && (!dst || !src))
 		return E_VALUE;
-	if (n)
+	pthread_mutex_lock(&lock);
+	bool ok = accessible(dst, n, PROT_WRITE) && accessible(src, n, PROT_READ);
+	if (ok && n)
 		memmove((void *)(uintptr_t)dst, (void *)(uintptr_t)src, n);
-	return OK;
+	pthread_mutex_unlock(&lock);
+	return ok ? OK : E_VALUE;
 }
 
 #define H(p) ((uintptr_t)(p))
@@ -754,23 +858,118 @@ API CUresult cuMemcpy(CUdeviceptr dst, CUdeviceptr src, size_t n) { return copy(
 API CUresult cuMemcpyAsync(CUdeviceptr dst, CUdeviceptr src, size_t n, CUstream s) { return copy(dst, src, n); }
 API CUresult cuMemcpyAsync_ptsz(CUdeviceptr dst, CUdeviceptr src, size_t n, CUstream s) { return copy(dst, src, n); }
 
-API CUresult cuMemsetD8_v2(CUdeviceptr dst, unsigned char value, size_t n)
+// Row by row; arrays are not emulated.
+API CUresult cuMemcpy2D_v2(const CUDA_MEMCPY2D *c)
 {
-	TRY(current(NULL));
-	if (n && !dst)
+	TRY(work());
+	if (!c || c->srcMemoryType < 1 || c->srcMemoryType == 3 || c->srcMemoryType > 4 || c->dstMemoryType < 1 ||
+	    c->dstMemoryType == 3 || c->dstMemoryType > 4 || c->WidthInBytes > c->srcPitch ||
+	    c->WidthInBytes > c->dstPitch)
 		return E_VALUE;
-	if (n)
+	if (!c->WidthInBytes || !c->Height)
+		return OK;
+	CUdeviceptr s = c->srcMemoryType == 1 ? H(c->srcHost) : c->srcDevice;
+	CUdeviceptr d = c->dstMemoryType == 1 ? H(c->dstHost) : c->dstDevice;
+	s += c->srcY * c->srcPitch + c->srcXInBytes;
+	d += c->dstY * c->dstPitch + c->dstXInBytes;
+	if (!s || !d)
+		return E_VALUE;
+	pthread_mutex_lock(&lock);
+	bool ok = accessible(s, c->srcPitch * (c->Height - 1) + c->WidthInBytes, PROT_READ) &&
+		  accessible(d, c->dstPitch * (c->Height - 1) + c->WidthInBytes, PROT_WRITE);
+	for (size_t y = 0; ok && y < c->Height; y++)
+		memmove((void *)(uintptr_t)(d + y * c->dstPitch), (void *)(uintptr_t)(s + y * c->srcPitch),
+			c->WidthInBytes);
+	pthread_mutex_unlock(&lock);
+	return ok ? OK : E_VALUE;
+}
+
+static CUresult set(CUdeviceptr dst, unsigned value, size_t n, size_t width)
+{
+	TRY(work());
+	if (n && (!dst || dst % width))
+		return E_VALUE;
+	pthread_mutex_lock(&lock);
+	bool ok = n <= SIZE_MAX / width && accessible(dst, n * width, PROT_WRITE);
+	if (ok && width == 1)
 		memset((void *)(uintptr_t)dst, value, n);
+	for (unsigned *p = (unsigned *)(uintptr_t)dst; ok && width == 4 && n; n--)
+		*p++ = value;
+	pthread_mutex_unlock(&lock);
+	return ok ? OK : E_VALUE;
+}
+
+API CUresult cuMemsetD8_v2(CUdeviceptr dst, unsigned char value, size_t n) { return set(dst, value, n, 1); }
+API CUresult cuMemsetD32_v2(CUdeviceptr dst, unsigned value, size_t n) { return set(dst, value, n, 4); }
+API CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char value, size_t n, CUstream s) { return set(dst, value, n, 1); }
+API CUresult cuMemsetD8Async_ptsz(CUdeviceptr dst, unsigned char value, size_t n, CUstream s) { return set(dst, value, n, 1); }
+API CUresult cuMemsetD32Async(CUdeviceptr dst, unsigned value, size_t n, CUstream s) { return set(dst, value, n, 4); }
+API CUresult cuMemsetD32Async_ptsz(CUdeviceptr dst, unsigned value, size_t n, CUstream s) { return set(dst, value, n, 4); }
+
+static CUresult prefetch(CUdeviceptr p, size_t n, CUdevice dev)
+{
+	TRY(work());
+	if (!p || (dev != -1 /* CU_DEVICE_CPU */ && check_dev(dev)))
+		return E_VALUE;
 	return OK;
 }
 
-API CUresult cuMemsetD32_v2(CUdeviceptr dst, unsigned value, size_t n)
+API CUresult cuMemPrefetchAsync(CUdeviceptr p, size_t n, CUdevice dev, CUstream s) { return prefetch(p, n, dev); }
+API CUresult cuMemPrefetchAsync_ptsz(CUdeviceptr p, size_t n, CUdevice dev, CUstream s) { return prefetch(p, n, dev); }
+
+// ---- address ranges and IPC ----
+
+enum { R_NONE, R_DEVICE, R_MANAGED, R_HOST, R_VMM };
+
+// The allocation (ordinary, or a VMM mapping) containing p, and its kind. Lock held.
+static int find_range(CUdeviceptr p, CUdeviceptr *base, size_t *size)
 {
+	for (int b = 0; b < BUCKETS; b++)
+		for (struct alloc *a = allocs[b]; a; a = a->next)
+			if (p >= a->ptr && p - a->ptr < a->size) {
+				*base = a->ptr, *size = a->size;
+				return a->kind == K_DEVICE ? R_DEVICE : a->kind == K_MANAGED ? R_MANAGED : R_HOST;
+			}
+	for (struct range *m = mappings; m; m = m->next)
+		if (p >= m->va && p - m->va < m->size) {
+			*base = m->va, *size = m->size;
+			return R_VMM;
+		}
+	return R_NONE;
+}
+
+API CUresult cuMemGetAddressRange_v2(CUdeviceptr *base, size_t *size, CUdeviceptr p)
+{
+	CUdeviceptr b;
+	size_t n;
 	TRY(current(NULL));
-	if (n && (!dst || dst % 4))
+	pthread_mutex_lock(&lock);
+	int kind = find_range(p, &b, &n);
+	pthread_mutex_unlock(&lock);
+	if (kind == R_NONE)
+		return E_NOTFOUND;
+	if (base)
+		*base = b;
+	if (size)
+		*size = n;
+	return OK;
+}
+
+// cuMemAlloc memory can be shared with another process; VMM memory cannot (it has its own export path).
+API CUresult cuIpcGetMemHandle(void *handle, CUdeviceptr p)
+{
+	CUdeviceptr b;
+	size_t n;
+	TRY(current(NULL));
+	if (!handle)
 		return E_VALUE;
-	for (unsigned *p = (unsigned *)(uintptr_t)dst; n; n--)
-		*p++ = value;
+	pthread_mutex_lock(&lock);
+	int kind = find_range(p, &b, &n);
+	pthread_mutex_unlock(&lock);
+	if (kind != R_DEVICE)
+		return E_VALUE;
+	memset(handle, 0, 64);
+	snprintf(handle, 64, "fakecuda-ipc %d %llx %zx", getpid(), b, n);
 	return OK;
 }
 
@@ -801,13 +1000,78 @@ API CUresult cuStreamDestroy_v2(CUstream stream)
 }
 
 API CUresult cuStreamSynchronize(CUstream stream) { return current(NULL); }
+API CUresult cuStreamQuery(CUstream stream) { return current(NULL); }
+API CUresult cuStreamQuery_ptsz(CUstream stream) { return current(NULL); }
+API CUresult cuStreamIsCapturing(CUstream stream, int *status) // never: graphs are not emulated
+{
+	if (!status)
+		return E_VALUE;
+	*status = 0;
+	return current(NULL);
+}
+
+API CUresult cuStreamWaitEvent(CUstream stream, CUevent event, unsigned flags) { return event ? OK : E_HANDLE; }
+API CUresult cuStreamWaitEvent_ptsz(CUstream stream, CUevent event, unsigned flags) { return event ? OK : E_HANDLE; }
+
+// Work completes when submitted: an event is complete once recorded.
+struct CUevent_st {
+	unsigned flags;
+	bool recorded;
+};
+
+API CUresult cuEventCreate(CUevent *event, unsigned flags)
+{
+	TRY(current(NULL));
+	if (!event)
+		return E_VALUE;
+	if (!(*event = malloc(sizeof **event)))
+		return E_OOM;
+	**event = (struct CUevent_st){.flags = flags};
+	return OK;
+}
+
+static CUresult event_record(CUevent event)
+{
+	TRY(current(NULL));
+	if (!event)
+		return E_HANDLE;
+	event->recorded = true;
+	return OK;
+}
+
+API CUresult cuEventRecord(CUevent event, CUstream s) { return event_record(event); }
+API CUresult cuEventRecord_ptsz(CUevent event, CUstream s) { return event_record(event); }
+API CUresult cuEventSynchronize(CUevent event) { return event ? OK : E_HANDLE; }
+API CUresult cuEventQuery(CUevent event) { return event ? OK : E_HANDLE; }
+
+API CUresult cuEventDestroy_v2(CUevent event)
+{
+	if (!event)
+		return E_HANDLE;
+	free(event);
+	return OK;
+}
 
 static CUresult launch(void)
 {
 	TRY(current(NULL));
 	fakecuda_launch_count++;
+	fakecuda_work_count++;
 	return OK;
 }
+
+// The host function runs at once, on the caller's thread (the stream is always idle here).
+static CUresult host_func(void (*fn)(void *), void *data)
+{
+	if (!fn)
+		return E_VALUE;
+	TRY(launch());
+	fn(data);
+	return OK;
+}
+
+API CUresult cuLaunchHostFunc(CUstream s, void (*fn)(void *), void *data) { return host_func(fn, data); }
+API CUresult cuLaunchHostFunc_ptsz(CUstream s, void (*fn)(void *), void *data) { return host_func(fn, data); }
 
 API CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
 			    unsigned bz, unsigned shmem, CUstream s, void **params, void **extra)
@@ -855,18 +1119,55 @@ API CUresult cuModuleGetFunction(CUfunction *f, void *module, const char *name)
 	return OK;
 }
 
+// A function no interposer can know (tests of pass-through).
+API CUresult cuFakeEcho(int in, int *out)
+{
+	if (!out)
+		return E_VALUE;
+	*out = in + 1;
+	return OK;
+}
+
 // ---- cuGetProcAddress: resolve a base name to one of this library's exports ----
+// Read from this library's own dynamic symbol table, never through dlsym(), which a preloaded library
+// may interpose (the real driver does not ask the dynamic linker either).
 
 static pthread_once_t self_once = PTHREAD_ONCE_INIT;
-static void *self, *self_base;
+static const ElfW(Sym) *self_syms;
+static const char *self_strs;
+static size_t self_nsyms;
+static uintptr_t self_base;
 
 static void open_self(void)
 {
 	Dl_info info;
-	if (dladdr(&self, &info)) {
-		self = dlopen(info.dli_fname, RTLD_LAZY | RTLD_NOLOAD);
-		self_base = info.dli_fbase;
+	const Elf32_Word *hash = NULL;
+	if (!dladdr((void *)&self_base, &info))
+		return;
+	self_base = (uintptr_t)info.dli_fbase;
+	for (const ElfW(Dyn) *d = _DYNAMIC; d->d_tag != DT_NULL; d++) {
+		// glibc relocates these entries in place; other loaders may not
+		uintptr_t p = d->d_un.d_ptr < self_base ? self_base + d->d_un.d_ptr : d->d_un.d_ptr;
+		if (d->d_tag == DT_SYMTAB)
+			self_syms = (const ElfW(Sym) *)p;
+		else if (d->d_tag == DT_STRTAB)
+			self_strs = (const char *)p;
+		else if (d->d_tag == DT_HASH) // the Makefile links with --hash-style=both
+			hash = (const Elf32_Word *)p;
 	}
+	if (self_syms && self_strs && hash)
+		self_nsyms = hash[1]; // nchain: the number of symbols
+}
+
+static void *self_export(const char *name) // ELF64: x86-64, like the rest of gpuwatch
+{
+	for (size_t i = 0; i < self_nsyms; i++) {
+		const ElfW(Sym) *sym = &self_syms[i];
+		if (sym->st_shndx != SHN_UNDEF && ELF64_ST_TYPE(sym->st_info) == STT_FUNC &&
+		    ELF64_ST_BIND(sym->st_info) == STB_GLOBAL && !strcmp(self_strs + sym->st_name, name))
+			return (void *)(self_base + sym->st_value);
+	}
+	return NULL;
 }
 
 static CUresult proc_address(const char *symbol, void **pfn, unsigned long long flags, int *status)
@@ -874,15 +1175,12 @@ static CUresult proc_address(const char *symbol, void **pfn, unsigned long long 
 	static const char *const suffixes[] = {"_v2_ptsz", "_ptsz", "_v2", ""};
 	char name[256];
 	void *f = NULL;
-	Dl_info info;
 	if (!symbol || !pfn)
 		return E_VALUE;
 	pthread_once(&self_once, open_self);
-	for (int i = flags & 2 ? 0 : 2; i < 4 && !f && self; i++) {
+	for (int i = flags & 2 ? 0 : 2; i < 4 && !f; i++) {
 		snprintf(name, sizeof name, "%s%s", symbol, suffixes[i]);
-		f = dlsym(self, name);
-		if (f && !(dladdr(f, &info) && info.dli_fbase == self_base))
-			f = NULL; // a dependency's symbol (libc, ...), not ours
+		f = self_export(name);
 	}
 	*pfn = f;
 	if (status)

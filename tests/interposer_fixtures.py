@@ -1,0 +1,258 @@
+"""Fixtures for tests of the interposer (libgpuwatch.so): the built library, scripted programs that preload
+it, its shared page read from outside as the daemon reads it, and a fake daemon speaking its protocol.
+Import what a test module uses: `from interposer_fixtures import ...`."""
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import select
+import socket
+import struct
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, Prog, wait_for
+
+MiB = 1 << 20
+PAGE_SIZE = 64 * 1024
+MEMFD_LINK = "/memfd:gpuwatch-interposer (deleted)"
+STATES = ("running", "paused", "swapping_out", "swapped", "swapping_in")
+HEADER = struct.Struct("<IIiIIIII10Q")  # docs/interposer.md, "Shared page"
+HEADER_FIELDS = ("magic", "version", "pid", "max_devices", "gate", "state", "priority", "flags",
+                 "lease_deadline_ns", "swap_out_bytes_total", "swap_in_bytes_total", "swap_out_ns_total",
+                 "swap_in_ns_total", "swaps_out", "swaps_in", "gate_wait_ns_total", "gate_waits", "quota_refusals")
+DEVICE = struct.Struct("<5Q")
+DEVICE_FIELDS = ("quota", "used", "swappable", "unswappable", "swapped")
+SLOT = struct.Struct("<II3Q")
+FLAG_ATTACHED, FLAG_SWAP, FLAG_BOUNDED = 1, 2, 4
+
+
+@pytest.fixture(scope="session")
+def interposer(tmp_path_factory) -> Path:
+    """The checkout's library, built for this session; $GPUWATCH_INTERPOSER names another (an installed one)."""
+    if override := os.environ.get("GPUWATCH_INTERPOSER"):
+        return Path(override)
+    out = tmp_path_factory.mktemp("interposer")
+    subprocess.run(["make", "-s", "-C", str(ROOT / "interposer"), f"OUT={out}"], check=True)
+    return out / "libgpuwatch.so"
+
+
+class Page:
+    """The interposer's shared page, mapped from /proc/PID/fd/FD as the daemon maps it."""
+
+    def __init__(self, pid: int, fd: int | None = None) -> None:
+        if fd is None:
+            fd = int(wait_for(lambda: find_memfd(pid), 5, f"the shared page of {pid}"))
+        self.path = f"/proc/{pid}/fd/{fd}"
+        handle = os.open(self.path, os.O_RDWR)
+        try:
+            self.map = mmap.mmap(handle, PAGE_SIZE)
+        finally:
+            os.close(handle)
+
+    def header(self) -> dict[str, int]:
+        return dict(zip(HEADER_FIELDS, HEADER.unpack_from(self.map, 0)))
+
+    def __getitem__(self, field: str) -> int:
+        return self.header()[field]
+
+    def device(self, d: int = 0) -> dict[str, int]:
+        return dict(zip(DEVICE_FIELDS, DEVICE.unpack_from(self.map, 256 + 64 * d)))
+
+    def slots(self) -> list[tuple[int, int, int, int, int]]:
+        """(active, tid, launches, graph_launches, copies) of every slot in use."""
+        rows = (SLOT.unpack_from(self.map, 4096 + 64 * s) for s in range(960))
+        return [r for r in rows if r[1] or any(r[2:])]
+
+    def counts(self) -> tuple[int, int, int]:
+        """The process's (launches, graph_launches, copies): sums over the slots."""
+        slots = self.slots()
+        return sum(s[2] for s in slots), sum(s[3] for s in slots), sum(s[4] for s in slots)
+
+    def set_lease(self, deadline_ns: int) -> None:
+        struct.pack_into("<Q", self.map, 32, deadline_ns)
+
+    def close(self) -> None:
+        self.map.close()
+
+
+def find_memfd(pid: int) -> int | None:
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == MEMFD_LINK:
+                return int(fd)
+        except OSError:
+            pass
+    return None
+
+
+def driver_used(state: Path, dev: int = 0) -> int:
+    """Device bytes the test-double driver holds, from its FAKECUDA_SHARED_STATE file (the driver's view,
+    not the process's: it sees through the interposer's quota view)."""
+    return struct.unpack_from("<Q", state.read_bytes(), 8 * dev)[0]
+
+
+class IProg(Prog):
+    """A cudaprog with the interposer preloaded; a reply that does not come in `timeout` seconds fails the
+    test (a call stuck at a closed gate) instead of hanging it."""
+
+    timeout = 15.0
+
+    def __init__(self, argv: list[str], env: dict[str, str]) -> None:
+        super().__init__(argv, env)
+        self.page_: Page | None = None
+
+    def send(self, line: str) -> str:
+        assert self.proc.stdin and self.proc.stdout
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        if not select.select([self.proc.stdout], [], [], self.timeout)[0]:
+            self.proc.kill()
+            raise AssertionError(f"no reply to {line!r} in {self.timeout}s")
+        reply = self.proc.stdout.readline().strip()
+        assert reply, f"no reply to {line!r} (exit code {self.proc.wait()})"
+        return reply
+
+    def err(self, line: str) -> int:
+        reply = self.send(line).split()
+        assert reply[0] == "err", f"{line!r} -> {' '.join(reply)!r}"
+        return int(reply[1])
+
+    @property
+    def page(self) -> Page:
+        if self.page_ is None:
+            self.page_ = Page(self.pid)
+        return self.page_
+
+    def counts(self) -> tuple[int, int]:
+        """The test-double driver's (launches, work submitted)."""
+        launches, work, _ = map(int, self.ok("counts"))
+        return launches, work
+
+    def spinning(self, name: str) -> int:
+        """Iterations a spinner thread has finished."""
+        return int(self.ok(f"spinstat {name}")[0])
+
+
+@pytest.fixture
+def iprogs(fakecuda: Path, interposer: Path) -> Iterator[Callable[..., IProg]]:
+    """Starts cudaprog (or cudaprog-linked) with the interposer preloaded and no daemon unless `env` names
+    one; loads the driver (`library`, default the test double) and makes device `ctx`'s context current."""
+    started: list[IProg] = []
+
+    def start(env: dict[str, str] | None = None, linked: bool = False, library: Path | None = None,
+              ctx: int | None = 0, preload: bool = True) -> IProg:
+        lib = library or fakecuda / "libcuda.so.1"
+        full = {"GPUWATCH_SOCKET": "", "GPUWATCH_REAL_LIBCUDA": str(lib), **(env or {})}
+        if preload:
+            full["LD_PRELOAD"] = str(interposer)
+        p = IProg([str(fakecuda / ("cudaprog-linked" if linked else "cudaprog"))], full)
+        started.append(p)
+        p.ok(f"load {lib}")
+        if ctx is not None:
+            p.ok(f"ctx {ctx}")
+        return p
+
+    yield start
+    for p in started:
+        p.close()
+
+
+class FakeDaemon:
+    """The daemon's side of docs/interposer.md, "Daemon protocol": one connection at a time."""
+
+    def __init__(self, path: Path, lease_ms: int = 1000) -> None:
+        self.path = path
+        self.lease_ms = lease_ms
+        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.server.bind(str(path))
+        self.server.listen(4)
+        self.conn: socket.socket | None = None
+        self.buf = b""
+        self.next_id = 0
+        self.attach: dict = {}
+        self.pid = 0
+        self.page: Page | None = None
+        self.renewing = threading.Event()
+
+    def accept(self, timeout: float = 5.0) -> dict:
+        """Takes the next connection, reads its interposer_attach line, maps its page, answers ok."""
+        self.server.settimeout(timeout)
+        self.conn, _ = self.server.accept()
+        self.conn.settimeout(timeout)
+        self.buf = b""
+        self.attach = json.loads(self.read_line())
+        self.pid = struct.unpack("3i", self.conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
+        self.page = Page(self.pid, self.attach["shm_fd"])
+        self.send({"ok": True, "result": {"lease_ms": self.lease_ms}})
+        return self.attach
+
+    def read_line(self) -> str:
+        assert self.conn
+        while b"\n" not in self.buf:
+            chunk = self.conn.recv(4096)
+            assert chunk, "the interposer closed the connection"
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return line.decode()
+
+    def send(self, message: dict) -> None:
+        assert self.conn
+        self.conn.sendall(json.dumps(message).encode() + b"\n")
+
+    def request(self, op: str, **args: object) -> dict:
+        self.next_id += 1
+        self.send({"id": self.next_id, "op": op, **args})
+        reply = json.loads(self.read_line())
+        assert reply.get("id") == self.next_id, reply
+        return reply
+
+    def renew(self, period: float = 0.1, lease: float = 0.4) -> None:
+        """Renews lease_deadline_ns from a thread until stop_renewing()."""
+        self.renewing.set()
+
+        def loop() -> None:
+            while self.renewing.is_set() and self.page:
+                self.page.set_lease(time.clock_gettime_ns(time.CLOCK_MONOTONIC) + int(lease * 1e9))
+                time.sleep(period)
+
+        threading.Thread(target=loop, daemon=True).start()
+
+    def stop_renewing(self) -> None:
+        self.renewing.clear()
+        time.sleep(0.15)  # the renewing thread's last write is done
+
+    def hang_up(self) -> None:
+        """Closes the connection, as a daemon that dies does (the kernel closes its sockets)."""
+        self.stop_renewing()
+        if self.conn:
+            self.conn.close()
+            self.conn = None
+
+    def close(self) -> None:
+        self.hang_up()
+        self.server.close()
+        if self.page:
+            self.page.close()
+            self.page = None
+        self.path.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def fake_daemons(tmp_path: Path) -> Iterator[Callable[..., FakeDaemon]]:
+    made: list[FakeDaemon] = []
+
+    def make(lease_ms: int = 1000, path: Path | None = None) -> FakeDaemon:
+        d = FakeDaemon(path or tmp_path / "gw.sock", lease_ms)
+        made.append(d)
+        return d
+
+    yield make
+    for d in made:
+        d.close()
