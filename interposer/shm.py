@@ -31,8 +31,9 @@ U64_MAX = (1 << 64) - 1
 STATES = ("running", "paused", "swapping_out", "swapped", "swapping_in")
 PRIORITIES = ("low", "normal", "high")
 
-# magic, version, pid, max_devices, gate, state, priority, flags; then the ten u64 from lease_deadline_ns
-_HEADER = struct.Struct("<IIiIIIII10Q")
+# magic, version, pid, max_devices, gate, state, priority, flags; the ten u64 from lease_deadline_ns; waiting
+_HEADER = struct.Struct("<IIiIIIII10QI")
+GATE_CLOSED, GATE_BOUNDED = 1, 2
 _DEVICE = struct.Struct("<5Q")  # quota, used, swappable, unswappable, swapped (3 reserved follow)
 
 
@@ -45,6 +46,7 @@ class Header:
     pid: int
     max_devices: int
     gate_closed: bool
+    queue_bounded: bool
     state: str  # one of STATES, or "unknown"
     priority: str  # one of PRIORITIES, or "unknown"
     flags: int
@@ -58,6 +60,7 @@ class Header:
     gate_wait_ns_total: int
     gate_waits: int
     quota_refusals: int
+    waiting: int  # threads blocked at the gate now: the process wants to run
 
 
 @dataclass(frozen=True)
@@ -100,8 +103,8 @@ def parse_header(raw: bytes) -> Header:
         raise PageError(f"page version {version} is not supported (want {VERSION})")
     if not 1 <= max_devices <= MAX_DEVICES:
         raise PageError(f"max_devices {max_devices} is out of range 1..{MAX_DEVICES}")
-    return Header(pid, max_devices, gate != 0, _name(STATES, state), _name(PRIORITIES, priority), flags, lease,
-                  *totals)
+    return Header(pid, max_devices, bool(gate & GATE_CLOSED), bool(gate & GATE_BOUNDED), _name(STATES, state),
+                  _name(PRIORITIES, priority), flags, lease, *totals)
 
 
 def parse_devices(raw: bytes, max_devices: int) -> list[DeviceRecord]:

@@ -537,6 +537,8 @@ API CUresult cuMemFreeAsync_ptsz(CUdeviceptr dptr, CUstream s) { return mem_free
 API CUresult cuMemHostAlloc(void **pp, size_t size, unsigned flags) { return host_alloc(pp, size); }
 API CUresult cuMemAllocHost_v2(void **pp, size_t size) { return host_alloc(pp, size); }
 API CUresult cuMemFreeHost(void *p) { return mem_free((uintptr_t)p, true); }
+API CUresult cuMemHostRegister_v2(void *p, size_t size, unsigned flags) { return p && size ? OK : E_VALUE; }
+API CUresult cuMemHostUnregister(void *p) { return p ? OK : E_VALUE; }
 
 API CUresult cuMemGetInfo_v2(size_t *free, size_t *total)
 {
