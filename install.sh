@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets gpuwatch up on a Debian or Ubuntu machine, as root. Safe to run again.
-#   ./install.sh           bcc, kernel headers, tracefs, gpuwatch in /opt/gpuwatch/venv, /usr/local/bin/gpuwatch
+#   ./install.sh           bcc, kernel headers, tracefs, gpuwatch in /opt/gpuwatch/venv, /usr/local/bin/gpuwatch,
+#                          the interposer in /opt/gpuwatch/lib/libgpuwatch.so
 #   ./install.sh --test    the same plus test tools, then runs the test suite from this checkout
 set -euo pipefail
 cd "$(dirname "$(readlink -f "$0")")"
@@ -52,6 +53,12 @@ else
   "$VENV/bin/pip" install -q --disable-pip-version-check .
 fi
 ln -sfn "$VENV/bin/gpuwatch" /usr/local/bin/gpuwatch
+
+# The interposer that `gpuwatch exec` preloads. `install` replaces the file (new inode), so programs that
+# have the old one loaded keep running.
+say "building the interposer"
+make -s -C interposer
+install -D -m 0755 interposer/libgpuwatch.so "$PREFIX/lib/libgpuwatch.so"
 "$VENV/bin/python" -c 'import bcc, gpuwatch.probes' || { echo "install.sh: gpuwatch cannot import bcc" >&2; exit 1; }
 say "gpuwatch installed: $(command -v gpuwatch)"
 

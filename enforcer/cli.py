@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import Any
 
@@ -12,6 +13,10 @@ from ..probes.preflight import check_privileges
 from . import config as configuration
 from .control import Client, ControlError, DaemonUnavailable, socket_path
 from .daemon import Daemon
+from .launch import PRIORITIES, LaunchError, child_environment, exec_command, interposer_library
+from .sizes import SizeError, parse_size
+
+PAUSE_TIMEOUT = 600.0  # the daemon answers within its request_timeout_ms; a swap of a full GPU takes seconds
 
 
 def human_bytes(n: int | None) -> str:
@@ -25,8 +30,9 @@ def human_bytes(n: int | None) -> str:
     return str(n)
 
 
-PS_COLUMNS = [("PID", "pid", ">7"), ("COMM", "comm", "<16"), ("GPU", "gpu", ">3"), ("DEVICE", "device_bytes", ">10"),
-              ("MANAGED", "managed_bytes", ">10"), ("PINNED", "host_pinned_bytes", ">10"), ("NVML", "nvml_bytes", ">10"),
+PS_COLUMNS = [("PID", "pid", ">7"), ("COMM", "comm", "<16"), ("GPU", "gpu", ">3"), ("STATE", "state", "<12"),
+              ("DEVICE", "device_bytes", ">10"), ("QUOTA", "quota_bytes", ">10"), ("MANAGED", "managed_bytes", ">10"),
+              ("PINNED", "host_pinned_bytes", ">10"), ("NVML", "nvml_bytes", ">10"),
               ("UNTRACKED", "untracked_bytes", ">10"), ("ALLOCS", "allocs", ">8"), ("FAILED", "failed_allocs", ">6"),
               ("LAUNCHES", "launches", ">10"), ("GRAPHS", "graph_launches", ">7")]
 
@@ -65,7 +71,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     tracer = Tracer(launches=d.launches, use_nvml=d.nvml, ring_buffer_pages=d.ring_buffer_pages,
                     sample_window=d.sample_window_ms / 1000, sample_period=d.sample_period_ms / 1000)
     listen = configuration.parse_listen(cfg.metrics.listen) if cfg.metrics.enabled else None
-    Daemon(tracer, d.socket, listen).run()
+    Daemon(tracer, d.socket, listen, cfg.interposer).run()
     return 0
 
 
@@ -75,6 +81,49 @@ def listen_address(text: str) -> str:
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return text
+
+
+def size_argument(text: str) -> int:
+    try:
+        return parse_size(text)
+    except SizeError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    try:
+        if not command:
+            raise LaunchError("exec: no command given (gpuwatch exec [OPTIONS] -- COMMAND [ARGS...])", 2)
+        env = child_environment(os.environ, interposer_library(), args.socket or socket_path(), args.mem_limit,
+                                args.priority, swap=not args.no_swap)
+        sys.stdout.flush()
+        exec_command(command, env)
+    except LaunchError as exc:
+        print(f"gpuwatch: {exc}", file=sys.stderr)
+        return exc.exit_code
+    return 0  # not reached: exec_command replaces this process
+
+
+def cmd_pause(args: argparse.Namespace) -> int:
+    with Client(args.socket or socket_path(), timeout=PAUSE_TIMEOUT) as client:
+        result = client.call("pause", pid=args.pid, swap=args.swap is not None, bytes=args.swap or 0)
+    if result["state"] == "stopped":
+        print(f"gpuwatch: pid {args.pid} stopped (SIGSTOP: it does not run under the interposer)")
+    elif args.swap is not None:
+        moved = "?" if result.get("bytes") is None else human_bytes(result["bytes"])
+        print(f"gpuwatch: pid {args.pid} {result['state']}: {moved} moved to host memory")
+    else:
+        print(f"gpuwatch: pid {args.pid} {result['state']}")
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    with Client(args.socket or socket_path(), timeout=PAUSE_TIMEOUT) as client:
+        result = client.call("resume", pid=args.pid)
+    how = "" if result.get("interposed") else " (SIGCONT)"
+    print(f"gpuwatch: pid {args.pid} {result['state']}{how}")
+    return 0
 
 
 def cmd_ps(args: argparse.Namespace) -> int:
@@ -101,7 +150,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     h = status["health"]
     print(f"launch mode: {h['launch_mode']}   probes attached: {h['probes_attached']}   events lost: "
-          f"{h['events_lost']}   NVML: {'yes' if h['nvml'] else 'no'}   processes: {status['processes']}")
+          f"{h['events_lost']}   NVML: {'yes' if h['nvml'] else 'no'}   processes: {status['processes']}   "
+          f"interposed: {status.get('interposed', 0)}")
     print("libraries: " + (", ".join(h["libraries"]) or "none yet (waiting for a process to load libcuda)"))
     for g in status["gpus"]:
         print(f"gpu {g['index']}: {g['name']} {g['uuid']} {human_bytes(g['memory_used'])} / "
@@ -134,8 +184,22 @@ def power_of_two(text: str) -> int:
     return n
 
 
+def positive_pid(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a process id")
+    return int(text)
+
+
+class Parser(argparse.ArgumentParser):
+    """Usage errors in one line, `gpuwatch: ...`, exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        where = self.prog.removeprefix("gpuwatch").strip()
+        self.exit(2, f"gpuwatch: {where + ': ' if where else ''}{message}\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="gpuwatch", description="Watch and share NVIDIA GPUs between processes.")
+    p = Parser(prog="gpuwatch", description="Watch and share NVIDIA GPUs between processes.")
     p.add_argument("--socket", help=f"daemon control socket (default: $GPUWATCH_SOCKET, the configuration's, or "
                                     f"{socket_path()})")
     p.add_argument("-v", "--verbose", action="store_true", help="log more")
@@ -183,6 +247,30 @@ def parser() -> argparse.ArgumentParser:
                      default="memory", help="sort key (default: memory)")
     top.add_argument("--filter", metavar="TEXT", help="only rows whose command, user, container or pid contains TEXT")
     top.set_defaults(func=cmd_top)
+
+    exe = sub.add_parser("exec", help="run a command under the interposer (quota, priority, swapping)",
+                         usage="gpuwatch exec [--mem-limit SIZE] [--priority high|normal|low] [--no-swap] "
+                               "-- COMMAND [ARGS...]",
+                         description="Runs COMMAND with libgpuwatch.so preloaded. SIZE: 512MiB, 20GiB, 1.5GiB, 8GB, "
+                                     "2G (binary), or bytes.")
+    exe.add_argument("--mem-limit", type=size_argument, metavar="SIZE", help="device memory quota, per GPU")
+    exe.add_argument("--priority", choices=PRIORITIES, default="normal", help="scheduling priority (default: normal)")
+    exe.add_argument("--no-swap", action="store_true",
+                     help="do not back allocations for swapping (the quota still holds; nothing can be swapped out)")
+    exe.add_argument("command", nargs=argparse.REMAINDER, help="the command and its arguments")
+    exe.set_defaults(func=cmd_exec)
+
+    pause = sub.add_parser("pause", help="pause a process (as root)",
+                           description="A process under `gpuwatch exec` stops submitting GPU work (and with --swap "
+                                       "moves its device memory to host memory); any other process gets SIGSTOP.")
+    pause.add_argument("pid", type=positive_pid, metavar="PID")
+    pause.add_argument("--swap", nargs="?", const=0, type=size_argument, metavar="SIZE",
+                       help="also move at least SIZE (default: all it can) of its device memory to host memory")
+    pause.set_defaults(func=cmd_pause)
+
+    resume = sub.add_parser("resume", help="resume a paused process (as root)")
+    resume.add_argument("pid", type=positive_pid, metavar="PID")
+    resume.set_defaults(func=cmd_resume)
     return p
 
 

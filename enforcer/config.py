@@ -59,10 +59,21 @@ class MetricsSection:
     listen: str = _key(":9445", _listen, "HOST:PORT to serve metrics on; an empty HOST is every interface")
 
 
+def _at_least(low: int) -> Callable[[int], str | None]:
+    return lambda v: None if v >= low else f"must be at least {low}, not {v}"
+
+
+@dataclass(frozen=True)
+class InterposerSection:
+    lease_ms: int = _key(5000, _at_least(500), "lease: a paused process resumes this long after the daemon goes")
+    request_timeout_ms: int = _key(120000, _at_least(100), "how long a pause, swap-out or resume may take")
+
+
 @dataclass(frozen=True)
 class Config:
     daemon: DaemonSection = field(default_factory=DaemonSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
+    interposer: InterposerSection = field(default_factory=InterposerSection)
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -125,8 +136,8 @@ def load(path: str | None) -> Config:
 
 def with_overrides(config: Config, daemon: dict[str, Any], metrics: dict[str, Any]) -> Config:
     """Command-line options win over the file; None means 'not given'."""
-    return Config(daemon=replace(config.daemon, **{k: v for k, v in daemon.items() if v is not None}),
-                  metrics=replace(config.metrics, **{k: v for k, v in metrics.items() if v is not None}))
+    return replace(config, daemon=replace(config.daemon, **{k: v for k, v in daemon.items() if v is not None}),
+                   metrics=replace(config.metrics, **{k: v for k, v in metrics.items() if v is not None}))
 
 
 def reference() -> str:

@@ -11,7 +11,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 log = logging.getLogger(__name__)
 DEFAULT_SOCKET = "/run/gpuwatch/gpuwatch.sock"
@@ -37,15 +37,31 @@ class Peer:
         return self.uid == 0
 
 
+@dataclass(frozen=True)
+class Connection:
+    """A client connection a handler takes over: it answers the request itself and keeps the connection."""
+    sock: socket.socket
+    rfile: BinaryIO
+    wfile: BinaryIO
+    closing: threading.Event  # set when the server closes
+
+    def send(self, message: dict[str, Any]) -> None:
+        _send(self.wfile, message)
+
+
 Handler = Callable[[Peer, dict[str, Any]], Any]
 StreamHandler = Callable[[Peer, dict[str, Any], threading.Event], Iterator[dict[str, Any]]]
+# Raises ControlError to refuse (the connection stays a plain control connection); once it returns, the
+# connection was its own and is closed.
+TakeoverHandler = Callable[[Peer, dict[str, Any], Connection], None]
 
 
 @dataclass
 class Command:
-    handler: Handler | StreamHandler
+    handler: Handler | StreamHandler | TakeoverHandler
     root_only: bool = False
     stream: bool = False
+    takeover: bool = False
 
 
 def peer_of(sock: socket.socket) -> Peer:
@@ -106,6 +122,9 @@ class ControlServer:
                     raise ControlError(f"unknown command {request['cmd']!r}; known: {', '.join(sorted(self.commands))}")
                 if command.root_only and not peer.is_root:
                     raise ControlError(f"{request['cmd']} needs root; uid {peer.uid} may only read")
+                if command.takeover:
+                    command.handler(peer, request, Connection(sock, rfile, wfile, self._closing))
+                    return
                 if command.stream:
                     for item in command.handler(peer, request, self._closing):
                         _send(wfile, {"ok": True, "event": item})
@@ -115,6 +134,8 @@ class ControlServer:
                 return
             except json.JSONDecodeError as exc:
                 _send(wfile, {"ok": False, "error": f"malformed JSON: {exc.msg}"})
+            except UnicodeDecodeError:
+                _send(wfile, {"ok": False, "error": "malformed JSON: not UTF-8 text"})
             except ControlError as exc:
                 _send(wfile, {"ok": False, "error": str(exc)})
             except Exception as exc:

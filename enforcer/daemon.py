@@ -10,21 +10,32 @@ from typing import Any
 
 from ..exporters.metrics import MetricsServer
 from ..probes import Tracer
+from ..probes.model import Enforcement
+from .config import InterposerSection
 from .control import Command, ControlError, ControlServer, Peer
+from .interposed import InterposedRegistry
+from .pause import Pauser, pid_argument
 
 log = logging.getLogger(__name__)
 
 
 class Daemon:
-    def __init__(self, tracer: Tracer, socket_path: str, metrics_listen: tuple[str, int] | None = None) -> None:
+    def __init__(self, tracer: Tracer, socket_path: str, metrics_listen: tuple[str, int] | None = None,
+                 interposer: InterposerSection = InterposerSection()) -> None:
         self.tracer = tracer
         self.socket_path = socket_path
         self.metrics_listen = metrics_listen
         self._stopping = threading.Event()
+        self.interposed = InterposedRegistry(interposer.lease_ms, interposer.request_timeout_ms / 1000)
+        self.pauser = Pauser(self.interposed)
+        tracer.set_enforcement(self.enforcement)
         self.commands = {
             "ps": Command(self._ps),
             "status": Command(self._status),
             "trace": Command(self._trace, stream=True),
+            "interposer_attach": Command(self.interposed.attach, takeover=True),
+            "pause": Command(self._pause, root_only=True),
+            "resume": Command(self._resume, root_only=True),
         }
 
     def request_stop(self, *_: Any) -> None:
@@ -37,6 +48,7 @@ class Daemon:
         metrics: MetricsServer | None = None
         try:
             self.tracer.start()
+            self.interposed.start()
             server.start()
             if self.metrics_listen:
                 host, port = self.metrics_listen
@@ -49,17 +61,35 @@ class Daemon:
                 pass
         finally:
             server.close()
+            self.interposed.close()
+            self.pauser.continue_all()
             if metrics:
                 metrics.close()
             self.tracer.stop()
             log.info("stopped: probes detached")
+
+    def enforcement(self) -> dict[int, Enforcement]:
+        """What the enforcer adds to the snapshot: interposed processes, and those it stopped."""
+        return {**self.pauser.enforcement(), **self.interposed.enforcement()}
+
+    def _pause(self, _peer: Peer, request: dict[str, Any]) -> dict[str, Any]:
+        pid, swap, nbytes = pid_argument(request), request.get("swap", False), request.get("bytes", 0)
+        if type(swap) is not bool:
+            raise ControlError("pause: swap must be true or false")
+        if type(nbytes) is not int or nbytes < 0:
+            raise ControlError("pause: bytes must be a number of bytes (0: all)")
+        return self.pauser.pause(pid, swap, nbytes)
+
+    def _resume(self, _peer: Peer, request: dict[str, Any]) -> dict[str, Any]:
+        return self.pauser.resume(pid_argument(request))
 
     def _ps(self, _peer: Peer, _request: dict[str, Any]) -> list[dict[str, Any]]:
         return [p.to_json() for p in self.tracer.snapshot().processes]
 
     def _status(self, _peer: Peer, _request: dict[str, Any]) -> dict[str, Any]:
         snap = self.tracer.snapshot()
-        return {"health": snap.to_json()["health"], "gpus": snap.to_json()["gpus"], "processes": len(snap.processes)}
+        return {"health": snap.to_json()["health"], "gpus": snap.to_json()["gpus"], "processes": len(snap.processes),
+                "interposed": len(self.interposed.pids())}
 
     def _trace(self, _peer: Peer, request: dict[str, Any], closing: threading.Event) -> Iterator[dict[str, Any]]:
         pid, comm = request.get("pid"), request.get("comm")

@@ -15,7 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.utils import floatToGoString
 
-from ..probes.model import COPY_DIRECTIONS, ProcessGpu, Snapshot
+from ..probes.model import COPY_DIRECTIONS, STATES, ProcessGpu, Snapshot
 
 PROCESS_LABELS = ["pid", "comm", "gpu", "gpu_uuid", "container_id", "pod_uid"]
 GPU_LABELS = ["gpu", "gpu_uuid", "name"]
@@ -37,11 +37,24 @@ PROCESS_METRICS: list[tuple[str, str, str, Callable[[ProcessGpu], float | None]]
     ("gpuwatch_process_launches", "Kernel launches (estimated in sample mode)", "counter", lambda r: r.launches),
     ("gpuwatch_process_graph_launches", "CUDA graph launches (estimated in sample mode)", "counter",
      lambda r: r.graph_launches),
+    ("gpuwatch_process_quota_bytes", "Device memory quota of a process under the interposer", "gauge",
+     lambda r: r.quota_bytes),
+    ("gpuwatch_process_swapped_bytes", "Device memory of a process under the interposer now held in host memory",
+     "gauge", lambda r: r.swapped_bytes if r.interposed else None),
 ]
 
-
-COPY_METRIC = "gpuwatch_process_copy_bytes"
-COPY_HELP = "Bytes copied by the process, by direction (any: unified-address copies); a direction appears once used"
+# (name, help, kind, extra label, its values and the value of each for a row); kind as above
+LABELLED_METRICS: list[tuple[str, str, str, str, Callable[[ProcessGpu], list[tuple[str, float]]]]] = [
+    ("gpuwatch_process_copy_bytes", "Bytes copied by the process, by direction (any: unified-address copies); a "
+     "direction appears once used", "counter", "direction",
+     lambda r: [(d, r.copy_bytes[d]) for d in COPY_DIRECTIONS if r.copy_bytes[d]]),
+    ("gpuwatch_process_swap_bytes", "Bytes a process under the interposer moved out to host memory and back in "
+     "(on its first GPU's row)", "counter", "direction",
+     lambda r: [("out", r.swap_out_bytes_total), ("in", r.swap_in_bytes_total)] if r.interposed else []),
+    ("gpuwatch_process_state", "What the process is doing (1 for the current state): paused and swap states under "
+     "the interposer, stopped when paused with SIGSTOP", "gauge", "state",
+     lambda r: [(s, 1 if s == r.state else 0) for s in STATES]),
+]
 
 
 def _gpu_label(gpu: int | None) -> str:
@@ -57,13 +70,14 @@ def families(snap: Snapshot) -> Iterator[Metric]:
                 family.add_metric([str(r.pid), r.comm, _gpu_label(r.gpu), r.gpu_uuid or "", r.container_id,
                                    r.pod_uid], v)
         yield family
-    copies = CounterMetricFamily(COPY_METRIC, COPY_HELP, labels=[*PROCESS_LABELS, "direction"])
-    for r in snap.processes:
-        for direction in COPY_DIRECTIONS:
-            if r.copy_bytes[direction]:
-                copies.add_metric([str(r.pid), r.comm, _gpu_label(r.gpu), r.gpu_uuid or "", r.container_id,
-                                   r.pod_uid, direction], r.copy_bytes[direction])
-    yield copies
+    for name, doc, kind, label, values in LABELLED_METRICS:
+        family = (CounterMetricFamily if kind == "counter" else GaugeMetricFamily)(name, doc,
+                                                                                   labels=[*PROCESS_LABELS, label])
+        for r in snap.processes:
+            for label_value, v in values(r):
+                family.add_metric([str(r.pid), r.comm, _gpu_label(r.gpu), r.gpu_uuid or "", r.container_id,
+                                   r.pod_uid, label_value], v)
+        yield family
     yield from _non_process_families(snap)
 
 
@@ -118,12 +132,13 @@ def render(snap: Snapshot) -> str:
             v = value(r)
             if v is not None:
                 out.append(f"{sample}{{{labels}}} {floatToGoString(v)}\n")
-    out.append(f"# HELP {COPY_METRIC}_total {_escape_help(COPY_HELP)}\n# TYPE {COPY_METRIC}_total counter\n")
-    for r, values in zip(snap.processes, row_values):
-        for direction in COPY_DIRECTIONS:
-            if r.copy_bytes[direction]:
-                labels = _labels([*PROCESS_LABELS, "direction"], [*values, direction])
-                out.append(f"{COPY_METRIC}_total{{{labels}}} {floatToGoString(r.copy_bytes[direction])}\n")
+    for name, doc, kind, label, values in LABELLED_METRICS:
+        sample = f"{name}_total" if kind == "counter" else name
+        out.append(f"# HELP {sample} {_escape_help(doc)}\n# TYPE {sample} {kind}\n")
+        for r, row in zip(snap.processes, row_values):
+            for label_value, v in values(r):
+                labels = _labels([*PROCESS_LABELS, label], [*row, label_value])
+                out.append(f"{sample}{{{labels}}} {floatToGoString(v)}\n")
     for family in _non_process_families(snap):
         out.append(_render_family(family))
     return "".join(out)

@@ -69,6 +69,8 @@ class Row:
     estimated: bool
     failed: int
     raw: dict[str, Any]
+    state: str = "running"
+    interposed: bool = False
 
     @property
     def key(self) -> tuple[int, int | None]:
@@ -158,7 +160,8 @@ def make_row(d: dict[str, Any], launch_rate: float | None, command: str) -> Row:
                container=printable(container_label(d.get("container_id", ""), d.get("pod_uid", ""))),
                command=command, device=d["device_bytes"], nvml=d.get("nvml_bytes"),
                untracked=d.get("untracked_bytes", 0), launch_rate=launch_rate,
-               estimated=bool(d.get("launches_estimated")), failed=d.get("failed_allocs", 0), raw=d)
+               estimated=bool(d.get("launches_estimated")), failed=d.get("failed_allocs", 0), raw=d,
+               state=printable(str(d.get("state", "running"))), interposed=bool(d.get("interposed")))
 
 
 # ---------------------------------------------------------------- sorting and filtering
@@ -226,6 +229,20 @@ COLUMNS: list[Column] = [
     Column("COMMAND", 15, 0, lambda r: r.command, "<", flex=True, sort="command"),
 ]
 
+# Shown only while some row is interposed or not running, so that plain use keeps its columns.
+STATE_NAMES = {"running": "running", "paused": "paused", "swapping_out": "swap-out", "swapped": "swapped",
+               "swapping_in": "swap-in", "stopped": "stopped"}
+STATE_COLUMN = Column("STATE", 8, 1, lambda r: STATE_NAMES.get(r.state, r.state), "<")
+
+
+def columns_for(rows: Iterable[Row]) -> list[Column]:
+    """COLUMNS, with STATE after GPU while any row is under the interposer or paused."""
+    if not any(r.interposed or r.state != "running" for r in rows):
+        return COLUMNS
+    at = COLUMNS.index(next(c for c in COLUMNS if c.title == "GPU")) + 1
+    return [*COLUMNS[:at], STATE_COLUMN, *COLUMNS[at:]]
+
+
 Fitted = list[tuple[Column, int]]
 
 
@@ -249,8 +266,8 @@ def format_row(row: Row, fitted: Fitted) -> str:
     return " ".join(f"{col.cell(row)[:w]:{col.align}{w}}" for col, w in fitted)
 
 
-def row_line(row: Row, width: int) -> str:
-    return format_row(row, fit_columns(width))[:width]
+def row_line(row: Row, width: int, columns: Sequence[Column] = COLUMNS) -> str:
+    return format_row(row, fit_columns(width, columns))[:width]
 
 
 def title_line(fitted: Fitted, sort: str, width: int) -> Line:
@@ -471,7 +488,10 @@ class Top:
             lines = [state_line(self.status, self.view, processes, width)]
             gpus = (self.status or {}).get("gpus", [])
             lines += gpu_lines(gpu_summaries(self.ps, gpus), width)
-        return [*lines, title_line(fit_columns(width), self.view.sort, width)]
+        return [*lines, title_line(fit_columns(width, self.columns()), self.view.sort, width)]
+
+    def columns(self) -> list[Column]:
+        return columns_for(self.rows)
 
     def placeholder(self) -> str:
         if self.error is not None:
@@ -595,8 +615,9 @@ class TopApp:
     def show(self) -> None:
         self.header.changed()
         rows = self.top.visible()
+        columns = self.top.columns()
         if rows:
-            widgets = [WidthLines(lambda w, row=row: [[row_line(row, w)]]) for row in rows]
+            widgets = [WidthLines(lambda w, row=row: [[row_line(row, w, columns)]]) for row in rows]
         else:
             widgets = [urwid.Text(self.top.placeholder(), wrap=urwid.WrapMode.CLIP)]
         self.walker[:] = widgets

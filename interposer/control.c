@@ -101,7 +101,7 @@ static void page_init(struct gw_shm *p)
 
 static void make_shared_page(void)
 {
-	int fd = memfd_create("gpuwatch-interposer", MFD_CLOEXEC);
+	int fd = memfd_create("gpuwatch-interposer", MFD_CLOEXEC | MFD_ALLOW_SEALING);
 	void *p = MAP_FAILED;
 	if (fd >= 0 && !ftruncate(fd, GW_SHM_SIZE))
 		p = mmap(NULL, GW_SHM_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
@@ -219,8 +219,14 @@ static void answer(int s, const char *line)
 		r = gw_pause();
 	else if (json_is(line, "op", "swap_out"))
 		r = (json_u64(line, "bytes", &bytes), gw_swap_out(bytes, &moved));
-	else if (json_is(line, "op", "resume"))
+	else if (json_is(line, "op", "resume")) {
 		r = gw_resume();
+		if (!r)
+			gw_room_answer(true);
+	} else if (json_is(line, "op", "no_room")) {
+		gw_room_answer(false);
+		r = 0;
+	}
 	else if (json_is(line, "op", "quota") && json_u64(line, "bytes", &bytes)) {
 		for (int d = 0; d < GW_MAX_DEVICES; d++)
 			atomic_store(&gw->dev[d].quota, bytes);
@@ -243,6 +249,8 @@ static void answer(int s, const char *line)
 
 static void fail_open(const char *why)
 {
+	if (atomic_load(&gw->wanted_bytes))
+		gw_room_answer(false); // no daemon to make room: the allocations fail as the driver said
 	if (atomic_load(&gw->state) != GW_RUNNING || atomic_load(&gw->gate) & GATE_CLOSED) {
 		fprintf(stderr, "gpuwatch-interposer[%d]: %s: resuming on our own\n", getpid(), why);
 		pthread_mutex_lock(&control_lock);

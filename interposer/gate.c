@@ -83,6 +83,33 @@ HIDDEN struct gw_slot *gw_gate_wait(struct gw_slot *s, uint32_t *bits)
 	return s;
 }
 
+HIDDEN bool gw_wait_for_room(struct gw_slot *s, uint64_t bytes)
+{
+	if (!(atomic_load(&gw->flags) & GW_FLAG_ATTACHED))
+		return false;
+	const struct timespec tick = {0, 100 * 1000 * 1000};
+	uint32_t seq = atomic_load(&gw->room_seq);
+	atomic_fetch_add(&gw->wanted_bytes, bytes);
+	atomic_fetch_add(&gw->waiting, 1);
+	gw_gate_exit(s); // a swap-out may run while we wait
+	gw_log("the device is full: waiting for the daemon to make room for %llu bytes", (unsigned long long)bytes);
+	while (atomic_load(&gw->room_seq) == seq && atomic_load(&gw->flags) & GW_FLAG_ATTACHED)
+		futex(&gw->room_seq, FUTEX_WAIT, seq, &tick);
+	atomic_fetch_sub(&gw->waiting, 1);
+	atomic_fetch_sub(&gw->wanted_bytes, bytes);
+	uint32_t bits;
+	struct gw_slot *again = gw_gate_enter(&bits); // the same slot: this thread's
+	(void)again;
+	return atomic_load(&gw->room_seq) != seq && atomic_load(&gw->room_verdict) == 0;
+}
+
+HIDDEN void gw_room_answer(bool granted)
+{
+	atomic_store(&gw->room_verdict, granted ? 0 : 1);
+	atomic_fetch_add(&gw->room_seq, 1);
+	futex(&gw->room_seq, FUTEX_WAKE, INT_MAX, NULL);
+}
+
 HIDDEN void gw_gate_close_and_drain(void)
 {
 	atomic_fetch_or(&gw->gate, GATE_CLOSED);

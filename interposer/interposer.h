@@ -52,6 +52,8 @@ HIDDEN void gw_gate_close_and_drain(void);
 HIDDEN void gw_gate_open(void);
 HIDDEN void gw_bound_queue(CUstream stream);
 HIDDEN void gw_slots_reset(void);
+HIDDEN bool gw_wait_for_room(struct gw_slot *s, uint64_t bytes); // false: give up, the allocation fails
+HIDDEN void gw_room_answer(bool granted);
 
 static inline struct gw_slot *gw_gate_enter(uint32_t *bits)
 {

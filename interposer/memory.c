@@ -143,8 +143,11 @@ static void table_remove(struct alloc *a)
 
 static void release_empty_chunks(void);
 
+static __thread bool quota_refused; // the last refusal was the quota's, not the device's
+
 static bool charge(CUdevice dev, uint64_t bytes, bool swappable)
 {
+	quota_refused = false;
 	struct gw_device *d = dev_stats(dev);
 	uint64_t quota = atomic_load(&d->quota), used = atomic_load(&d->used);
 	if (quota && (bytes > quota || used > quota - bytes)) {
@@ -153,6 +156,7 @@ static bool charge(CUdevice dev, uint64_t bytes, bool swappable)
 	}
 	if (quota && (bytes > quota || used > quota - bytes)) {
 		atomic_fetch_add(&gw->quota_refusals, 1);
+		quota_refused = true;
 		gw_log("refused %llu bytes on GPU %d: %llu of the quota of %llu in use", (unsigned long long)bytes, dev,
 		       (unsigned long long)used, (unsigned long long)quota);
 		return false;
@@ -506,18 +510,27 @@ static CUresult alloc_device(CUdeviceptr *dptr, size_t size)
 
 // ---- the exported entry points
 
-#define GATED(expr)                                            \
-	do {                                                   \
-		if (!gw_ensure_driver(NULL))                   \
-			return CUDA_ERROR_NOT_INITIALIZED;     \
-		uint32_t bits_;                                \
-		struct gw_slot *slot_ = gw_gate_enter(&bits_); \
-		CUresult r_ = (expr);                          \
-		gw_gate_exit(slot_);                           \
-		return r_;                                     \
+// An allocation the device cannot hold (not one the quota refuses) waits, while a daemon is attached, for
+// the daemon to make room by swapping others out; it fails if the daemon says no room will come.
+#define GATED(expr)                                                              \
+	do {                                                                     \
+		if (!gw_ensure_driver(NULL))                                     \
+			return CUDA_ERROR_NOT_INITIALIZED;                       \
+		uint32_t bits_;                                                  \
+		struct gw_slot *slot_ = gw_gate_enter(&bits_);                   \
+		CUresult r_;                                                     \
+		while ((r_ = (expr)) == CUDA_ERROR_OUT_OF_MEMORY && !quota_refused && \
+		       gw_wait_for_room(slot_, wanted_size))                     \
+			;                                                        \
+		gw_gate_exit(slot_);                                             \
+		return r_;                                                       \
 	} while (0)
 
-API CUresult cuMemAlloc_v2(CUdeviceptr *dptr, size_t size) { GATED(alloc_device(dptr, size)); }
+API CUresult cuMemAlloc_v2(CUdeviceptr *dptr, size_t size)
+{
+	size_t wanted_size = size;
+	GATED(alloc_device(dptr, size));
+}
 
 static CUresult alloc_pitch(CUdeviceptr *dptr, size_t *pitch, size_t width, size_t height, unsigned elem)
 {
@@ -533,31 +546,37 @@ static CUresult alloc_pitch(CUdeviceptr *dptr, size_t *pitch, size_t width, size
 
 API CUresult cuMemAllocPitch_v2(CUdeviceptr *dptr, size_t *pitch, size_t width, size_t height, unsigned elem)
 {
+	size_t wanted_size = width * height;
 	GATED(alloc_pitch(dptr, pitch, width, height, elem));
 }
 
 API CUresult cuMemAllocManaged(CUdeviceptr *dptr, size_t size, unsigned flags)
 {
+	size_t wanted_size = size;
 	GATED(alloc_unswappable(dptr, &(struct driver_request){.op = OP_MANAGED, .size = size, .flags = flags}));
 }
 
 API CUresult cuMemAllocAsync(CUdeviceptr *dptr, size_t size, CUstream s)
 {
+	size_t wanted_size = size;
 	GATED(alloc_unswappable(dptr, &(struct driver_request){.op = OP_ASYNC, .size = size, .stream = s}));
 }
 
 API CUresult cuMemAllocAsync_ptsz(CUdeviceptr *dptr, size_t size, CUstream s)
 {
+	size_t wanted_size = size;
 	GATED(alloc_unswappable(dptr, &(struct driver_request){.op = OP_ASYNC_PTSZ, .size = size, .stream = s}));
 }
 
 API CUresult cuMemAllocFromPoolAsync(CUdeviceptr *dptr, size_t size, CUmemoryPool pool, CUstream s)
 {
+	size_t wanted_size = size;
 	GATED(alloc_unswappable(dptr, &(struct driver_request){.op = OP_POOL, .size = size, .stream = s, .pool = pool}));
 }
 
 API CUresult cuMemAllocFromPoolAsync_ptsz(CUdeviceptr *dptr, size_t size, CUmemoryPool pool, CUstream s)
 {
+	size_t wanted_size = size;
 	GATED(alloc_unswappable(dptr,
 				&(struct driver_request){.op = OP_POOL_PTSZ, .size = size, .stream = s, .pool = pool}));
 }
@@ -646,6 +665,7 @@ static CUresult own_create(CUmemGenericAllocationHandle *handle, size_t size, co
 API CUresult cuMemCreate(CUmemGenericAllocationHandle *handle, size_t size, const CUmemAllocationProp *prop,
 			 cuuint64_t flags)
 {
+	size_t wanted_size = size;
 	GATED(own_create(handle, size, prop, flags));
 }
 

@@ -34,8 +34,11 @@ struct gw_shm {
 	_Atomic uint64_t lease_deadline_ns;
 	_Atomic uint64_t swap_out_bytes_total, swap_in_bytes_total, swap_out_ns_total, swap_in_ns_total;
 	_Atomic uint64_t swaps_out, swaps_in, gate_wait_ns_total, gate_waits, quota_refusals;
-	_Atomic uint32_t waiting; // threads blocked at the gate now: the process wants to run
-	uint8_t pad0[256 - 116];
+	_Atomic uint32_t waiting;      // threads blocked at the gate or waiting for room: the process wants to run
+	_Atomic uint32_t room_seq;     // bumped by the library when the daemon answers a wait for room
+	_Atomic uint64_t wanted_bytes; // device memory that allocations wait for (the device was full)
+	_Atomic uint32_t room_verdict; // the last answer: 0 retry, 1 denied (the allocation fails)
+	uint8_t pad0[256 - 132];
 	struct gw_device dev[GW_MAX_DEVICES];
 	uint8_t pad1[4096 - 256 - GW_MAX_DEVICES * 64];
 	struct gw_slot slots[GW_SLOTS];
@@ -45,6 +48,7 @@ _Static_assert(sizeof(struct gw_slot) == 64, "slot is one cache line");
 _Static_assert(__builtin_offsetof(struct gw_shm, lease_deadline_ns) == 32, "layout");
 _Static_assert(__builtin_offsetof(struct gw_shm, quota_refusals) == 104, "layout");
 _Static_assert(__builtin_offsetof(struct gw_shm, waiting) == 112, "layout");
+_Static_assert(__builtin_offsetof(struct gw_shm, wanted_bytes) == 120, "layout");
 _Static_assert(__builtin_offsetof(struct gw_shm, dev) == 256, "layout");
 _Static_assert(__builtin_offsetof(struct gw_shm, slots) == 4096, "layout");
 _Static_assert(sizeof(struct gw_shm) == GW_SHM_SIZE, "layout");

@@ -31,8 +31,9 @@ U64_MAX = (1 << 64) - 1
 STATES = ("running", "paused", "swapping_out", "swapped", "swapping_in")
 PRIORITIES = ("low", "normal", "high")
 
-# magic, version, pid, max_devices, gate, state, priority, flags; the ten u64 from lease_deadline_ns; waiting
-_HEADER = struct.Struct("<IIiIIIII10QI")
+# magic, version, pid, max_devices, gate, state, priority, flags; the ten u64 from lease_deadline_ns; waiting,
+# room_seq, wanted_bytes
+_HEADER = struct.Struct("<IIiIIIII10QIIQ")
 GATE_CLOSED, GATE_BOUNDED = 1, 2
 _DEVICE = struct.Struct("<5Q")  # quota, used, swappable, unswappable, swapped (3 reserved follow)
 
@@ -60,7 +61,9 @@ class Header:
     gate_wait_ns_total: int
     gate_waits: int
     quota_refusals: int
-    waiting: int  # threads blocked at the gate now: the process wants to run
+    waiting: int  # threads blocked at the gate or waiting for room now: the process wants to run
+    room_seq: int
+    wanted_bytes: int  # device memory its allocations wait for: the device was full
 
 
 @dataclass(frozen=True)

@@ -21,9 +21,13 @@ class EventType(IntEnum):
     ALLOC_FAIL = 3
     EXIT = 4
     LIB_OPEN = 5
+    QUOTA_STOP = 6   # stopped (SIGSTOP) before an allocation that would cross its quota group's limit
 
 
 COPY_DIRECTIONS = ("h2d", "d2h", "d2d", "any")
+# What a process is doing as the enforcer sees it: the interposer's states (docs/interposer.md), then
+# "stopped" for a process the daemon paused with SIGSTOP because it does not run under the interposer.
+STATES = ("running", "paused", "swapping_out", "swapped", "swapping_in", "stopped")
 
 
 @dataclass
@@ -58,9 +62,63 @@ class ProcessGpu:
     graph_launches: int = 0
     launches_estimated: bool = False
     copy_bytes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COPY_DIRECTIONS, 0))
+    # from the enforcer: the interposer's shared page, or the daemon's own record of a SIGSTOP
+    interposed: bool = False
+    priority: str | None = None   # low, normal or high under the interposer
+    quota_bytes: int | None = None
+    state: str = "running"        # one of STATES ("unknown" for a page value this version does not know)
+    swapped_bytes: int = 0        # device memory now held in host memory
+    swappable_bytes: int = 0      # device memory the interposer can move to host memory
+    unswappable_bytes: int = 0
+    # process-wide figures: on the row of the process's first GPU only, so that sums over rows stay right
+    swap_out_bytes_total: int = 0
+    swap_in_bytes_total: int = 0
+    waiting_threads: int = 0      # threads held at the interposer's closed gate: the process wants to run
+    quota_pauses: int = 0         # times it was stopped at its quota (`gpuwatch quota set`)
 
     def to_json(self) -> dict:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class DeviceEnforcement:
+    """One device record of an interposed process's page."""
+    ordinal: int                  # the process's CUDA device ordinal
+    quota_bytes: int | None
+    swapped_bytes: int
+    swappable_bytes: int
+    unswappable_bytes: int
+    in_use: bool                  # holds or has swapped out memory: the process has a row for this GPU
+
+
+@dataclass(frozen=True)
+class Enforcement:
+    """What the enforcer knows of one process beyond the probes; the tracer folds it into the snapshot."""
+    pid: int
+    interposed: bool
+    state: str
+    priority: str | None = None
+    mem_limit: int | None = None  # the quota the process started with (GPUWATCH_MEM_LIMIT), per GPU
+    devices: tuple[DeviceEnforcement, ...] = ()
+    swap_out_bytes_total: int = 0
+    swap_in_bytes_total: int = 0
+    waiting_threads: int = 0
+    wanted_bytes: int = 0         # device memory its allocations wait for (the device was full)
+    launches: int | None = None   # exact counts from the page (None: not known)
+    graph_launches: int | None = None
+    quota_pauses: int = 0         # times the daemon stopped it at its quota
+
+
+@dataclass(frozen=True)
+class QuotaStop:
+    """An allocation a thread was stopped before (quota_stops): it runs when the process is continued."""
+    pid: int
+    tid: int
+    size: int
+    gpu: int                      # the process's device ordinal; -1 unknown
+    kind: int
+    group_used: int               # what the quota group held at the stop
+    limit: int
 
 
 @dataclass
@@ -108,7 +166,7 @@ class Event:
         gpu = "-" if self.gpu is None else str(self.gpu)
         what = self.type.name.lower()
         detail = ""
-        if self.type in (EventType.ALLOC, EventType.FREE, EventType.ALLOC_FAIL):
+        if self.type in (EventType.ALLOC, EventType.FREE, EventType.ALLOC_FAIL, EventType.QUOTA_STOP):
             detail = f"{self.kind.name.lower():8s} {self.size:>14d} 0x{self.addr:x}"
             if self.type == EventType.ALLOC_FAIL:
                 detail += f" error={self.result}"

@@ -8,6 +8,7 @@ import queue
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -15,7 +16,8 @@ from pathlib import Path
 from . import libraries, preflight, procinfo
 from .devices import DeviceResolver, format_uuid
 from .libraries import Library
-from .model import COPY_DIRECTIONS, Event, EventType, Kind, ProcessGpu, Snapshot, TracerHealth
+from .model import (COPY_DIRECTIONS, DeviceEnforcement, Enforcement, Event, EventType, Gpu, Kind, ProcessGpu, QuotaStop,
+                    Snapshot, TracerHealth)
 from .nvml import Nvml
 from .attach import Attacher, Attachment, Target
 from .symbols import BPF_SOURCES, PROBES, Group, generated_programs
@@ -84,6 +86,7 @@ class Tracer:
         self._nvml: Nvml | None = None
         self._work_attached = False
         self._events_seen = 0
+        self._enforcement: Callable[[], dict[int, Enforcement]] = dict
 
     # lifecycle
 
@@ -258,7 +261,145 @@ class Tracer:
             self.set_work_probes(False)
             self._stop.wait(self._sample_period - self._sample_window)
 
+    # quota groups: enforcer/quota.py decides; only BPF writes quota_used, only these write quota_base and
+    # quota_granted (so neither side's read-modify-write loses the other's update)
+
+    def quota_join(self, pid: int, group: int) -> bool:
+        """Put a process in a quota group; what it holds already counts. False: it was a member already."""
+        with self._lock:
+            if self._bpf is None:
+                return False
+            member = self._bpf["quota_member"]
+            current = member.get(member.Key(pid))
+            if current is not None and current.value == group:
+                return False
+            if current is not None:
+                self._quota_leave(pid)
+            held = self._device_bytes(pid)  # before it is a member: what it allocates later counts in BPF
+            base = self._bpf["quota_base"]
+            for gpu, n in held.items():
+                self._quota_put(base, group, gpu, self._quota_get(base, group, gpu) + n)
+            member[member.Key(pid)] = member.Leaf(group)
+            return True
+
+    def quota_leave(self, pid: int) -> None:
+        with self._lock:
+            if self._bpf is not None:
+                self._quota_leave(pid)
+
+    def _quota_leave(self, pid: int) -> None:
+        member = self._bpf["quota_member"]
+        group = member.get(member.Key(pid))
+        if group is None:
+            return
+        member.pop(member.Key(pid), None)
+        base = self._bpf["quota_base"]
+        for gpu, n in self._device_bytes(pid).items():
+            self._quota_put(base, group.value, gpu, self._quota_get(base, group.value, gpu) - n)
+
+    def quota_group_of(self, pid: int) -> int | None:
+        with self._lock:
+            if self._bpf is None:
+                return None
+            member = self._bpf["quota_member"]
+            group = member.get(member.Key(pid))
+            return None if group is None else group.value
+
+    def quota_set_limit(self, group: int, limit: int) -> None:
+        with self._lock:
+            if self._bpf is not None:
+                table = self._bpf["quota_limit"]
+                table[table.Key(group)] = table.Leaf(limit)
+
+    def quota_drop_group(self, group: int) -> None:
+        """The group's limit, members and counts go (group ids are not reused)."""
+        with self._lock:
+            if self._bpf is None:
+                return
+            self._bpf["quota_limit"].pop(self._bpf["quota_limit"].Key(group), None)
+            for name in ("quota_member", "quota_forks"):
+                table = self._bpf[name]
+                for k in [k for k, v in table.items() if v.value == group]:
+                    table.pop(k, None)
+            for name in ("quota_used", "quota_base", "quota_granted"):
+                table = self._bpf[name]
+                for k in [k for k in table.keys() if k.tgid == group]:
+                    table.pop(k, None)
+
+    def quota_totals(self, group: int) -> dict[int, int]:
+        """Per device ordinal (-1 unknown): what the group's members hold, have reserved and were granted."""
+        totals: dict[int, int] = {}
+        with self._lock:
+            if self._bpf is None:
+                return totals
+            for name in ("quota_used", "quota_base", "quota_granted"):
+                for k, v in self._bpf[name].items():
+                    if k.tgid == group:
+                        totals[k.gpu] = (totals.get(k.gpu, 0) + v.value) % (1 << 64)
+        return {gpu: _signed(v) for gpu, v in totals.items()}
+
+    def quota_set_granted(self, group: int, gpu: int, nbytes: int) -> None:
+        """Bytes of stopped allocations let run whose return the probes have not seen yet."""
+        with self._lock:
+            if self._bpf is None:
+                return
+            table = self._bpf["quota_granted"]
+            if nbytes:
+                self._quota_put(table, group, gpu, nbytes)
+            else:
+                table.pop(self._quota_key(table, group, gpu), None)
+
+    def quota_stops(self) -> list[QuotaStop]:
+        with self._lock:
+            if self._bpf is None:
+                return []
+            items = list(self._bpf["quota_stops"].items())
+        return [QuotaStop(pid=k.value >> 32, tid=k.value & 0xFFFFFFFF, size=v.size, gpu=v.gpu, kind=v.kind,
+                          group_used=v.group_used, limit=v.limit) for k, v in items]
+
+    def quota_clear_stop(self, pid: int, tid: int) -> None:
+        with self._lock:
+            if self._bpf is not None:
+                table = self._bpf["quota_stops"]
+                table.pop(table.Key(pid << 32 | tid), None)
+
+    def call_pending(self, pid: int, tid: int) -> bool:
+        """Whether a thread is inside a probed call (a stopped allocation has not returned)."""
+        with self._lock:
+            if self._bpf is None:
+                return False
+            table = self._bpf["calls"]
+            return table.get(table.Key(pid << 32 | tid)) is not None
+
+    def _device_bytes(self, pid: int) -> dict[int, int]:
+        procs, mem = self._bpf["procs"], self._bpf["mem"]
+        mask = procs.get(procs.Key(pid))
+        held: dict[int, int] = {}
+        for bit in range(32):
+            if mask is not None and mask.value & (1 << bit):
+                m = mem.get(self._quota_key(mem, pid, bit - 1))
+                if m is not None and _signed(m.device_bytes):
+                    held[bit - 1] = _signed(m.device_bytes)
+        return held
+
+    @staticmethod
+    def _quota_key(table, first: int, gpu: int):
+        key = table.Key()
+        key.tgid, key.gpu = first, gpu
+        return key
+
+    def _quota_get(self, table, group: int, gpu: int) -> int:
+        v = table.get(self._quota_key(table, group, gpu))
+        return 0 if v is None else _signed(v.value)
+
+    def _quota_put(self, table, group: int, gpu: int, nbytes: int) -> None:
+        table[self._quota_key(table, group, gpu)] = table.Leaf(nbytes % (1 << 64))
+
     # reading
+
+    def set_enforcement(self, source: Callable[[], dict[int, Enforcement]]) -> None:
+        """What the enforcer knows of processes (interposed, paused), folded into every snapshot."""
+        self._enforcement = source
 
     def subscribe(self, maxsize: int = 65536) -> queue.Queue[Event]:
         q: queue.Queue[Event] = queue.Queue(maxsize=maxsize)
@@ -324,9 +465,45 @@ class Tracer:
         for r in rows.values():
             if r.nvml_bytes is not None:
                 r.untracked_bytes = max(r.nvml_bytes - r.device_bytes, 0)
+        self._add_enforcement(rows, self._enforcement(), row, gpus, uuids)
         live = [r for r in rows.values() if _alive(r.pid)]
         live.sort(key=lambda r: (r.pid, -1 if r.gpu is None else r.gpu))
         return Snapshot(live, gpus, self.health())
+
+    def _add_enforcement(self, rows: dict[tuple[int, int | None], ProcessGpu], enforcement: dict[int, Enforcement],
+                         row: Callable[[int, int], ProcessGpu], gpus: list[Gpu],
+                         uuids: dict[tuple[int, int], str]) -> None:
+        """Interposed and paused processes get rows even where the probes saw nothing yet."""
+        by_pid: dict[int, list[ProcessGpu]] = {}
+        for (pid, _), r in rows.items():
+            by_pid.setdefault(pid, []).append(r)
+        for pid, e in enforcement.items():
+            mine = by_pid.setdefault(pid, [])
+            records: dict[int | None, DeviceEnforcement] = {}
+            for d in e.devices:
+                index = self._devices.resolve(pid, d.ordinal, gpus, uuids)[0]
+                records.setdefault(index, d)
+                if d.in_use and not any(r.gpu == index for r in mine):
+                    mine.append(row(pid, d.ordinal))
+            if not mine:
+                mine.append(rows.setdefault((pid, None), self._row(pid, None, None)))
+            for r in mine:
+                d = records.get(r.gpu)
+                r.interposed, r.state, r.priority = e.interposed, e.state, e.priority
+                r.quota_bytes = d.quota_bytes if d and d.quota_bytes else e.mem_limit
+                r.swapped_bytes, r.swappable_bytes, r.unswappable_bytes = (
+                    (d.swapped_bytes, d.swappable_bytes, d.unswappable_bytes) if d else (0, 0, 0))
+            # process-wide counters go on one row, so that sums over rows stay right: its first GPU's
+            on_gpus = sorted((r for r in mine if r.gpu is not None), key=lambda r: r.gpu)
+            main = on_gpus[0] if on_gpus else mine[0]
+            main.swap_out_bytes_total, main.swap_in_bytes_total = e.swap_out_bytes_total, e.swap_in_bytes_total
+            main.waiting_threads = e.waiting_threads
+            main.quota_pauses = e.quota_pauses
+            # the page counts every launch exactly at no cost, the probes only while attached: prefer the page
+            # unless the probes count everything too (its counts are per process: only with one GPU)
+            if e.launches is not None and len(on_gpus) <= 1 and self.launch_mode != LaunchMode.ALL:
+                main.launches, main.graph_launches = e.launches, e.graph_launches or 0
+                main.launches_estimated = False
 
     def _row(self, pid: int, gpu: int | None, uuid: str | None) -> ProcessGpu:
         info = self._procs.get(pid)

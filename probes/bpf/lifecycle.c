@@ -7,7 +7,12 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
     u64 id = bpf_get_current_pid_tgid();
     u32 tid = (u32)id, tgid = id >> 32;
     thread_ctx.delete(&tid);
+    struct gw_call *pending = calls.lookup(&id);
+    if (pending && pending->reserved)
+        gw_quota_settle(tgid, pending, 0);  /* it died inside an allocation: give its reservation back */
     calls.delete(&id);
+    quota_stops.delete(&id);
+    quota_forks.delete(&tid);  /* a thread of a member, or a child that never allocated */
 #ifdef GW_HAVE_GROUP_DEAD
     if (!args->group_dead)
         return 0;
@@ -16,19 +21,37 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
         return 0;
 #endif
     u32 *maskp = procs.lookup(&tgid);
-    if (!maskp)
+    if (!maskp) {
+        quota_member.delete(&tgid);  /* a member that never touched a GPU */
         return 0;
+    }
     u32 mask = *maskp;
     for (int bit = 0; bit <= GW_MAX_GPUS; bit++) {
         if (!(mask & (1u << bit)))
             continue;
         struct gw_proc_gpu key = {.tgid = tgid, .gpu = bit - 1};
+        struct gw_mem *m = mem.lookup(&key);
+        if (m)
+            gw_quota_add(tgid, bit - 1, -m->device_bytes);
         mem.delete(&key);
         work.delete(&key);
     }
     procs.delete(&tgid);
     proc_dev.delete(&tgid);
+    quota_member.delete(&tgid);
     gw_emit(GW_EV_EXIT, tgid, GW_GPU_UNKNOWN, 0, 0, 0, 0);
+    return 0;
+}
+
+/* A forked child of a member of an inheriting (cgroup) group joins the group at its first allocation. Thread
+ * creation fires this too: those entries go when the thread exits (and the map is an LRU). */
+TRACEPOINT_PROBE(sched, sched_process_fork)
+{
+    u32 *group = gw_quota_group(gw_tgid());
+    if (!group || !(*group & GW_QUOTA_INHERIT))
+        return 0;
+    u32 child = args->child_pid, g = *group;
+    quota_forks.update(&child, &g);
     return 0;
 }
 

@@ -6,6 +6,7 @@ static __always_inline int gw_alloc_enter(u64 out, u64 size, u32 kind)
 {
     u32 tgid = gw_tgid();
     struct gw_call c = {.out = out, .size = size, .kind = kind, .gpu = gw_current_gpu(tgid)};
+    gw_quota_check(tgid, &c);
     gw_park(&c);
     return 0;
 }
@@ -18,16 +19,20 @@ static __always_inline int gw_alloc_return(struct pt_regs *ctx)
     u32 tgid = gw_tgid();
     s32 rc = PT_REGS_RC(ctx);
     if (rc != 0) {
+        gw_quota_settle(tgid, &c, 0);
         gw_alloc_failed(tgid, c.gpu, c.kind, c.size, rc);
         return 0;
     }
     u64 addr = 0;
     bpf_probe_read_user(&addr, sizeof(addr), (void *)c.out);
+    u64 size = c.size;
     if (c.kind == GW_PITCH) {
         u64 pitch = 0;
         bpf_probe_read_user(&pitch, sizeof(pitch), (void *)c.out2);
-        c.size = pitch * c.arg;
+        size = pitch * c.arg;
     }
+    gw_quota_settle(tgid, &c, size);
+    c.size = size;
     struct gw_addr key = {.tgid = tgid, .addr = addr};
     struct gw_alloc a = {.size = c.size, .gpu = c.gpu, .kind = c.kind};
     allocs.update(&key, &a);
@@ -47,6 +52,7 @@ static __always_inline int alloc_pitch(struct pt_regs *ctx)
     struct gw_call c = {.out = PT_REGS_PARM1(ctx), .out2 = PT_REGS_PARM2(ctx), .arg = PT_REGS_PARM4(ctx),
                         .size = PT_REGS_PARM3(ctx) * PT_REGS_PARM4(ctx), .kind = GW_PITCH,
                         .gpu = gw_current_gpu(tgid)};
+    gw_quota_check(tgid, &c);
     gw_park(&c);
     return 0;
 }

@@ -17,6 +17,7 @@ static __always_inline int vmm_create(struct pt_regs *ctx)
     s32 dev = GW_GPU_UNKNOWN;
     bpf_probe_read_user(&dev, sizeof(dev), (void *)(PT_REGS_PARM3(ctx) + 12));
     struct gw_call c = {.out = PT_REGS_PARM1(ctx), .size = PT_REGS_PARM2(ctx), .gpu = dev, .kind = GW_VMM};
+    gw_quota_check(gw_tgid(), &c);
     gw_park(&c);
     return 0;
 }
@@ -29,6 +30,7 @@ static __always_inline int vmm_create_return(struct pt_regs *ctx)
     u32 tgid = gw_tgid();
     s32 rc = PT_REGS_RC(ctx);
     if (rc != 0) {
+        gw_quota_settle(tgid, &c, 0);
         gw_alloc_failed(tgid, c.gpu, GW_VMM, c.size, rc);
         return 0;
     }
@@ -37,6 +39,7 @@ static __always_inline int vmm_create_return(struct pt_regs *ctx)
     struct gw_addr key = {.tgid = tgid, .addr = handle};
     struct gw_handle h = {.size = c.size, .gpu = c.gpu};
     handles.update(&key, &h);
+    gw_quota_settle(tgid, &c, c.size);
     gw_allocated(tgid, c.gpu, GW_VMM, handle, c.size);
     return 0;
 }

@@ -1,0 +1,134 @@
+"""Pause and resume a process: through its interposer when it runs under `gpuwatch exec` (the gate closes,
+memory may move to host memory), with SIGSTOP and SIGCONT otherwise (the daemon records whom it stopped)."""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..probes.model import STATES, Enforcement
+from .control import ControlError
+from .interposed import InterposedRegistry, printable
+
+log = logging.getLogger(__name__)
+PF_KTHREAD = 0x00200000
+
+
+@dataclass(frozen=True)
+class ProcStat:
+    state: str  # R, S, T, ...
+    flags: int
+    start_time: int  # clock ticks after boot: tells a process from a later one with the same pid
+
+
+def proc_stat(pid: int) -> ProcStat | None:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+        fields = text[text.rindex(")") + 2:].split()  # after "pid (comm) ": comm may hold spaces and parens
+        return ProcStat(fields[0], int(fields[6]), int(fields[19]))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def pid_argument(request: dict[str, Any]) -> int:
+    pid = request.get("pid")
+    if type(pid) is not int or pid <= 0:
+        raise ControlError(f"{request['cmd']}: pid must be a positive integer")
+    return pid
+
+
+class Pauser:
+    def __init__(self, interposed: InterposedRegistry) -> None:
+        self.interposed = interposed
+        self._stopped: dict[int, int] = {}  # pid -> start time of the processes this daemon stopped
+        self._lock = threading.Lock()
+
+    def pause(self, pid: int, swap: bool = False, nbytes: int = 0) -> dict[str, Any]:
+        process = self.interposed.get(pid)
+        if process is not None:
+            timeout = self.interposed.request_timeout
+            reply = process.request("swap_out", timeout, bytes=nbytes) if swap else process.request("pause", timeout)
+            result: dict[str, Any] = {"pid": pid, "interposed": True, "state": _state(reply, "swapped" if swap
+                                                                                      else "paused")}
+            if swap:
+                moved = reply.get("bytes")
+                result["bytes"] = moved if type(moved) is int and moved >= 0 else None
+            return result
+        if swap:
+            raise ControlError(f"pid {pid} does not run under the interposer, so its memory cannot be swapped out "
+                               "(start it with `gpuwatch exec`); pause without --swap stops it with SIGSTOP")
+        stat = self._stoppable(pid)
+        try:
+            os.kill(pid, signal.SIGSTOP)
+        except ProcessLookupError:
+            raise ControlError(f"no process with pid {pid}") from None
+        with self._lock:
+            self._stopped[pid] = stat.start_time
+        log.info("pid %d stopped (SIGSTOP)", pid)
+        return {"pid": pid, "interposed": False, "state": "stopped"}
+
+    def resume(self, pid: int) -> dict[str, Any]:
+        process = self.interposed.get(pid)
+        if process is not None:
+            reply = process.request("resume", self.interposed.request_timeout)
+            return {"pid": pid, "interposed": True, "state": _state(reply, "running")}
+        if not self._stopped_by_us(pid):
+            if proc_stat(pid) is None:
+                raise ControlError(f"no process with pid {pid}")
+            raise ControlError(f"pid {pid} was not paused by gpuwatch")
+        with self._lock:
+            self._stopped.pop(pid, None)
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            raise ControlError(f"no process with pid {pid}") from None
+        log.info("pid %d continued (SIGCONT)", pid)
+        return {"pid": pid, "interposed": False, "state": "running"}
+
+    def _stoppable(self, pid: int) -> ProcStat:
+        stat = proc_stat(pid)
+        if stat is None:
+            raise ControlError(f"no process with pid {pid}")
+        if pid == 1 or pid == os.getpid():
+            raise ControlError(f"will not stop pid {pid}: it is {'init' if pid == 1 else 'the gpuwatch daemon'}")
+        if stat.flags & PF_KTHREAD:
+            raise ControlError(f"will not stop pid {pid}: it is a kernel thread")
+        return stat
+
+    def _stopped_by_us(self, pid: int) -> bool:
+        with self._lock:
+            start = self._stopped.get(pid)
+        stat = proc_stat(pid)
+        if start is not None and (stat is None or stat.start_time != start):
+            with self._lock:
+                self._stopped.pop(pid, None)  # it exited; the pid may be another process's now
+            return False
+        return start is not None
+
+    def enforcement(self) -> dict[int, Enforcement]:
+        with self._lock:
+            pids = list(self._stopped)
+        return {pid: Enforcement(pid=pid, interposed=False, state="stopped") for pid in pids
+                if self._stopped_by_us(pid)}
+
+    def continue_all(self) -> None:
+        """The daemon is stopping: nothing it stopped stays stopped."""
+        with self._lock:
+            stopped, self._stopped = self._stopped, {}
+        for pid, start in stopped.items():
+            stat = proc_stat(pid)
+            if stat is not None and stat.start_time == start:
+                try:
+                    os.kill(pid, signal.SIGCONT)
+                    log.info("pid %d continued (SIGCONT): the daemon is stopping", pid)
+                except ProcessLookupError:
+                    pass
+
+
+def _state(reply: dict[str, Any], expected: str) -> str:
+    state = reply.get("state", expected)
+    return state if state in STATES else printable(state, 20)
