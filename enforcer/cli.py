@@ -71,7 +71,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     tracer = Tracer(launches=d.launches, use_nvml=d.nvml, ring_buffer_pages=d.ring_buffer_pages,
                     sample_window=d.sample_window_ms / 1000, sample_period=d.sample_period_ms / 1000)
     listen = configuration.parse_listen(cfg.metrics.listen) if cfg.metrics.enabled else None
-    Daemon(tracer, d.socket, listen, cfg.interposer).run()
+    Daemon(tracer, d.socket, listen, cfg.interposer, cfg.scheduler).run()
     return 0
 
 
@@ -123,6 +123,34 @@ def cmd_resume(args: argparse.Namespace) -> int:
         result = client.call("resume", pid=args.pid)
     how = "" if result.get("interposed") else " (SIGCONT)"
     print(f"gpuwatch: pid {args.pid} {result['state']}{how}")
+    return 0
+
+
+def quota_size(text: str) -> int:
+    """A SIZE, or 0 (no quota)."""
+    return 0 if text.strip() == "0" else size_argument(text)
+
+
+def cmd_quota(args: argparse.Namespace) -> int:
+    with Client(args.socket or socket_path()) as client:
+        if args.quota_command == "list":
+            groups = client.call("quota_list")
+            if args.json:
+                print(json.dumps(groups, indent=1))
+            for g in [] if args.json else groups:
+                who = f"pid {g['pid']}" if g["pid"] is not None else f"cgroup {g['cgroup']}"
+                held = ", ".join(f"gpu {gpu}: {human_bytes(n)}" for gpu, n in g["held"].items()) or "nothing"
+                print(f"{who}: {human_bytes(g['bytes'])} per GPU, {g['action']} at the limit; "
+                      f"{len(g['members'])} processes hold {held}")
+            return 0
+        target = {"pid": args.pid} if args.pid is not None else {"cgroup": args.cgroup}
+        result = client.call("quota_set", **target, bytes=args.size, action=args.action)
+    who = f"pid {args.pid}" if args.pid is not None else f"cgroup {result.get('cgroup', args.cgroup)}"
+    if args.size == 0:
+        print(f"gpuwatch: {who}: no quota")
+    else:
+        how = "through its interposer" if result.get("interposed") else f"{args.action} at the limit"
+        print(f"gpuwatch: {who}: quota {human_bytes(args.size)} per GPU ({how})")
     return 0
 
 
@@ -271,6 +299,27 @@ def parser() -> argparse.ArgumentParser:
     resume = sub.add_parser("resume", help="resume a paused process (as root)")
     resume.add_argument("pid", type=positive_pid, metavar="PID")
     resume.set_defaults(func=cmd_resume)
+
+    quota = sub.add_parser("quota", help="device memory quotas for any process or cgroup",
+                           description="A process or cgroup that would cross its quota is stopped (SIGSTOP) before "
+                                       "the allocation and continued once it fits; processes under `gpuwatch exec` "
+                                       "get CUDA_ERROR_OUT_OF_MEMORY instead.")
+    quota_sub = quota.add_subparsers(dest="quota_command", required=True, metavar="COMMAND")
+    quota_set = quota_sub.add_parser("set", help="set or remove a quota (as root)",
+                                     usage="gpuwatch quota set (--pid PID | --cgroup PATH) [--action pause|kill] SIZE",
+                                     description="SIZE per GPU: 512MiB, 20GiB, 1.5GiB, 8GB, 2G (binary), or bytes; 0 "
+                                                 "removes the quota. A cgroup's quota is shared by its processes and "
+                                                 "those of the cgroups below it.")
+    target = quota_set.add_mutually_exclusive_group(required=True)
+    target.add_argument("--pid", type=positive_pid, help="one process")
+    target.add_argument("--cgroup", metavar="PATH", help="a cgroup v2 path, as /proc/PID/cgroup shows it")
+    quota_set.add_argument("--action", choices=["pause", "kill"], default="pause",
+                           help="at the limit: stop until it fits (default), or kill")
+    quota_set.add_argument("size", type=quota_size, metavar="SIZE")
+    quota_set.set_defaults(func=cmd_quota)
+    quota_list = quota_sub.add_parser("list", help="quotas, their members and what they hold")
+    quota_list.add_argument("--json", action="store_true")
+    quota_list.set_defaults(func=cmd_quota)
     return p
 
 

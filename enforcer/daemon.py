@@ -5,29 +5,41 @@ import logging
 import queue
 import signal
 import threading
+import time
 from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from ..exporters.metrics import MetricsServer
 from ..probes import Tracer
 from ..probes.model import Enforcement
-from .config import InterposerSection
+from .config import InterposerSection, SchedulerSection
 from .control import Command, ControlError, ControlServer, Peer
+from .enforcer import Enforcer, SchedulerSettings
 from .interposed import InterposedRegistry
 from .pause import Pauser, pid_argument
+from .quota import QuotaEnforcer
+from .sizes import MAX_SIZE
 
 log = logging.getLogger(__name__)
 
 
 class Daemon:
     def __init__(self, tracer: Tracer, socket_path: str, metrics_listen: tuple[str, int] | None = None,
-                 interposer: InterposerSection = InterposerSection()) -> None:
+                 interposer: InterposerSection = InterposerSection(),
+                 scheduler: SchedulerSection = SchedulerSection(), state_file: str | None = None) -> None:
         self.tracer = tracer
         self.socket_path = socket_path
         self.metrics_listen = metrics_listen
         self._stopping = threading.Event()
         self.interposed = InterposedRegistry(interposer.lease_ms, interposer.request_timeout_ms / 1000)
         self.pauser = Pauser(self.interposed)
+        # processes stopped at their quota, for a daemon started after this one was killed: beside the socket
+        self.quota = QuotaEnforcer(tracer, Path(state_file or Path(socket_path).parent / "stopped.json"),
+                                   held_elsewhere=lambda pid: pid in self.pauser.enforcement())
+        self.enforcer = Enforcer(tracer.snapshot, self.interposed, self.pauser,
+                                 SchedulerSettings.from_config(scheduler)) if scheduler.enabled else None
         tracer.set_enforcement(self.enforcement)
         self.commands = {
             "ps": Command(self._ps),
@@ -36,6 +48,8 @@ class Daemon:
             "interposer_attach": Command(self.interposed.attach, takeover=True),
             "pause": Command(self._pause, root_only=True),
             "resume": Command(self._resume, root_only=True),
+            "quota_set": Command(self._quota_set, root_only=True),
+            "quota_list": Command(lambda _peer, _request: self.quota.groups()),
         }
 
     def request_stop(self, *_: Any) -> None:
@@ -46,9 +60,16 @@ class Daemon:
             signal.signal(sig, self.request_stop)
         server = ControlServer(self.socket_path, self.commands)
         metrics: MetricsServer | None = None
+        quota_thread: threading.Thread | None = None
         try:
+            self.quota.start()
             self.tracer.start()
+            quota_thread = threading.Thread(target=self._quota_loop, args=(self.tracer.subscribe(),),
+                                            name="gpuwatch-quota", daemon=True)
+            quota_thread.start()
             self.interposed.start()
+            if self.enforcer:
+                self.enforcer.start()
             server.start()
             if self.metrics_listen:
                 host, port = self.metrics_listen
@@ -61,8 +82,14 @@ class Daemon:
                 pass
         finally:
             server.close()
+            if self.enforcer:
+                self.enforcer.close()
             self.interposed.close()
             self.pauser.continue_all()
+            if quota_thread is not None:
+                self._stopping.set()
+                quota_thread.join(timeout=2)
+            self.quota.close()
             if metrics:
                 metrics.close()
             self.tracer.stop()
@@ -70,7 +97,50 @@ class Daemon:
 
     def enforcement(self) -> dict[int, Enforcement]:
         """What the enforcer adds to the snapshot: interposed processes, and those it stopped."""
-        return {**self.pauser.enforcement(), **self.interposed.enforcement()}
+        merged = self.quota.enforcement()
+        for pid, e in self.pauser.enforcement().items():
+            merged[pid] = replace(merged[pid], state=e.state) if pid in merged else e
+        return {**merged, **self.interposed.enforcement()}
+
+    def _quota_loop(self, events: queue.Queue) -> None:
+        """Quota stops as they happen; frees, exits and libcuda opens as they come; the rest every 0.1 s."""
+        last = 0.0
+        while not self._stopping.is_set():
+            try:
+                self.quota.on_event(events.get(timeout=0.1))
+            except queue.Empty:
+                pass
+            except Exception:
+                log.exception("quota: an event failed")
+            now = time.monotonic()
+            if now - last >= 0.1:
+                last = now
+                try:
+                    self.quota.tick(now)
+                except Exception:
+                    log.exception("quota: a tick failed")
+        self.tracer.unsubscribe(events)
+
+    def _quota_set(self, _peer: Peer, request: dict[str, Any]) -> dict[str, Any]:
+        pid, cgroup, nbytes = request.get("pid"), request.get("cgroup"), request.get("bytes")
+        action = request.get("action", "pause")
+        if (pid is None) == (cgroup is None):
+            raise ControlError("quota_set: give either pid or cgroup")
+        if type(nbytes) is not int or not 0 <= nbytes <= MAX_SIZE:
+            raise ControlError("quota_set: bytes must be a number of bytes (0: no quota)")
+        if cgroup is not None:
+            if not isinstance(cgroup, str) or not cgroup:
+                raise ControlError("quota_set: cgroup must be a path")
+            return self.quota.set_cgroup(cgroup, nbytes, action)
+        pid = pid_argument(request)
+        process = self.interposed.get(pid)
+        if process is None:
+            return self.quota.set_pid(pid, nbytes, action)
+        if action != "pause":
+            raise ControlError(f"quota_set: pid {pid} runs under the interposer, where an allocation past the quota "
+                               "fails (CUDA_ERROR_OUT_OF_MEMORY): only the pause action applies")
+        process.request("quota", self.interposed.request_timeout, bytes=nbytes)
+        return {"pid": pid, "bytes": nbytes, "interposed": True}
 
     def _pause(self, _peer: Peer, request: dict[str, Any]) -> dict[str, Any]:
         pid, swap, nbytes = pid_argument(request), request.get("swap", False), request.get("bytes", 0)

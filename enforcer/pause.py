@@ -99,6 +99,10 @@ class Pauser:
             raise ControlError(f"will not stop pid {pid}: it is a kernel thread")
         return stat
 
+    def stopped(self, pid: int) -> bool:
+        """Whether this daemon stopped `pid` (and it is still that process)."""
+        return self._stopped_by_us(pid)
+
     def _stopped_by_us(self, pid: int) -> bool:
         with self._lock:
             start = self._stopped.get(pid)

@@ -1,0 +1,240 @@
+"""The enforcer's loop: for every GPU, ask the scheduler who runs, then make it so.
+
+Processes under the interposer are paused, swapped out and resumed through their libraries; others are
+stopped and continued with signals. Everything it reads comes from the daemon's one snapshot; what it
+decides shows up in that snapshot again (states, slice and wait seconds, preemptions)."""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from ..probes.model import Enforcement, ProcessGpu, Snapshot
+from .control import ControlError
+from .interposed import InterposedRegistry
+from .pause import Pauser
+from .scheduler import Client, Decision, Priority, Scheduler, Verdict, default_quantum
+
+log = logging.getLogger(__name__)
+MiB = 1 << 20
+CONTEXT_BYTES = 512 * MiB  # a CUDA context's own memory, where NVML cannot tell us
+WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0)
+
+
+@dataclass
+class SchedulingStats:
+    """Per process, what the scheduler did to it: read by the snapshot, the metrics and top."""
+    slice_seconds: float = 0.0
+    wait_seconds: float = 0.0
+    wait_count: int = 0
+    wait_buckets: list[int] = field(default_factory=lambda: [0] * len(WAIT_BUCKETS))
+    preemptions: int = 0
+    waiting_since: float | None = None
+    running: bool = True
+
+    def waited(self, seconds: float) -> None:
+        self.wait_seconds += seconds
+        self.wait_count += 1
+        for i, bound in enumerate(WAIT_BUCKETS):
+            if seconds <= bound:
+                self.wait_buckets[i] += 1
+
+
+@dataclass(frozen=True)
+class SchedulerSettings:
+    quantum_s: float | None = None  # None: derived from the measured cost of a switch
+    idle_s: float = 0.5
+    reserve_bytes: int = 1 << 30     # device memory kept free of every process's needs
+    context_bytes: int = CONTEXT_BYTES
+    tick_s: float = 0.05
+
+    @classmethod
+    def from_config(cls, section) -> SchedulerSettings:  # config.SchedulerSection
+        return cls(section.quantum_ms / 1000 or None, section.idle_ms / 1000, section.reserve_mib * MiB,
+                   section.context_mib * MiB, section.tick_ms / 1000)
+
+
+class Enforcer:
+    def __init__(self, snapshot: Callable[[], Snapshot], interposed: InterposedRegistry, pauser: Pauser,
+                 settings: SchedulerSettings = SchedulerSettings(),
+                 priority_of: Callable[[int], Priority | None] = lambda pid: None,
+                 exclusive: Callable[[int], bool] = lambda pid: False) -> None:
+        self.snapshot, self.interposed, self.pauser, self.settings = snapshot, interposed, pauser, settings
+        self.priority_of, self.exclusive = priority_of, exclusive
+        self.overrides: dict[int, Priority] = {}
+        self.stats: dict[int, SchedulingStats] = {}
+        self._schedulers: dict[int, Scheduler] = {}
+        self._stopped: set[int] = set()        # stopped with SIGSTOP by the scheduler, not by a person
+        self._switch_seconds = 0.0              # the last measured cost of making room and resuming
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="gpuwatch-enforce")
+        self._thread = threading.Thread(target=self._loop, name="gpuwatch-scheduler", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def quantum(self) -> float:
+        return self.settings.quantum_s or default_quantum(self._switch_seconds)
+
+    def set_priority(self, pid: int, priority: Priority) -> None:
+        with self._lock:
+            self.overrides[pid] = priority
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.settings.tick_s if self.interposed.pids() or self._stopped else 1.0):
+            try:
+                self.tick(time.monotonic())
+            except Exception:  # one bad tick must not end scheduling
+                log.exception("scheduling tick failed")
+
+    # one decision round
+
+    def tick(self, now: float) -> dict[int, Decision]:
+        snap = self.snapshot()
+        pages = self.interposed.enforcement()
+        decisions: dict[int, list[Decision]] = {}
+        for gpu in snap.gpus:
+            capacity = self._capacity(gpu.memory_total)
+            clients = self._clients(snap, gpu.index, pages)
+            if capacity is None or not clients:
+                self._schedulers.pop(gpu.index, None)
+                continue
+            scheduler = self._schedulers.setdefault(gpu.index, Scheduler(capacity))
+            scheduler.capacity, scheduler.quantum, scheduler.idle = capacity, self.quantum, self.settings.idle_s
+            for pid, d in scheduler.decide(clients, now).items():
+                decisions.setdefault(pid, []).append(d)
+            for c in clients:
+                if c.need_bytes > capacity and pages.get(c.pid) and pages[c.pid].wanted_bytes:
+                    self._deny(c.pid)  # it cannot fit even alone: its allocation fails as the driver said
+        combined = {pid: _strictest(ds) for pid, ds in decisions.items()}
+        self._account(combined, pages, now)
+        self._apply(combined, pages)
+        return combined
+
+    def _context(self, row: ProcessGpu) -> int:
+        """The memory a process holds beyond what it allocated: its context, as NVML sees it."""
+        return row.untracked_bytes if row.nvml_bytes is not None else self.settings.context_bytes
+
+    def _deny(self, pid: int) -> None:
+        process = self.interposed.get(pid)
+        if process is not None:
+            try:
+                process.request("no_room", self.interposed.request_timeout)
+            except ControlError as exc:
+                log.warning("pid %d: %s", pid, exc)
+
+    def _capacity(self, total: int | None) -> int | None:
+        return None if total is None else max(total - self.settings.reserve_bytes, 0)
+
+    def _clients(self, snap: Snapshot, gpu: int, pages: dict[int, Enforcement]) -> list[Client]:
+        clients = []
+        for row in snap.processes:
+            if row.gpu != gpu:
+                continue
+            page = pages.get(row.pid)
+            priority = self.overrides.get(row.pid) or self.priority_of(row.pid) or \
+                (Priority.parse(page.priority) if page and page.priority in ("low", "normal", "high") else
+                 Priority.NORMAL)
+            if page is not None:
+                need = _swappable(page, row) + row.unswappable_bytes + page.wanted_bytes + self._context(row)
+                clients.append(Client(row.pid, need, _swappable(page, row), page.launches or row.launches, priority,
+                                      interposed=True, exclusive=self.exclusive(row.pid),
+                                      waiting=page.waiting_threads > 0))
+            elif row.state != "stopped" or row.pid in self._stopped:
+                need = row.nvml_bytes if row.nvml_bytes is not None else row.device_bytes + self.settings.context_bytes
+                clients.append(Client(row.pid, need, 0, row.launches, priority, interposed=False,
+                                      exclusive=self.exclusive(row.pid)))
+        return clients
+
+    def _account(self, decisions: dict[int, Decision], pages: dict[int, Enforcement], now: float) -> None:
+        contended = any(s.contended for s in self._schedulers.values())
+        for pid in set(self.stats) - set(decisions):
+            del self.stats[pid]
+        for pid, d in decisions.items():
+            s = self.stats.setdefault(pid, SchedulingStats())
+            runs = d.verdict is Verdict.RUN
+            if runs and not s.running and s.waiting_since is not None:
+                s.waited(now - s.waiting_since)
+                s.waiting_since = None
+            elif not runs and s.running:
+                s.preemptions += 1
+                s.waiting_since = now
+            if runs and contended:
+                s.slice_seconds += self.settings.tick_s
+            s.running = runs
+
+    def _apply(self, decisions: dict[int, Decision], pages: dict[int, Enforcement]) -> None:
+        """Make room first (pause, swap out, stop), then resume: memory must be free before it is taken."""
+        start = time.monotonic()
+        room = [self._pool.submit(self._make_room, pid, d, pages.get(pid)) for pid, d in decisions.items()
+                if d.verdict is not Verdict.RUN]
+        moved = any(f.result() for f in room)
+        runs = [self._pool.submit(self._run, pid, pages.get(pid)) for pid, d in decisions.items()
+                if d.verdict is Verdict.RUN]
+        moved = any([f.result() for f in runs]) or moved
+        if moved:
+            self._switch_seconds = time.monotonic() - start
+
+    def _make_room(self, pid: int, d: Decision, page: Enforcement | None) -> bool:
+        try:
+            if page is None:
+                if d.verdict is Verdict.STOP and pid not in self._stopped and not self.pauser.stopped(pid):
+                    self.pauser.pause(pid)
+                    self._stopped.add(pid)
+                return False
+            process = self.interposed.get(pid)
+            if process is None:
+                return False
+            swapped = sum(dev.swapped_bytes for dev in page.devices)
+            if d.verdict is Verdict.SWAP and swapped < d.swap_bytes:
+                reply = process.request("swap_out", self.interposed.request_timeout, bytes=d.swap_bytes - swapped)
+                log.info("pid %d paused, %s bytes swapped out to make room", pid, reply.get("bytes"))
+                return True
+            if page.state == "running":
+                process.request("pause", self.interposed.request_timeout)
+                log.info("pid %d paused", pid)
+            return False
+        except ControlError as exc:
+            log.warning("pid %d: could not make room: %s", pid, exc)
+            return False
+
+    def _run(self, pid: int, page: Enforcement | None) -> bool:
+        try:
+            if page is None:
+                if pid in self._stopped:
+                    self._stopped.discard(pid)
+                    self.pauser.resume(pid)
+                return False
+            process = self.interposed.get(pid)
+            if process is None or (page.state == "running" and not page.wanted_bytes):
+                return False
+            process.request("resume", self.interposed.request_timeout)  # also: retry the allocations that wait
+            log.info("pid %d runs%s", pid, " (memory it waited for is free)" if page.wanted_bytes else "")
+            return any(dev.swapped_bytes for dev in page.devices)
+        except ControlError as exc:
+            log.warning("pid %d: could not resume: %s", pid, exc)
+            return False
+
+
+def _strictest(decisions: list[Decision]) -> Decision:
+    """A process on several GPUs runs only if every GPU lets it; its swap is the largest asked for."""
+    order = [Verdict.RUN, Verdict.PAUSE, Verdict.SWAP, Verdict.STOP]
+    worst = max(decisions, key=lambda d: order.index(d.verdict))
+    return Decision(worst.verdict, max(d.swap_bytes for d in decisions))
+
+
+def _swappable(page: Enforcement, row: ProcessGpu) -> int:
+    return sum(d.swappable_bytes for d in page.devices if d.in_use) if row.gpu is not None else 0
+
+

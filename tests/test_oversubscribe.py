@@ -1,0 +1,123 @@
+"""Oversubscription end to end: real eBPF, the real daemon and scheduler, the real interposer, and two
+programs whose memory together exceeds the (test-double) GPU. Both complete with their data intact."""
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, Daemon, wait_for
+from interposer_fixtures import IProg, MiB, driver_used, interposer  # noqa: F401
+
+CAPACITY = 96 * MiB
+
+
+@pytest.fixture(scope="module")
+def gpu(tmp_path_factory) -> tuple[Path, Path]:
+    """A fake NVML that shows one GPU of CAPACITY bytes, and the shared state of the test-double driver."""
+    out = tmp_path_factory.mktemp("fakenvml")
+    subprocess.run(["make", "-s", "-C", str(ROOT / "tests" / "fakenvml"), f"OUT={out}"], check=True)
+    (out / "state").write_text(f"gpu 0 GPU-11111111-2222-3333-4444-555555555555 {CAPACITY} 0 Fake GPU\n")
+    return out, out / "state"
+
+
+@pytest.fixture(scope="module")
+def sdaemon(gpu: tuple[Path, Path]) -> Iterator[Daemon]:
+    workdir = Path(tempfile.mkdtemp(prefix="gpuwatch-sched-"))
+    workdir.chmod(0o755)
+    config = workdir / "gpuwatch.toml"
+    config.write_text("[scheduler]\nquantum_ms = 1000\nidle_ms = 300\nreserve_mib = 0\ncontext_mib = 0\n"
+                      "tick_ms = 50\n")
+    lib_dir, state = gpu
+    os.environ["LD_LIBRARY_PATH"], os.environ["FAKENVML_STATE"] = str(lib_dir), str(state)
+    try:
+        d = Daemon(workdir, "--config", str(config), "--launches", "all", nvml=True)
+    finally:
+        del os.environ["LD_LIBRARY_PATH"], os.environ["FAKENVML_STATE"]
+    yield d
+    d.stop()
+
+
+def start(fakecuda: Path, interposer: Path, daemon: Daemon, shared: Path) -> IProg:  # noqa: F811
+    lib = fakecuda / "libcuda.so.1"
+    p = IProg([str(fakecuda / "cudaprog")], {
+        "LD_PRELOAD": str(interposer), "GPUWATCH_REAL_LIBCUDA": str(lib), "GPUWATCH_SOCKET": daemon.socket,
+        "FAKECUDA_SHARED_STATE": str(shared), "FAKECUDA_MEM_BYTES": str(CAPACITY), "FAKECUDA_DEVICES": "1"})
+    p.timeout = 30
+    p.ok(f"load {lib}")
+    p.ok("ctx 0")
+    wait_for(lambda: p.pid in {r["pid"] for r in daemon.ps() if r["interposed"]}, 10, "the daemon to see the process")
+    return p
+
+
+def states(daemon: Daemon, *pids: int) -> dict[int, str]:
+    return {r["pid"]: r["state"] for r in daemon.ps() if r["pid"] in pids}
+
+
+def test_two_programs_larger_than_the_gpu_both_complete_with_their_data(fakecuda: Path, interposer: Path,  # noqa: F811
+                                                                         sdaemon: Daemon, tmp_path: Path) -> None:
+    shared = tmp_path / "fakecuda-state"
+    a = start(fakecuda, interposer, sdaemon, shared)
+    try:
+        a.ok("alloc a1 33554432")
+        a.ok("alloc a2 33554432")
+        a.ok("fill a1 11")
+        a.ok("fill a2 12")
+        a.ok("spin busy launch -")  # a keeps the GPU busy from another thread
+        b = start(fakecuda, interposer, sdaemon, shared)
+        try:
+            b.ok("alloc b1 33554432")
+            assert driver_used(shared) == CAPACITY  # the device is full now
+            # b's second allocation cannot fit: it waits while the daemon makes room by swapping a out
+            b.ok("alloc b2 33554432")
+            b.ok("fill b1 21")
+            b.ok("fill b2 22")
+            assert driver_used(shared) <= CAPACITY
+            rows = {r["pid"]: r for r in sdaemon.ps()}
+            assert rows[a.pid]["swap_out_bytes_total"] >= 32 * MiB
+            b.ok("check b1 21")
+            b.ok("check b2 22")
+            b.ok("free b1")
+            b.ok("free b2")
+        finally:
+            b.close()
+        # b is gone: a runs again with all of its memory back on the device, every byte as it wrote it
+        wait_for(lambda: states(sdaemon, a.pid).get(a.pid) == "running", 10, "a to run again")
+        a.ok("check a1 11")
+        a.ok("check a2 12")
+        iterations, errors, _ = map(int, a.ok("spinstop busy"))
+        assert iterations > 0 and errors == 0  # no launch ever met an unmapped range
+    finally:
+        a.close()
+
+
+def test_everything_fits_no_gating(fakecuda: Path, interposer: Path, sdaemon: Daemon,  # noqa: F811
+                                   tmp_path: Path) -> None:
+    shared = tmp_path / "fakecuda-state"
+    a, b = start(fakecuda, interposer, sdaemon, shared), start(fakecuda, interposer, sdaemon, shared)
+    try:
+        a.ok("alloc x 33554432")
+        b.ok("alloc y 33554432")
+        a.ok("spin s launch -")
+        b.ok("spin s launch -")
+        wait_for(lambda: a.spinning("s") > 200 and b.spinning("s") > 200, 10, "both to launch")
+        rows = {r["pid"]: r for r in sdaemon.ps()}
+        for p in (a, b):
+            assert rows[p.pid]["state"] == "running"
+            assert rows[p.pid]["swap_out_bytes_total"] == 0
+            assert p.page["gate_waits"] == 0  # never gated
+    finally:
+        a.close()
+        b.close()
+
+
+def test_scheduler_can_be_switched_off(tmp_path: Path) -> None:
+    from gpuwatch.enforcer import config
+    cfg = config.parse("[scheduler]\nenabled = false\n")
+    assert cfg.scheduler.enabled is False
+    with pytest.raises(config.ConfigError, match="scheduler.quantum_ms: must be at least 0"):
+        config.parse("[scheduler]\nquantum_ms = -1\n")
