@@ -68,7 +68,8 @@ class Enforcer:
         self.stats: dict[int, SchedulingStats] = {}
         self._schedulers: dict[int, Scheduler] = {}
         self._stopped: set[int] = set()        # stopped with SIGSTOP by the scheduler, not by a person
-        self._switch_seconds = 0.0              # the last measured cost of making room and resuming
+        self._bounded: set[int] = set()        # told to bound their launch queues
+        self._switch_seconds = 0.5              # the last measured cost of a switch; until one: 25 GiB each way
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="gpuwatch-enforce")
@@ -117,6 +118,7 @@ class Enforcer:
             for c in clients:
                 if c.need_bytes > capacity and pages.get(c.pid) and pages[c.pid].wanted_bytes:
                     self._deny(c.pid)  # it cannot fit even alone: its allocation fails as the driver said
+        self._bound_queues(snap, pages)
         combined = {pid: _strictest(ds) for pid, ds in decisions.items()}
         self._account(combined, pages, now)
         self._apply(combined, pages)
@@ -125,6 +127,32 @@ class Enforcer:
     def _context(self, row: ProcessGpu) -> int:
         """The memory a process holds beyond what it allocated: its context, as NVML sees it."""
         return row.untracked_bytes if row.nvml_bytes is not None else self.settings.context_bytes
+
+    def _bound_queues(self, snap: Snapshot, pages: dict[int, Enforcement]) -> None:
+        """A process that shares a GPU with a higher priority keeps its launch queue short, so that pausing
+        it for the higher one drains quickly."""
+        top: dict[int, Priority] = {}
+        for row in snap.processes:
+            if row.gpu is not None:
+                top[row.gpu] = max(top.get(row.gpu, Priority.LOW), self._priority(row.pid, pages.get(row.pid)))
+        for row in snap.processes:
+            page = pages.get(row.pid)
+            if page is None or row.gpu is None:
+                continue
+            want = self._priority(row.pid, page) < top[row.gpu]
+            if want != (row.pid in self._bounded):
+                process = self.interposed.get(row.pid)
+                try:
+                    if process is not None:
+                        process.request("bound", self.interposed.request_timeout, on=want)
+                        (self._bounded.add if want else self._bounded.discard)(row.pid)
+                except ControlError as exc:
+                    log.warning("pid %d: %s", row.pid, exc)
+        self._bounded &= set(pages)
+
+    def _priority(self, pid: int, page: Enforcement | None) -> Priority:
+        return self.overrides.get(pid) or self.priority_of(pid) or \
+            (Priority.parse(page.priority) if page and page.priority in ("low", "normal", "high") else Priority.NORMAL)
 
     def _deny(self, pid: int) -> None:
         process = self.interposed.get(pid)
@@ -143,9 +171,7 @@ class Enforcer:
             if row.gpu != gpu:
                 continue
             page = pages.get(row.pid)
-            priority = self.overrides.get(row.pid) or self.priority_of(row.pid) or \
-                (Priority.parse(page.priority) if page and page.priority in ("low", "normal", "high") else
-                 Priority.NORMAL)
+            priority = self._priority(row.pid, page)
             if page is not None:
                 need = _swappable(page, row) + row.unswappable_bytes + page.wanted_bytes + self._context(row)
                 clients.append(Client(row.pid, need, _swappable(page, row), page.launches or row.launches, priority,

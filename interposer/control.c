@@ -223,6 +223,12 @@ static void answer(int s, const char *line)
 		r = gw_resume();
 		if (!r)
 			gw_room_answer(true);
+	} else if (json_is(line, "op", "bound")) {
+		if (strstr(line, "\"on\": true") || strstr(line, "\"on\":true"))
+			atomic_fetch_or(&gw->flags, GW_FLAG_BOUNDED);
+		else
+			atomic_fetch_and(&gw->flags, ~GW_FLAG_BOUNDED);
+		r = 0;
 	} else if (json_is(line, "op", "no_room")) {
 		gw_room_answer(false);
 		r = 0;
