@@ -1,0 +1,96 @@
+"""Workloads for bench/validate_enforcer.py, one process each; results as `RESULT {json}` lines on stdout.
+
+    python3 bench/enforcer_job.py train BUFFER_GIB STEPS     GPT-2 124M training reading a resident buffer
+    python3 bench/enforcer_job.py infer SECONDS RATE [IDLE_AT IDLE_S]   GPT-2 forward requests at RATE per s
+    python3 bench/enforcer_job.py hold GIB                   1 GiB tensors, one per line read on stdin
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from interposer_common import GiB, gpt2, int_checksum, train_step  # noqa: E402
+
+
+def emit(**fields) -> None:
+    print("RESULT " + json.dumps(fields), flush=True)
+
+
+def train(buffer_gib: str, steps: str) -> None:
+    import torch
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    start = time.time()
+    model, opt = gpt2(torch, seed=0, eager=True)
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    buf = torch.randn(int(float(buffer_gib) * GiB) // 4, device="cuda", generator=gen)
+    checksum = int_checksum(torch, [buf])
+    emit(event="ready", pid=os.getpid(), t=time.time(), setup_s=time.time() - start)
+    losses, step_end = [], []
+    for step in range(int(steps)):
+        tokens = torch.randint(0, 50257, (8, 512), device="cuda", generator=gen)
+        extra = buf[step * 1024:(step + 1) * 1024].sum() + buf.sum() * 1e-9  # reads the whole buffer every step
+        losses.append(train_step(torch, model, opt, tokens, extra))
+        if step % 50 == 49:
+            torch.cuda.synchronize()
+            step_end.append(time.time())
+    torch.cuda.synchronize()
+    emit(event="done", pid=os.getpid(), start=start, end=time.time(), losses=[float(x).hex() for x in losses],
+         buffer_intact=int_checksum(torch, [buf]) == checksum, progress=step_end)
+
+
+def infer(seconds: str, rate: str, idle_at: str = "0", idle_s: str = "0") -> None:
+    import torch
+    model, _ = gpt2(torch, seed=0)
+    model.eval()
+    tokens = torch.randint(0, 50257, (1, 256), device="cuda")
+    with torch.no_grad():
+        for _ in range(20):
+            model(tokens)
+    torch.cuda.synchronize()
+    emit(event="ready", pid=os.getpid(), t=time.time())
+    latencies, period, t0 = [], 1 / float(rate), time.time()
+    next_at, idle_start, idle_end = t0, t0 + float(idle_at), t0 + float(idle_at) + float(idle_s)
+    with torch.no_grad():
+        while time.time() - t0 < float(seconds):
+            now = time.time()
+            if float(idle_s) and idle_start <= now < idle_end:
+                time.sleep(idle_end - now)
+                next_at = time.time()
+                continue
+            if now < next_at:
+                time.sleep(next_at - now)
+            begin = time.perf_counter()
+            model(tokens)
+            torch.cuda.synchronize()
+            latencies.append(time.perf_counter() - begin)
+            next_at += period
+    latencies.sort()
+    emit(event="done", pid=os.getpid(), n=len(latencies), p50_ms=latencies[len(latencies) // 2] * 1e3,
+         p99_ms=latencies[int(len(latencies) * 0.99)] * 1e3, max_ms=latencies[-1] * 1e3)
+
+
+def hold(gib: str) -> None:
+    """Allocates 1 GiB tensors, one per stdin line; 'free' frees them all. Each tensor holds its index."""
+    import torch
+    torch.zeros(1, device="cuda")
+    tensors: list = []
+    emit(event="ready", pid=os.getpid())
+    for line in sys.stdin:
+        if line.strip() == "free":
+            tensors.clear()
+            torch.cuda.empty_cache()
+            emit(event="freed", reserved=torch.cuda.memory_reserved())
+            continue
+        if len(tensors) >= int(gib):
+            break
+        tensors.append(torch.full((GiB // 4,), float(len(tensors)), device="cuda"))
+        torch.cuda.synchronize()
+        ok = all(float(t[-1].item()) == i for i, t in enumerate(tensors))
+        emit(event="allocated", count=len(tensors), reserved=torch.cuda.memory_reserved(), values_ok=ok)
+
+
+if __name__ == "__main__":
+    {"train": train, "infer": infer, "hold": hold}[sys.argv[1]](*sys.argv[2:])
