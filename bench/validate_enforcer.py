@@ -147,9 +147,13 @@ def oversubscribe() -> None:
         try:
             rows = ps()
             peak_swapped = max(peak_swapped, sum(rows[j.pid]["swapped_bytes"] for j in jobs if j.pid in rows))
+            mem = dict(l.split(":", 1) for l in Path("/proc/meminfo").read_text().splitlines()[:3])
+            log(f"  states {[rows.get(j.pid, {}).get('state') for j in jobs]} swapped "
+                f"{[round(rows.get(j.pid, {}).get('swapped_bytes', 0) / GiB, 1) for j in jobs]} GiB; host "
+                f"{mem['MemTotal'].strip()} total, {mem['MemAvailable'].strip()} available")
         except (subprocess.SubprocessError, KeyError, ValueError):
             pass
-        time.sleep(1)
+        time.sleep(5)
     rcs = [j.wait(5) for j in jobs]
     dones = [j.event("done", 1) for j in jobs]
     makespan = max(d["end"] for d in dones if d) - t0 if all(dones) else None

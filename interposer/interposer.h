@@ -90,22 +90,33 @@ static inline void gw_count(struct gw_slot *s, _Atomic uint64_t *counter)
 
 // ---- memory.c: allocations, quota and the regions that can move
 struct gw_region;
+struct gw_piece;
 HIDDEN void gw_memory_lock(void);
 HIDDEN void gw_memory_unlock(void);
 HIDDEN void gw_memory_reset(void);
 HIDDEN CUresult gw_sync_contexts(void);     // every context that owns memory, lock held
-HIDDEN CUresult gw_physical_map(struct gw_region *r);   // create, map and grant access
-HIDDEN void gw_physical_unmap(struct gw_region *r);     // unmap and release
+HIDDEN CUresult gw_physical_map(struct gw_region *r);   // every piece not mapped: create, map, grant access
+HIDDEN void gw_physical_unmap(struct gw_region *r);     // every mapped piece: unmap and release
+HIDDEN CUresult gw_piece_map(struct gw_region *r, struct gw_piece *p);
+HIDDEN void gw_piece_unmap(struct gw_piece *p);
 HIDDEN struct gw_region *gw_regions(void);              // the list, lock held
 HIDDEN void gw_release_empty_chunks(void);              // lock held
-struct gw_region {
+// A region's physical memory comes in pieces of at most 1 GiB, so that a swap-out moves only as much as needed.
+#define GW_PIECE_MAX (1ull << 30)
+struct gw_piece {
 	CUdeviceptr va;
 	size_t size;
 	CUmemGenericAllocationHandle handle; // 0 while swapped out
+	void *host;                          // the bytes while swapped out
+};
+struct gw_region {
+	CUdeviceptr va;
+	size_t size;
 	CUcontext ctx;
 	CUdevice dev;
 	int cls;       // -1: one allocation; else a chunk of this sub-allocation class
-	void *host;    // the bytes while swapped out
+	uint32_t npieces;
+	struct gw_piece *pieces;
 	uint32_t used_slots, nslots;
 	uint64_t *bitmap;
 	struct gw_region *next;
@@ -115,4 +126,4 @@ struct gw_region {
 HIDDEN int gw_pause(void);
 HIDDEN int gw_swap_out(uint64_t bytes, uint64_t *moved);
 HIDDEN int gw_resume(void);
-HIDDEN void gw_swap_forget(struct gw_region *r); // a freed region's host copy is no longer needed
+HIDDEN void gw_swap_forget(struct gw_piece *p, CUdevice dev); // a freed piece's host copy is no longer needed

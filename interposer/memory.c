@@ -253,32 +253,56 @@ HIDDEN CUresult gw_sync_contexts(void)
 
 // ---- regions: reserved ranges with physical memory that can be taken away and given back
 
-HIDDEN CUresult gw_physical_map(struct gw_region *r)
+HIDDEN CUresult gw_piece_map(struct gw_region *r, struct gw_piece *p)
 {
 	struct device_info *d = device(r->dev);
 	CUmemAllocationProp prop = {.type = CU_MEM_ALLOCATION_TYPE_PINNED, .location = {CU_MEM_LOCATION_TYPE_DEVICE, r->dev}};
 	CUmemGenericAllocationHandle h;
-	CUresult e = real_cuMemCreate(&h, r->size, &prop, 0);
+	CUresult e = real_cuMemCreate(&h, p->size, &prop, 0);
 	if (e)
 		return e;
-	if ((e = real_cuMemMap(r->va, r->size, 0, h, 0))) {
+	if ((e = real_cuMemMap(p->va, p->size, 0, h, 0))) {
 		real_cuMemRelease(h);
 		return e;
 	}
-	if ((e = real_cuMemSetAccess(r->va, r->size, d->access, d->naccess))) {
-		real_cuMemUnmap(r->va, r->size);
+	if ((e = real_cuMemSetAccess(p->va, p->size, d->access, d->naccess))) {
+		real_cuMemUnmap(p->va, p->size);
 		real_cuMemRelease(h);
 		return e;
 	}
-	r->handle = h;
+	p->handle = h;
+	return CUDA_SUCCESS;
+}
+
+HIDDEN void gw_piece_unmap(struct gw_piece *p)
+{
+	real_cuMemUnmap(p->va, p->size);
+	real_cuMemRelease(p->handle);
+	p->handle = 0;
+}
+
+HIDDEN CUresult gw_physical_map(struct gw_region *r)
+{
+	for (uint32_t i = 0; i < r->npieces; i++) {
+		CUresult e = r->pieces[i].handle ? CUDA_SUCCESS : gw_piece_map(r, &r->pieces[i]);
+		if (e)
+			return e;
+	}
 	return CUDA_SUCCESS;
 }
 
 HIDDEN void gw_physical_unmap(struct gw_region *r)
 {
-	real_cuMemUnmap(r->va, r->size);
-	real_cuMemRelease(r->handle);
-	r->handle = 0;
+	for (uint32_t i = 0; i < r->npieces; i++)
+		if (r->pieces[i].handle)
+			gw_piece_unmap(&r->pieces[i]);
+}
+
+static void region_release(struct gw_region *r)
+{
+	free(r->pieces);
+	free(r->bitmap);
+	free(r);
 }
 
 static CUresult region_new(CUdevice dev, CUcontext ctx, size_t size, int cls, struct gw_region **out)
@@ -287,16 +311,24 @@ static CUresult region_new(CUdevice dev, CUcontext ctx, size_t size, int cls, st
 	if (!r)
 		return CUDA_ERROR_OUT_OF_MEMORY;
 	*r = (struct gw_region){.size = size, .ctx = ctx, .dev = dev, .cls = cls};
+	r->npieces = (uint32_t)((size + GW_PIECE_MAX - 1) / GW_PIECE_MAX);
+	r->pieces = calloc(r->npieces, sizeof *r->pieces);
 	if (cls >= 0) {
 		r->nslots = (uint32_t)(size >> (SMALL_MIN_SHIFT + cls));
 		r->bitmap = calloc((r->nslots + 63) / 64, sizeof *r->bitmap);
 	}
-	CUresult e = cls >= 0 && !r->bitmap ? CUDA_ERROR_OUT_OF_MEMORY : real_cuMemAddressReserve(&r->va, size, 0, 0, 0);
-	if (!e && (e = gw_physical_map(r)))
+	CUresult e = !r->pieces || (cls >= 0 && !r->bitmap) ? CUDA_ERROR_OUT_OF_MEMORY
+							    : real_cuMemAddressReserve(&r->va, size, 0, 0, 0);
+	for (uint32_t i = 0; !e && i < r->npieces; i++) {
+		size_t at = (size_t)i * GW_PIECE_MAX;
+		r->pieces[i] = (struct gw_piece){.va = r->va + at, .size = size - at < GW_PIECE_MAX ? size - at : GW_PIECE_MAX};
+	}
+	if (!e && (e = gw_physical_map(r))) {
+		gw_physical_unmap(r);
 		real_cuMemAddressFree(r->va, size);
+	}
 	if (e) {
-		free(r->bitmap);
-		free(r);
+		region_release(r);
 		return e;
 	}
 	r->next = regions;
@@ -308,10 +340,9 @@ static CUresult region_new(CUdevice dev, CUcontext ctx, size_t size, int cls, st
 
 static void region_free(struct gw_region *r)
 {
-	if (r->handle)
-		gw_physical_unmap(r);
-	else
-		gw_swap_forget(r);
+	gw_physical_unmap(r);
+	for (uint32_t i = 0; i < r->npieces; i++)
+		gw_swap_forget(&r->pieces[i], r->dev);
 	real_cuMemAddressFree(r->va, r->size);
 	for (struct gw_region **p = &regions; *p; p = &(*p)->next)
 		if (*p == r) {
@@ -322,8 +353,7 @@ static void region_free(struct gw_region *r)
 		for (int d = 0; d < GW_MAX_DEVICES; d++)
 			if (hint[d][c] == r)
 				hint[d][c] = NULL;
-	free(r->bitmap);
-	free(r);
+	region_release(r);
 }
 
 // ---- allocation paths

@@ -1,6 +1,7 @@
 // Pause, swap out to pinned host memory, swap in and resume.
 #include "interposer.h"
 
+#include <stdbool.h>
 #include <stdio.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -117,28 +118,38 @@ static CUresult sync_streams(void)
 	return first;
 }
 
-typedef CUresult (*copy_fn)(struct gw_region *r, CUstream s);
-static CUresult copy_out(struct gw_region *r, CUstream s) { return real_cuMemcpyDtoHAsync_v2(r->host, r->va, r->size, s); }
-static CUresult copy_in(struct gw_region *r, CUstream s) { return real_cuMemcpyHtoDAsync_v2(r->va, r->host, r->size, s); }
-
-static CUresult copy_region(struct gw_region *r, copy_fn copy)
+static CUresult copy_piece(struct gw_region *r, struct gw_piece *p, bool out)
 {
 	CUcontext popped;
 	CUresult e = real_cuCtxPushCurrent_v2(r->ctx);
 	if (e)
 		return e;
 	CUstream s = stream_of(r->ctx);
-	e = s ? copy(r, s) : CUDA_ERROR_OUT_OF_MEMORY;
+	e = !s ? CUDA_ERROR_OUT_OF_MEMORY : out ? real_cuMemcpyDtoHAsync_v2(p->host, p->va, p->size, s)
+						: real_cuMemcpyHtoDAsync_v2(p->va, p->host, p->size, s);
 	real_cuCtxPopCurrent_v2(&popped);
 	return e;
 }
 
-HIDDEN void gw_swap_forget(struct gw_region *r)
+static struct gw_device *stats(CUdevice dev) { return &gw->dev[dev >= 0 && dev < GW_MAX_DEVICES ? dev : GW_MAX_DEVICES - 1]; }
+
+HIDDEN void gw_swap_forget(struct gw_piece *p, CUdevice dev)
 {
-	uint64_t size = r->size;
-	if (r->host)
-		atomic_fetch_sub(&gw->dev[r->dev < GW_MAX_DEVICES ? r->dev : GW_MAX_DEVICES - 1].swapped, size);
-	r->host = NULL;
+	if (p->host)
+		atomic_fetch_sub(&stats(dev)->swapped, p->size);
+	p->host = NULL;
+}
+
+#define EACH_PIECE(r, p) \
+	for (struct gw_region *r = gw_regions(); r; r = r->next) \
+		for (struct gw_piece *p = r->pieces; p < r->pieces + r->npieces; p++)
+
+static bool any_swapped(void)
+{
+	EACH_PIECE(r, p)
+		if (!p->handle)
+			return true;
+	return false;
 }
 
 HIDDEN int gw_pause(void)
@@ -155,49 +166,62 @@ HIDDEN int gw_pause(void)
 	return e;
 }
 
+// Moves at least `want` bytes (0: everything) to host memory, in whole pieces, largest regions first: they
+// are the long-lived ones (a model, a buffer), less likely to be freed soon than small ones.
 HIDDEN int gw_swap_out(uint64_t want, uint64_t *moved)
 {
 	*moved = 0;
 	CUresult e = gw_pause();
 	if (e)
 		return e;
-	uint64_t start = gw_now_ns(), total = 0;
+	uint64_t start = gw_now_ns(), total = 0, queued = 0;
 	gw_memory_lock();
 	atomic_store(&gw->state, GW_SWAPPING_OUT);
 	gw_release_empty_chunks();
-	for (struct gw_region *r = gw_regions(); r; r = r->next)
-		total += r->handle ? r->size : 0;
+	EACH_PIECE(r, p)
+		total += p->handle ? p->size : 0;
 	if (want && want < total)
 		total = want;
-	uint64_t queued = 0;
-	for (struct gw_region *r = gw_regions(); r && !e && queued < total; r = r->next) {
-		if (!r->handle)
-			continue;
-		CUcontext popped;
-		if (!(e = real_cuCtxPushCurrent_v2(r->ctx))) {
-			r->host = host_space(r->size, total - queued);
-			real_cuCtxPopCurrent_v2(&popped);
+	while (!e && queued < total) {
+		struct gw_region *largest = NULL;
+		for (struct gw_region *r = gw_regions(); r; r = r->next) {
+			bool resident = false;
+			for (uint32_t i = 0; i < r->npieces; i++)
+				resident |= r->pieces[i].handle && !r->pieces[i].host;
+			if (resident && (!largest || r->size > largest->size))
+				largest = r;
 		}
-		if (!e && !r->host)
-			e = CUDA_ERROR_OUT_OF_MEMORY;
-		if (!e && !(e = copy_region(r, copy_out)))
-			queued += r->size;
+		if (!largest)
+			break;
+		for (struct gw_piece *p = largest->pieces; !e && p < largest->pieces + largest->npieces && queued < total; p++) {
+			if (!p->handle || p->host)
+				continue;
+			CUcontext popped;
+			if (!(e = real_cuCtxPushCurrent_v2(largest->ctx))) {
+				p->host = host_space(p->size, total - queued);
+				real_cuCtxPopCurrent_v2(&popped);
+			}
+			if (!e && !p->host)
+				e = CUDA_ERROR_OUT_OF_MEMORY;
+			if (!e && !(e = copy_piece(largest, p, true)))
+				queued += p->size;
+		}
 	}
 	uint64_t queued_at = gw_now_ns();
 	CUresult synced = sync_streams();
 	gw_log("swap-out: %llu bytes queued in %.1f ms, copies done %.1f ms later", (unsigned long long)queued,
 	       (queued_at - start) / 1e6, (gw_now_ns() - queued_at) / 1e6);
 	e = e ? e : synced;
-	for (struct gw_region *r = gw_regions(); r; r = r->next) {
-		if (!r->handle || !r->host)
+	EACH_PIECE(r, p) {
+		if (!p->handle || !p->host)
 			continue;
-		if (e) { // nothing is lost: what was copied stays on the device
-			r->host = NULL;
+		if (e) { // nothing is lost: what was copied stays on the device too
+			p->host = NULL;
 			continue;
 		}
-		gw_physical_unmap(r);
-		atomic_fetch_add(&gw->dev[r->dev < GW_MAX_DEVICES ? r->dev : GW_MAX_DEVICES - 1].swapped, r->size);
-		*moved += r->size;
+		gw_piece_unmap(p);
+		atomic_fetch_add(&stats(r->dev)->swapped, p->size);
+		*moved += p->size;
 	}
 	if (e) {
 		gw_log("swap-out failed with CUDA error %d; nothing was moved", e);
@@ -207,19 +231,16 @@ HIDDEN int gw_swap_out(uint64_t want, uint64_t *moved)
 		atomic_fetch_add(&gw->swap_out_bytes_total, *moved);
 		atomic_fetch_add(&gw->swap_out_ns_total, gw_now_ns() - start);
 	}
-	bool any_out = false;
-	for (struct gw_region *r = gw_regions(); r; r = r->next)
-		any_out |= !r->handle;
-	atomic_store(&gw->state, any_out ? GW_SWAPPED : GW_PAUSED);
+	atomic_store(&gw->state, any_swapped() ? GW_SWAPPED : GW_PAUSED);
 	gw_memory_unlock();
 	return e;
 }
 
-static CUresult map_again(struct gw_region *r)
+static CUresult map_again(struct gw_region *r, struct gw_piece *p)
 {
 	uint64_t deadline = gw_now_ns() + SWAP_IN_PATIENCE_NS;
 	CUresult e;
-	while ((e = gw_physical_map(r)) == CUDA_ERROR_OUT_OF_MEMORY && gw_now_ns() < deadline)
+	while ((e = gw_piece_map(r, p)) == CUDA_ERROR_OUT_OF_MEMORY && gw_now_ns() < deadline)
 		usleep(20000);
 	return e;
 }
@@ -227,31 +248,27 @@ static CUresult map_again(struct gw_region *r)
 HIDDEN int gw_resume(void)
 {
 	CUresult e = CUDA_SUCCESS;
-	uint64_t start = gw_now_ns(), moved = 0;
+	uint64_t start = gw_now_ns(), moved = 0, map_ns = 0;
 	gw_memory_lock();
-	bool any_out = false;
-	for (struct gw_region *r = gw_regions(); r; r = r->next)
-		any_out |= !r->handle;
-	if (any_out) {
+	if (any_swapped()) {
 		atomic_store(&gw->state, GW_SWAPPING_IN);
-		uint64_t map_ns = 0;
-		for (struct gw_region *r = gw_regions(); r && !e; r = r->next) {
-			if (r->handle)
+		EACH_PIECE(r, p) {
+			if (p->handle || e)
 				continue;
 			uint64_t t = gw_now_ns();
-			e = map_again(r);
+			e = map_again(r, p);
 			map_ns += gw_now_ns() - t;
-			if (!e && !(e = copy_region(r, copy_in)))
-				moved += r->size;
+			if (!e && !(e = copy_piece(r, p, false)))
+				moved += p->size;
 		}
 		uint64_t queued = gw_now_ns();
 		CUresult synced = sync_streams();
 		gw_log("swap-in: %llu bytes, mapping %.1f ms, queueing %.1f ms, waiting for copies %.1f ms",
 		       (unsigned long long)moved, map_ns / 1e6, (queued - start - map_ns) / 1e6, (gw_now_ns() - queued) / 1e6);
 		e = e ? e : synced;
-		for (struct gw_region *r = gw_regions(); r; r = r->next)
-			if (r->handle && r->host && !e)
-				gw_swap_forget(r);
+		EACH_PIECE(r, p)
+			if (p->handle && p->host && !e)
+				gw_swap_forget(p, r->dev);
 		if (e) {
 			gw_memory_unlock();
 			atomic_store(&gw->state, GW_SWAPPED);
