@@ -36,6 +36,7 @@ def train(buffer_gib: str, steps: str) -> None:
         if step % 50 == 49:
             torch.cuda.synchronize()
             step_end.append(time.time())
+            emit(event="progress", step=step + 1, t=step_end[-1])
     torch.cuda.synchronize()
     emit(event="done", pid=os.getpid(), start=start, end=time.time(), losses=[float(x).hex() for x in losses],
          buffer_intact=int_checksum(torch, [buf]) == checksum, progress=step_end)

@@ -194,14 +194,24 @@ def priority() -> None:
     log("inference loop (high) beside a training (low) ...")
     train = Job("train-low", ["train", "20", "100000"], exec_under("--priority", "low"))
     train.event("ready", 200)
-    time.sleep(5)
+    time.sleep(15)
+    t_infer = time.time()
     infer = Job("infer-high", ["infer", secs, rate, "15", "10"], exec_under("--priority", "high"))
     infer.wait(200)
+    t_done = time.time()
     b = infer.event("done", 1)
+    time.sleep(5)
     train.proc.send_signal(signal.SIGINT)
     train.wait(30)
+
+    def rate_between(t0: float, t1: float) -> float | None:
+        points = [(e["t"], e["step"]) for e in train.events if e.get("event") == "progress" and t0 <= e["t"] <= t1]
+        return (points[-1][1] - points[0][1]) / (points[-1][0] - points[0][0]) if len(points) > 1 else None
+
     results["priority"] = {"alone": a, "shared": b,
-                           "p99_ratio": b["p99_ms"] / a["p99_ms"] if a and b else None}
+                           "p99_ratio": b["p99_ms"] / a["p99_ms"] if a and b else None,
+                           "train_steps_per_s_alone": rate_between(t_infer - 14, t_infer),
+                           "train_steps_per_s_beside_inference": rate_between(t_infer, t_done)}
     log(f"  priority: p99 alone {a and a['p99_ms']:.2f} ms, shared {b and b['p99_ms']:.2f} ms")
 
 
