@@ -56,8 +56,8 @@ def event_from_json(d: dict[str, Any]) -> Event:
     return Event(**{**d, "type": EventType[d["type"].upper()], "kind": Kind[d["kind"].upper()]})
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    check_privileges()
+def run_configuration(args: argparse.Namespace) -> configuration.Config:
+    """The file (or the defaults) with the command line's options on top: at start and at every SIGHUP."""
     cfg = configuration.with_overrides(
         configuration.load(args.config),
         daemon={"socket": args.socket, "launches": args.launches, "nvml": False if args.no_nvml else None,
@@ -68,10 +68,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     if d.sample_window_ms >= d.sample_period_ms:
         raise configuration.ConfigError(f"the sample window ({d.sample_window_ms} ms) must be shorter than its "
                                         f"period ({d.sample_period_ms} ms)")
+    return cfg
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    check_privileges()
+    cfg = run_configuration(args)
+    d = cfg.daemon
     tracer = Tracer(launches=d.launches, use_nvml=d.nvml, ring_buffer_pages=d.ring_buffer_pages,
                     sample_window=d.sample_window_ms / 1000, sample_period=d.sample_period_ms / 1000)
     listen = configuration.parse_listen(cfg.metrics.listen) if cfg.metrics.enabled else None
-    Daemon(tracer, d.socket, listen, cfg.interposer, cfg.scheduler).run()
+    Daemon(tracer, d.socket, listen, cfg.interposer, cfg.scheduler, config=cfg,
+           reload=lambda: run_configuration(args)).run()
     return 0
 
 
@@ -151,6 +159,37 @@ def cmd_quota(args: argparse.Namespace) -> int:
     else:
         how = "through its interposer" if result.get("interposed") else f"{args.action} at the limit"
         print(f"gpuwatch: {who}: quota {human_bytes(args.size)} per GPU ({how})")
+    return 0
+
+
+def cmd_priority(args: argparse.Namespace) -> int:
+    with Client(args.socket or socket_path()) as client:
+        result = client.call("priority", pid=args.pid, **({"level": args.level} if args.level else {}))
+    if args.level:
+        print(f"gpuwatch: pid {args.pid} priority {result['priority']} (was {result['was']})")
+    else:
+        print(f"gpuwatch: pid {args.pid} priority {result['priority']} ({result['source']})")
+    return 0
+
+
+def format_policy(policy: dict[str, Any]) -> str:
+    lines = [f"rules: {len(policy['rules'])}   process events: {policy.get('events') or '-'}"]
+    for r in policy["rules"]:
+        match = " ".join(f"{k}={v}" for k, v in r["match"].items()) or "every process"
+        settings = [f"quota {human_bytes(r['quota_bytes'])} ({r['action']})" if r["quota_bytes"] else "",
+                    f"priority {r['priority']}" if r["priority"] else "", "exclusive" if r["exclusive"] else ""]
+        lines.append(f"  {r['name']}: {match} -> {', '.join(s for s in settings if s) or 'nothing (exempt)'}")
+    lines.append(f"{'PID':>7} {'RULE':20} {'PRIORITY':8} {'QUOTA':>10} {'ACTION':6} EXCLUSIVE")
+    for p in policy["processes"]:
+        lines.append(f"{p['pid']:>7} {(p['rule'] or '-')[:20]:20} {p['priority'] or '-':8} "
+                     f"{human_bytes(p['quota_bytes']):>10} {p['action'] or '-':6} {'yes' if p['exclusive'] else 'no'}")
+    return "\n".join(lines)
+
+
+def cmd_policy(args: argparse.Namespace) -> int:
+    with Client(args.socket or socket_path()) as client:
+        policy = client.call("policy")
+    print(json.dumps(policy, indent=1) if args.json else format_policy(policy))
     return 0
 
 
@@ -299,6 +338,18 @@ def parser() -> argparse.ArgumentParser:
     resume = sub.add_parser("resume", help="resume a paused process (as root)")
     resume.add_argument("pid", type=positive_pid, metavar="PID")
     resume.set_defaults(func=cmd_resume)
+
+    priority = sub.add_parser("priority", help="read or set a process's scheduling priority",
+                              description="Without LEVEL, prints the priority. Root may set any process's; other "
+                                          "users may only lower the priority of their own processes.")
+    priority.add_argument("pid", type=positive_pid, metavar="PID")
+    priority.add_argument("level", nargs="?", choices=["high", "normal", "low"], metavar="LEVEL",
+                          help="high, normal or low")
+    priority.set_defaults(func=cmd_priority)
+
+    policy = sub.add_parser("policy", help="the configuration's rules and the processes they match")
+    policy.add_argument("--json", action="store_true", help="print JSON")
+    policy.set_defaults(func=cmd_policy)
 
     quota = sub.add_parser("quota", help="device memory quotas for any process or cgroup",
                            description="A process or cgroup that would cross its quota is stopped (SIGSTOP) before "

@@ -37,8 +37,11 @@ PROCESS_METRICS: list[tuple[str, str, str, Callable[[ProcessGpu], float | None]]
     ("gpuwatch_process_launches", "Kernel launches (estimated in sample mode)", "counter", lambda r: r.launches),
     ("gpuwatch_process_graph_launches", "CUDA graph launches (estimated in sample mode)", "counter",
      lambda r: r.graph_launches),
-    ("gpuwatch_process_quota_bytes", "Device memory quota of a process under the interposer", "gauge",
-     lambda r: r.quota_bytes),
+    ("gpuwatch_process_quota_bytes", "Device memory quota of the process (or of its quota group), per GPU",
+     "gauge", lambda r: r.quota_bytes),
+    ("gpuwatch_process_quota_pauses", "Times the process was stopped (SIGSTOP) before an allocation past its quota "
+     "(on its first GPU's row)", "counter", lambda r: r.quota_pauses if r.quota_bytes is not None or r.quota_pauses
+     else None),
     ("gpuwatch_process_swapped_bytes", "Device memory of a process under the interposer now held in host memory",
      "gauge", lambda r: r.swapped_bytes if r.interposed else None),
 ]

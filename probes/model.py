@@ -98,7 +98,8 @@ class Enforcement:
     interposed: bool
     state: str
     priority: str | None = None
-    mem_limit: int | None = None  # the quota the process started with (GPUWATCH_MEM_LIMIT), per GPU
+    mem_limit: int | None = None  # the quota the process started with (GPUWATCH_MEM_LIMIT), or its quota
+                                  # group's (`gpuwatch quota set`), per GPU
     devices: tuple[DeviceEnforcement, ...] = ()
     swap_out_bytes_total: int = 0
     swap_in_bytes_total: int = 0

@@ -363,6 +363,14 @@ class Tracer:
                 table = self._bpf["quota_stops"]
                 table.pop(table.Key(pid << 32 | tid), None)
 
+    def traced(self, pid: int) -> bool:
+        """Whether the probes have seen the process use a GPU."""
+        with self._lock:
+            if self._bpf is None:
+                return False
+            table = self._bpf["procs"]
+            return table.get(table.Key(pid)) is not None
+
     def call_pending(self, pid: int, tid: int) -> bool:
         """Whether a thread is inside a probed call (a stopped allocation has not returned)."""
         with self._lock:

@@ -224,7 +224,8 @@ static __always_inline void gw_quota_check(u32 tgid, struct gw_call *c)
     u64 id = bpf_get_current_pid_tgid();
     struct gw_stop stop = {.size = c->size, .gpu = c->gpu, .kind = c->kind,
                            .group_used = total > 0 ? total : 0, .limit = limit};
-    quota_stops.update(&id, &stop);
+    if (quota_stops.update(&id, &stop))
+        return;  /* no record, no stop: user space could never continue it */
     bpf_send_signal(GW_SIGSTOP);
     gw_emit(GW_EV_QUOTA_STOP, tgid, c->gpu, c->kind, 0, c->size, 0);
 }
