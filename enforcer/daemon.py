@@ -13,7 +13,7 @@ from typing import Any
 
 from ..exporters.metrics import MetricsServer
 from ..probes import Tracer
-from ..probes.model import Enforcement
+from ..probes.model import Enforcement, Snapshot
 from .config import Config, InterposerSection, SchedulerSection
 from .control import Command, ControlError, ControlServer, Peer
 from .enforcer import Enforcer, SchedulerSettings
@@ -39,7 +39,7 @@ class Daemon:
         self.metrics_listen = metrics_listen
         self._stopping = threading.Event()
         self.interposed = InterposedRegistry(interposer.lease_ms, interposer.request_timeout_ms / 1000)
-        self.pauser = Pauser(self.interposed)
+        self.pauser = Pauser(self.interposed, held=lambda pid: self.quota.holds(pid))
         # processes stopped at their quota, for a daemon started after this one was killed: beside the socket
         self.quota = QuotaEnforcer(tracer, Path(state_file or Path(socket_path).parent / "stopped.json"),
                                    held_elsewhere=lambda pid: pid in self.pauser.enforcement())
@@ -93,7 +93,7 @@ class Daemon:
             server.start()
             if self.metrics_listen:
                 host, port = self.metrics_listen
-                metrics = MetricsServer(host, port, self.tracer.snapshot)
+                metrics = MetricsServer(host, port, self.snapshot)
             health = self.tracer.health()
             log.info("running: %d libraries, %d probes, launches=%s, socket %s, metrics %s", len(health.libraries),
                      health.probes_attached, health.launch_mode, self.socket_path,
@@ -189,7 +189,15 @@ class Daemon:
         merged = self.quota.enforcement()
         for pid, e in self.pauser.enforcement().items():
             merged[pid] = replace(merged[pid], state=e.state) if pid in merged else e
-        return {**merged, **self.interposed.enforcement()}
+        merged = {**merged, **self.interposed.enforcement()}
+        return self.enforcer.enforcement(merged) if self.enforcer else merged
+
+    def snapshot(self) -> Snapshot:
+        """The tracer's snapshot with the scheduler's summary: what the metrics serve."""
+        snap = self.tracer.snapshot()
+        if self.enforcer:
+            snap.scheduler = self.enforcer.summary()
+        return snap
 
     def _quota_loop(self, events: queue.Queue) -> None:
         """Quota stops as they happen; frees, exits and libcuda opens as they come; the rest every 0.1 s."""

@@ -10,9 +10,9 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from ..probes.model import Enforcement, ProcessGpu, Snapshot
+from ..probes.model import Enforcement, ProcessGpu, SchedulerSummary, Snapshot
 from .control import ControlError
 from .interposed import InterposedRegistry
 from .pause import Pauser
@@ -66,6 +66,7 @@ class Enforcer:
         self.priority_of, self.exclusive = priority_of, exclusive
         self.overrides: dict[int, Priority] = {}
         self.stats: dict[int, SchedulingStats] = {}
+        self._waits = SchedulingStats()         # every wait of every process, for the histogram
         self._schedulers: dict[int, Scheduler] = {}
         self._stopped: set[int] = set()        # stopped with SIGSTOP by the scheduler, not by a person
         self._bounded: set[int] = set()        # told to bound their launch queues
@@ -83,6 +84,24 @@ class Enforcer:
         if self._thread.is_alive():
             self._thread.join(timeout=5)
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def summary(self) -> SchedulerSummary:
+        counts, total = [], 0
+        for bound, n in zip(WAIT_BUCKETS, self._waits.wait_buckets):
+            total += n
+            counts.append((bound, total))
+        return SchedulerSummary(tuple(counts), self._waits.wait_count, self._waits.wait_seconds)
+
+    def enforcement(self, records: dict[int, Enforcement]) -> dict[int, Enforcement]:
+        """`records` with what the scheduler did to each process added (and plain processes it scheduled)."""
+        out = dict(records)
+        for pid, s in list(self.stats.items()):
+            if not (s.slice_seconds or s.wait_seconds or s.preemptions):
+                continue
+            base = out.get(pid) or Enforcement(pid=pid, interposed=False, state="running")
+            out[pid] = replace(base, slice_seconds=s.slice_seconds, wait_seconds=s.wait_seconds,
+                               preemptions=s.preemptions)
+        return out
 
     @property
     def quantum(self) -> float:
@@ -192,6 +211,7 @@ class Enforcer:
             runs = d.verdict is Verdict.RUN
             if runs and not s.running and s.waiting_since is not None:
                 s.waited(now - s.waiting_since)
+                self._waits.waited(now - s.waiting_since)
                 s.waiting_since = None
             elif not runs and s.running:
                 s.preemptions += 1

@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,8 +43,9 @@ def pid_argument(request: dict[str, Any]) -> int:
 
 
 class Pauser:
-    def __init__(self, interposed: InterposedRegistry) -> None:
+    def __init__(self, interposed: InterposedRegistry, held: Callable[[int], bool] = lambda pid: False) -> None:
         self.interposed = interposed
+        self.held = held  # stopped at its quota too: a SIGCONT would let the crossing allocation through
         self._stopped: dict[int, int] = {}  # pid -> start time of the processes this daemon stopped
         self._lock = threading.Lock()
 
@@ -83,7 +85,8 @@ class Pauser:
         with self._lock:
             self._stopped.pop(pid, None)
         try:
-            os.kill(pid, signal.SIGCONT)
+            if not self.held(pid):
+                os.kill(pid, signal.SIGCONT)
         except ProcessLookupError:
             raise ControlError(f"no process with pid {pid}") from None
         log.info("pid %d continued (SIGCONT)", pid)
@@ -127,7 +130,8 @@ class Pauser:
             stat = proc_stat(pid)
             if stat is not None and stat.start_time == start:
                 try:
-                    os.kill(pid, signal.SIGCONT)
+                    if not self.held(pid):
+                        os.kill(pid, signal.SIGCONT)
                     log.info("pid %d continued (SIGCONT): the daemon is stopping", pid)
                 except ProcessLookupError:
                     pass

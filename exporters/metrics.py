@@ -11,7 +11,7 @@ import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.utils import floatToGoString
 
@@ -44,6 +44,12 @@ PROCESS_METRICS: list[tuple[str, str, str, Callable[[ProcessGpu], float | None]]
      else None),
     ("gpuwatch_process_swapped_bytes", "Device memory of a process under the interposer now held in host memory",
      "gauge", lambda r: r.swapped_bytes if r.interposed else None),
+    ("gpuwatch_process_slice_seconds", "Time the process ran while the scheduler sliced its GPU (on its first GPU's "
+     "row)", "counter", lambda r: r.slice_seconds if r.interposed or r.slice_seconds else None),
+    ("gpuwatch_process_wait_seconds", "Time the process waited for its turn on the GPU (on its first GPU's row)",
+     "counter", lambda r: r.wait_seconds if r.interposed or r.wait_seconds else None),
+    ("gpuwatch_process_preemptions", "Times the scheduler paused, swapped out or stopped the process (on its first "
+     "GPU's row)", "counter", lambda r: r.preemptions if r.interposed or r.preemptions else None),
 ]
 
 # (name, help, kind, extra label, its values and the value of each for a row); kind as above
@@ -97,6 +103,12 @@ def _non_process_families(snap: Snapshot) -> Iterator[Metric]:
         if g.utilization is not None:
             util.add_metric(labels, g.utilization / 100)
     yield from (total, used, util)
+
+    if snap.scheduler is not None:
+        waits = snap.scheduler
+        yield HistogramMetricFamily("gpuwatch_scheduler_wait_seconds", "How long processes waited for their turn "
+                                    "on a sliced GPU", buckets=[*((floatToGoString(b), n) for b, n in waits.wait_buckets),
+                                                                ("+Inf", waits.wait_count)], sum_value=waits.wait_sum)
 
     h = snap.health
     yield CounterMetricFamily("gpuwatch_events_lost", "Events dropped because the ring buffer was full "

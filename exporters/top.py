@@ -235,12 +235,25 @@ STATE_NAMES = {"running": "running", "paused": "paused", "swapping_out": "swap-o
 STATE_COLUMN = Column("STATE", 8, 1, lambda r: STATE_NAMES.get(r.state, r.state), "<")
 
 
+# What the enforcer did, shown with STATE; at narrow widths these go first.
+ENFORCEMENT_COLUMNS = [
+    Column("QUOTA", 9, 8, lambda r: human_bytes(r.raw.get("quota_bytes"))),
+    Column("SWAPPED", 9, 8, lambda r: human_bytes(r.raw.get("swapped_bytes", 0))),
+    Column("SLICE", 7, 9, lambda r: f"{r.raw.get('slice_seconds', 0.0):.0f}s"),
+    Column("WAIT", 7, 9, lambda r: f"{r.raw.get('wait_seconds', 0.0):.0f}s"),
+    Column("PREEMPT", 7, 9, lambda r: str(r.raw.get("preemptions", 0))),
+    Column("QSTOPS", 6, 9, lambda r: str(r.raw.get("quota_pauses", 0))),
+]
+
+
 def columns_for(rows: Iterable[Row]) -> list[Column]:
-    """COLUMNS, with STATE after GPU while any row is under the interposer or paused."""
-    if not any(r.interposed or r.state != "running" for r in rows):
+    """COLUMNS, with STATE after GPU and the enforcement columns before COMMAND while any row is under the
+    interposer, paused or under a quota."""
+    rows = list(rows)
+    if not any(r.interposed or r.state != "running" or r.raw.get("quota_bytes") is not None for r in rows):
         return COLUMNS
     at = COLUMNS.index(next(c for c in COLUMNS if c.title == "GPU")) + 1
-    return [*COLUMNS[:at], STATE_COLUMN, *COLUMNS[at:]]
+    return [*COLUMNS[:at], STATE_COLUMN, *COLUMNS[at:-1], *ENFORCEMENT_COLUMNS, COLUMNS[-1]]
 
 
 Fitted = list[tuple[Column, int]]

@@ -75,6 +75,9 @@ class ProcessGpu:
     swap_in_bytes_total: int = 0
     waiting_threads: int = 0      # threads held at the interposer's closed gate: the process wants to run
     quota_pauses: int = 0         # times it was stopped at its quota (`gpuwatch quota set`)
+    slice_seconds: float = 0.0    # time it ran while the scheduler sliced its GPU
+    wait_seconds: float = 0.0     # time it waited for its turn
+    preemptions: int = 0          # times the scheduler paused, swapped out or stopped it
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -108,6 +111,9 @@ class Enforcement:
     launches: int | None = None   # exact counts from the page (None: not known)
     graph_launches: int | None = None
     quota_pauses: int = 0         # times the daemon stopped it at its quota
+    slice_seconds: float = 0.0
+    wait_seconds: float = 0.0
+    preemptions: int = 0
 
 
 @dataclass(frozen=True)
@@ -134,11 +140,20 @@ class TracerHealth:
     nvml: bool = False
 
 
+@dataclass(frozen=True)
+class SchedulerSummary:
+    """How long processes waited for their turn, over the daemon's life: a histogram."""
+    wait_buckets: tuple[tuple[float, int], ...]  # (upper bound in seconds, waits at most that long), cumulative
+    wait_count: int
+    wait_sum: float
+
+
 @dataclass
 class Snapshot:
     processes: list[ProcessGpu]
     gpus: list[Gpu]
     health: TracerHealth
+    scheduler: SchedulerSummary | None = None
     taken_at: float = field(default_factory=time.time)
 
     def to_json(self) -> dict:

@@ -507,6 +507,7 @@ class Tracer:
             main.swap_out_bytes_total, main.swap_in_bytes_total = e.swap_out_bytes_total, e.swap_in_bytes_total
             main.waiting_threads = e.waiting_threads
             main.quota_pauses = e.quota_pauses
+            main.slice_seconds, main.wait_seconds, main.preemptions = e.slice_seconds, e.wait_seconds, e.preemptions
             # the page counts every launch exactly at no cost, the probes only while attached: prefer the page
             # unless the probes count everything too (its counts are per process: only with one GPU)
             if e.launches is not None and len(on_gpus) <= 1 and self.launch_mode != LaunchMode.ALL:

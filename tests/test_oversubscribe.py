@@ -79,6 +79,7 @@ def test_two_programs_larger_than_the_gpu_both_complete_with_their_data(fakecuda
             assert driver_used(shared) <= CAPACITY
             rows = {r["pid"]: r for r in sdaemon.ps()}
             assert rows[a.pid]["swap_out_bytes_total"] >= 32 * MiB
+            assert rows[a.pid]["preemptions"] >= 1 and rows[b.pid]["wait_seconds"] > 0
             b.ok("check b1 21")
             b.ok("check b2 22")
             b.ok("free b1")
