@@ -39,7 +39,8 @@ class Daemon:
         self.metrics_listen = metrics_listen
         self._stopping = threading.Event()
         self.interposed = InterposedRegistry(interposer.lease_ms, interposer.request_timeout_ms / 1000)
-        self.pauser = Pauser(self.interposed, held=lambda pid: self.quota.holds(pid))
+        self.pauser = Pauser(self.interposed, held=lambda pid: self.quota.holds(pid),
+                             state_file=Path(state_file or Path(socket_path).parent / "stopped.json").with_name("paused.json"))
         # processes stopped at their quota, for a daemon started after this one was killed: beside the socket
         self.quota = QuotaEnforcer(tracer, Path(state_file or Path(socket_path).parent / "stopped.json"),
                                    held_elsewhere=lambda pid: pid in self.pauser.enforcement())
@@ -86,6 +87,7 @@ class Daemon:
                                             name="gpuwatch-quota", daemon=True)
             quota_thread.start()
             self.interposed.start()
+            self.pauser.recover()
             self.procevents.start()
             self.policy.apply_all()
             if self.enforcer:

@@ -2,6 +2,7 @@
 memory may move to host memory), with SIGSTOP and SIGCONT otherwise (the daemon records whom it stopped)."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -43,11 +44,39 @@ def pid_argument(request: dict[str, Any]) -> int:
 
 
 class Pauser:
-    def __init__(self, interposed: InterposedRegistry, held: Callable[[int], bool] = lambda pid: False) -> None:
+    def __init__(self, interposed: InterposedRegistry, held: Callable[[int], bool] = lambda pid: False,
+                 state_file: Path | None = None) -> None:
         self.interposed = interposed
         self.held = held  # stopped at its quota too: a SIGCONT would let the crossing allocation through
         self._stopped: dict[int, int] = {}  # pid -> start time of the processes this daemon stopped
         self._lock = threading.Lock()
+        self.state_file = state_file  # survives a crash: the next daemon continues what this one stopped
+
+    def recover(self) -> None:
+        """At start: continue what a previous daemon stopped and could not continue (it was killed)."""
+        try:
+            entries = json.loads(self.state_file.read_text()) if self.state_file else {}
+        except (OSError, ValueError):
+            entries = {}
+        for pid, start in (entries.items() if isinstance(entries, dict) else []):
+            stat = proc_stat(int(pid)) if str(pid).isdigit() else None
+            if stat is not None and stat.start_time == start and stat.state == "T" and not self.held(int(pid)):
+                os.kill(int(pid), signal.SIGCONT)
+                log.info("pid %s continued (SIGCONT): a previous daemon stopped it", pid)
+        self._save()
+
+    def _save(self) -> None:
+        if not self.state_file:
+            return
+        with self._lock:
+            data = json.dumps({str(pid): start for pid, start in self._stopped.items()})
+        try:
+            self.state_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.state_file.with_name(self.state_file.name + ".tmp")
+            tmp.write_text(data)
+            os.replace(tmp, self.state_file)
+        except OSError as exc:
+            log.warning("cannot write %s: %s", self.state_file, exc)
 
     def pause(self, pid: int, swap: bool = False, nbytes: int = 0) -> dict[str, Any]:
         process = self.interposed.get(pid)
@@ -70,6 +99,7 @@ class Pauser:
             raise ControlError(f"no process with pid {pid}") from None
         with self._lock:
             self._stopped[pid] = stat.start_time
+        self._save()
         log.info("pid %d stopped (SIGSTOP)", pid)
         return {"pid": pid, "interposed": False, "state": "stopped"}
 
@@ -84,6 +114,7 @@ class Pauser:
             raise ControlError(f"pid {pid} was not paused by gpuwatch")
         with self._lock:
             self._stopped.pop(pid, None)
+        self._save()
         try:
             if not self.held(pid):
                 os.kill(pid, signal.SIGCONT)
@@ -135,6 +166,7 @@ class Pauser:
                     log.info("pid %d continued (SIGCONT): the daemon is stopping", pid)
                 except ProcessLookupError:
                     pass
+        self._save()
 
 
 def _state(reply: dict[str, Any], expected: str) -> str:

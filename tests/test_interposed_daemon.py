@@ -489,3 +489,30 @@ def test_top_shows_a_state_column_only_when_a_process_is_paused_or_interposed():
     lines = [top.row_line(r, 80, columns) for r in rows]
     assert lines[1].split()[3] == "swap-out" and lines[0].split()[3] == "running"
     assert all(len(line) == 80 for line in lines)
+
+
+def test_a_restarted_daemon_continues_what_a_killed_one_paused(tmp_path) -> None:
+    """`gpuwatch pause` of a plain process, the daemon killed with SIGKILL: the next daemon continues it."""
+    from conftest import Daemon as _Daemon
+    workdir = tmp_path / "d"
+    workdir.mkdir()
+    workdir.chmod(0o755)
+    sleeper = subprocess.Popen(["sleep", "300"])
+    try:
+        first = _Daemon(workdir)
+        first.cli("pause", str(sleeper.pid))
+        wait_for(lambda: _proc_state(sleeper.pid) == "T", 5, "the process to stop")
+        first.stop(signal.SIGKILL)
+        assert _proc_state(sleeper.pid) == "T"
+        second = _Daemon(workdir)
+        try:
+            wait_for(lambda: _proc_state(sleeper.pid) in ("S", "R"), 5, "the new daemon to continue it")
+        finally:
+            second.stop()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def _proc_state(pid: int) -> str:
+    return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
