@@ -93,5 +93,22 @@ def hold(gib: str) -> None:
         emit(event="allocated", count=len(tensors), reserved=torch.cuda.memory_reserved(), values_ok=ok)
 
 
+def oom() -> None:
+    """1 GiB tensors until the quota says no: the error PyTorch raises, and that the process goes on."""
+    import torch
+    free, total = torch.cuda.mem_get_info()
+    tensors, error = [], None
+    try:
+        while len(tensors) < 1000:
+            tensors.append(torch.ones(GiB // 4, device="cuda"))
+    except torch.OutOfMemoryError as exc:
+        error = f"{type(exc).__module__}.{type(exc).__name__}"
+    count = len(tensors)
+    tensors.clear()
+    torch.cuda.empty_cache()
+    after = float(torch.ones(1000, device="cuda").sum().item())
+    emit(event="done", total=total, free=free, allocated_gib=count, error=error, works_after=after == 1000)
+
+
 if __name__ == "__main__":
-    {"train": train, "infer": infer, "hold": hold}[sys.argv[1]](*sys.argv[2:])
+    {"train": train, "infer": infer, "hold": hold, "oom": oom}[sys.argv[1]](*sys.argv[2:])

@@ -217,7 +217,8 @@ def priority() -> None:
 
 def quota() -> None:
     log("quota for a process not under the interposer ...")
-    cg = Path("/sys/fs/cgroup/gwvalidate")
+    mounts = [l.split()[1] for l in Path("/proc/mounts").read_text().splitlines() if l.split()[2] == "cgroup2"]
+    cg = Path(mounts[0] if mounts else "/sys/fs/cgroup") / "gwvalidate"
     cg.mkdir(exist_ok=True)
     holder = Job("quota-holder", ["hold", "4"], stdin=True)
     grower = Job("quota-grower", ["hold", "8"], stdin=True)
@@ -261,8 +262,15 @@ def quota() -> None:
     log(f"  quota: {out}")
 
 
+def exec_oom() -> None:
+    log("gpuwatch exec --mem-limit 6GiB: 1 GiB tensors until the quota ...")
+    job = Job("exec-oom", ["oom"], exec_under("--mem-limit", "6GiB"))
+    results["exec_oom"] = {"rc": job.wait(120), **(job.event("done", 1) or {"error": job.error()})}
+    log(f"  exec_oom: {results['exec_oom']}")
+
+
 def main() -> int:
-    wanted = sys.argv[1:] or ["oversubscribe", "fits", "priority", "quota"]
+    wanted = sys.argv[1:] or ["oversubscribe", "fits", "priority", "quota", "exec_oom"]
     daemon = start_daemon()
     try:
         for name in wanted:
