@@ -8,6 +8,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from .policy import Rule, RuleError, parse_rules
+
 DEFAULT_PATH = "/etc/gpuwatch/gpuwatch.toml"
 
 
@@ -85,6 +87,11 @@ class Config:
     metrics: MetricsSection = field(default_factory=MetricsSection)
     interposer: InterposerSection = field(default_factory=InterposerSection)
     scheduler: SchedulerSection = field(default_factory=SchedulerSection)
+    rules: tuple[Rule, ...] = ()  # the [[rule]] tables (enforcer/policy.py), in order
+
+
+def _sections() -> dict[str, Any]:
+    return {f.name: f for f in fields(Config) if f.name != "rules"}
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -118,12 +125,17 @@ def parse(text: str, where: str = "config") -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{where}: invalid TOML: {exc}") from None
-    sections = {f.name: f for f in fields(Config)}
+    rules = data.pop("rule", [])
+    sections = _sections()
     for name in data:
         if name not in sections:
-            raise ConfigError(f"{where}: [{name}]: unknown section (known: {', '.join(sections)})")
+            raise ConfigError(f"{where}: [{name}]: unknown section (known: {', '.join(sections)}, [[rule]])")
     config = Config(**{name: _section(sections[name].default_factory().__class__, name, value, where)
                        for name, value in data.items()})
+    try:
+        config = replace(config, rules=parse_rules(rules))
+    except RuleError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
     d = config.daemon
     if d.sample_window_ms >= d.sample_period_ms:
         raise ConfigError(f"{where}: daemon.sample_window_ms: must be shorter than daemon.sample_period_ms "
@@ -154,7 +166,7 @@ def with_overrides(config: Config, daemon: dict[str, Any], metrics: dict[str, An
 def reference() -> str:
     """Every key with its default and meaning, as TOML (for the README and `gpuwatch config`)."""
     lines = []
-    for section in fields(Config):
+    for section in _sections().values():
         lines.append(f"[{section.name}]")
         for f in fields(section.default_factory()):
             default = str(f.default).lower() if isinstance(f.default, bool) else repr(f.default).replace("'", '"')

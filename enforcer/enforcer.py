@@ -64,7 +64,6 @@ class Enforcer:
                  exclusive: Callable[[int], bool] = lambda pid: False) -> None:
         self.snapshot, self.interposed, self.pauser, self.settings = snapshot, interposed, pauser, settings
         self.priority_of, self.exclusive = priority_of, exclusive
-        self.overrides: dict[int, Priority] = {}
         self.stats: dict[int, SchedulingStats] = {}
         self._waits = SchedulingStats()         # every wait of every process, for the histogram
         self._schedulers: dict[int, Scheduler] = {}
@@ -106,10 +105,6 @@ class Enforcer:
     @property
     def quantum(self) -> float:
         return self.settings.quantum_s or default_quantum(self._switch_seconds)
-
-    def set_priority(self, pid: int, priority: Priority) -> None:
-        with self._lock:
-            self.overrides[pid] = priority
 
     def _loop(self) -> None:
         while not self._stop.wait(self.settings.tick_s if self.interposed.pids() or self._stopped else 1.0):
@@ -170,8 +165,11 @@ class Enforcer:
         self._bounded &= set(pages)
 
     def _priority(self, pid: int, page: Enforcement | None) -> Priority:
-        return self.overrides.get(pid) or self.priority_of(pid) or \
-            (Priority.parse(page.priority) if page and page.priority in ("low", "normal", "high") else Priority.NORMAL)
+        """A rule's or `gpuwatch priority`'s (policy), else what the process asked for at `gpuwatch exec`."""
+        chosen = self.priority_of(pid)
+        if chosen is not None:
+            return chosen
+        return Priority.parse(page.priority) if page and page.priority in ("low", "normal", "high") else Priority.NORMAL
 
     def _deny(self, pid: int) -> None:
         process = self.interposed.get(pid)

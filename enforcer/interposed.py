@@ -14,6 +14,7 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -176,6 +177,8 @@ class InterposedRegistry:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._renew_loop, name="gpuwatch-leases", daemon=True)
+        # called with the pid of each process that attaches, before its requests are read: must not block
+        self.on_attach: Callable[[int], None] | None = None
 
     def start(self) -> None:
         self._thread.start()
@@ -221,6 +224,11 @@ class InterposedRegistry:
             previous.close()  # the library reconnected: the new connection wins
         log.info("pid %d attached (quota %s, priority %s, swap %s)", peer.pid, attach.mem_limit, attach.priority,
                  attach.swap)
+        if self.on_attach is not None:
+            try:
+                self.on_attach(peer.pid)
+            except Exception:
+                log.exception("pid %d: attach callback failed", peer.pid)
         try:
             process.serve()
         finally:
