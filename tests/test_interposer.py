@@ -4,6 +4,7 @@ memory really unreachable and really come back. Quotas, memory info, lookups, su
 the gate and the daemon protocol, with a fake daemon."""
 from __future__ import annotations
 
+import struct
 import time
 
 import pytest
@@ -560,3 +561,46 @@ def test_fake_driver_refuses_unmapped_vmm_memory_and_shares_capacity(iprogs, tmp
     assert q.ok("attr 102 0") == ["0"]
     assert q.ok("info") == [str(GiB - 602 * MiB), str(GiB)]
     assert q.err("alloc b 600M") == 2
+
+
+def test_bounded_launch_queue_on_request(iprogs, fake_daemons):
+    """`bound` sets the gate's second bit: launches then mark their stream every n and wait for the mark
+    before last (events); the work goes on without error, and `bound` off clears it."""
+    d = fake_daemons()
+    p = iprogs(env={"GPUWATCH_SOCKET": str(d.path)})
+    d.accept()
+    p.ok("spin l launch -")
+    assert d.request("bound", on=True)["ok"] is True
+    wait_for(lambda: p.page["gate"] == 2, 2, "the gate's bounded bit")
+    before = p.spinning("l")
+    wait_for(lambda: p.spinning("l") > before + 500, 10, "launches to go on while bounded")
+    assert d.request("bound", on=False)["ok"] is True
+    wait_for(lambda: p.page["gate"] == 0, 2, "the bit to clear")
+    assert p.ok("spinstop l")[1:] == ["0", "0"]
+
+
+def test_allocation_waits_for_room_while_a_daemon_is_attached(iprogs, fake_daemons, tmp_path):
+    """The device is full (not the quota): the allocation waits, shows in wanted_bytes, and is tried again at
+    `resume`; `no_room` makes it fail with the driver's 2."""
+    shared = tmp_path / "state"
+    d = fake_daemons()
+    env = {"GPUWATCH_SOCKET": str(d.path), "FAKECUDA_SHARED_STATE": str(shared), "FAKECUDA_MEM_BYTES": str(8 * MiB),
+           "FAKECUDA_DEVICES": "1"}
+    p = iprogs(env=env)
+    d.accept()
+    other = iprogs(env={**env, "GPUWATCH_SOCKET": ""})
+    other.ok("alloc x 6M")  # another process holds most of the device
+    p.proc.stdin.write("alloc a 4M\n")
+    p.proc.stdin.flush()
+    wanted = struct.Struct("<Q")
+    wait_for(lambda: wanted.unpack_from(p.page.map, 120)[0] == 4 * MiB, 5, "the allocation to wait for room")
+    assert d.request("resume")["ok"] is True  # no room yet: it waits again
+    wait_for(lambda: wanted.unpack_from(p.page.map, 120)[0] == 4 * MiB, 5, "it to wait again")
+    other.ok("free x")
+    assert d.request("resume")["ok"] is True
+    assert p.proc.stdout.readline().split()[0] == "ok"  # the allocation went through
+    p.proc.stdin.write("alloc b 6M\n")
+    p.proc.stdin.flush()
+    wait_for(lambda: wanted.unpack_from(p.page.map, 120)[0] == 6 * MiB, 5, "the second to wait")
+    assert d.request("no_room")["ok"] is True
+    assert p.proc.stdout.readline().split() == ["err", "2"]
