@@ -29,8 +29,10 @@ int main(int argc, char **argv)
 	cudaDeviceSynchronize();
 	int (*swap_out)(unsigned long long) = (int (*)(unsigned long long))dlsym(RTLD_DEFAULT, "gpuwatch_swap_out");
 	int (*resume)(void) = (int (*)(void))dlsym(RTLD_DEFAULT, "gpuwatch_resume");
-	if (swap_out && resume)
-		printf("swap out %d, resume %d\n", swap_out(0), resume());
+	if (swap_out && resume) {
+		int out = swap_out(0);
+		printf("swap out %d, resume %d\n", out, resume());
+	}
 	unsigned *h = (unsigned *)malloc(n * 4);
 	cudaMemcpy(h, d, n * 4, cudaMemcpyDeviceToHost);
 	size_t bad = 0;
