@@ -8,34 +8,15 @@ import os
 import signal
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..probes.model import STATES, Enforcement
+from ..probes.procinfo import PF_KTHREAD, ProcStat, proc_stat
 from .control import ControlError
 from .interposed import InterposedRegistry, printable
 
 log = logging.getLogger(__name__)
-PF_KTHREAD = 0x00200000
-
-
-@dataclass(frozen=True)
-class ProcStat:
-    state: str  # R, S, T, ...
-    flags: int
-    start_time: int  # clock ticks after boot: tells a process from a later one with the same pid
-
-
-def proc_stat(pid: int) -> ProcStat | None:
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-        fields = text[text.rindex(")") + 2:].split()  # after "pid (comm) ": comm may hold spaces and parens
-        return ProcStat(fields[0], int(fields[6]), int(fields[19]))
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 def pid_argument(request: dict[str, Any]) -> int:
     pid = request.get("pid")
     if type(pid) is not int or pid <= 0:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from ..probes.procinfo import container_of
+from ..probes.procinfo import PF_KTHREAD, container_of
 from .control import ControlError
 from .scheduler import Priority
 from .sizes import SizeError, parse_size
@@ -36,7 +36,6 @@ ACTIONS = ("pause", "kill")
 PRIORITY_NAMES = ("high", "normal", "low")
 RULE_KEYS = ("name", "match", "quota", "priority", "action", "exclusive")
 MATCH_KEYS = ("cgroup", "container", "pod", "user", "exe", "cmdline")
-PF_KTHREAD = 0x00200000
 _POD_UID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _HEX = re.compile(r"[0-9a-f]+")
 

@@ -20,7 +20,8 @@ import struct
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
+
+from ..probes.procinfo import proc_stat, thread_states
 
 log = logging.getLogger(__name__)
 SCAN_SECONDS = 1.0
@@ -38,29 +39,9 @@ def _control(op: int) -> bytes:
     return struct.pack("=IHHII", 16 + len(payload), NLMSG_DONE, 0, 0, 0) + payload
 
 
-def _state_and_start(pid: int) -> tuple[str, int] | None:
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-        fields = text[text.rindex(")") + 2:].split()
-        return fields[0], int(fields[19])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 def _ended(tgid: int) -> bool:
     """Whether no thread of the process runs any more (gone, or a zombie waiting for its parent)."""
-    try:
-        tids = os.listdir(f"/proc/{tgid}/task")
-    except OSError:
-        return True
-    for tid in tids:
-        try:
-            text = Path(f"/proc/{tgid}/task/{tid}/stat").read_text()
-        except OSError:
-            continue
-        if text[text.rindex(")") + 2:][:1] not in ("Z", "X"):
-            return False
-    return True
+    return all(state in ("Z", "X") for state in thread_states(tgid) or [])
 
 
 class ProcEvents:
@@ -222,14 +203,14 @@ class ProcEvents:
             if not name.isdigit():
                 continue
             pid = int(name)
-            stat = _state_and_start(pid)
-            if stat is None or stat[0] in ("Z", "X"):
+            stat = proc_stat(pid)
+            if stat is None or stat.state in ("Z", "X"):
                 continue
             try:
                 exe = os.readlink(f"/proc/{pid}/exe")
             except OSError:
                 exe = ""
-            found[pid] = (stat[1], exe)
+            found[pid] = (stat.start_time, exe)
         return found
 
     def _scan(self) -> None:

@@ -24,7 +24,7 @@ from typing import Any, Callable, Protocol
 
 from ..probes.model import Enforcement, Event, EventType, QuotaStop
 from .control import ControlError
-from .pause import PF_KTHREAD, proc_stat
+from ..probes.procinfo import PF_KTHREAD, proc_stat, thread_states
 
 log = logging.getLogger(__name__)
 DEFAULT_STATE_FILE = Path("/run/gpuwatch/stopped.json")
@@ -80,18 +80,7 @@ def process_cgroup(pid: int) -> str | None:
 
 def _stopped(pid: int) -> bool:
     """Whether any thread of the process is stopped (its main thread may have exited)."""
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return False
-    for tid in tasks:
-        try:
-            text = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
-        except OSError:
-            continue
-        if text[text.rindex(")") + 2:][:1] in ("T", "t"):  # after "tid (comm) ": comm may hold parens
-            return True
-    return False
+    return any(state in ("T", "t") for state in thread_states(pid) or [])
 
 
 def _below(path: str, top: str) -> bool:

@@ -1,6 +1,7 @@
-"""What /proc says about a traced process: its command, user, and container or Kubernetes pod."""
+"""What /proc says about a process: its command, user, container or Kubernetes pod, and its run state."""
 from __future__ import annotations
 
+import os
 import pwd
 import re
 from dataclasses import dataclass
@@ -55,3 +56,40 @@ def read(pid: int) -> ProcInfo | None:
     except (OSError, ValueError):
         return None
     return ProcInfo(comm, uid, _user(uid), container, pod)
+
+
+PF_KTHREAD = 0x00200000
+
+
+@dataclass(frozen=True)
+class ProcStat:
+    state: str  # R, S, T, Z, ...
+    flags: int
+    start_time: int  # clock ticks after boot: tells a process from a later one with the same pid
+
+
+def _after_comm(text: str) -> list[str]:
+    return text[text.rindex(")") + 2:].split()  # after "pid (comm) ": comm may hold spaces and parens
+
+
+def proc_stat(pid: int) -> ProcStat | None:
+    try:
+        fields = _after_comm(Path(f"/proc/{pid}/stat").read_text())
+        return ProcStat(fields[0], int(fields[6]), int(fields[19]))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def thread_states(pid: int) -> list[str] | None:
+    """The run state of each of a process's threads (its main thread may have exited); None: gone."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    states = []
+    for tid in tids:
+        try:
+            states.append(_after_comm(Path(f"/proc/{pid}/task/{tid}/stat").read_text())[0])
+        except (OSError, ValueError, IndexError):
+            continue
+    return states
