@@ -34,7 +34,7 @@ def child() -> None:
     page = ip.page()
     rc_in = ip.resume()
     after = [int_checksum(torch, [t]) for t in tensors]
-    sums = [float((t * 2).sum().item()) for t in tensors]  # kernels on every GPU after the swap
+    sums = [float(t.mul_(2).sum().item()) for t in tensors]  # kernels on every GPU after the swap
     print(f"quota view {all(t == QUOTA for t in totals)}; 3 GiB more refused on each GPU {refused}; "
           f"swap out {rc_out} (state {page.get('state_name')}), resume {rc_in}; data intact {before == after}; "
           f"kernels ran {all(s == s for s in sums)}", flush=True)
