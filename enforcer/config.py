@@ -79,6 +79,8 @@ class SchedulerSection:
     reserve_mib: int = _key(1024, _at_least(0), "device memory left out of every plan")
     context_mib: int = _key(512, _at_least(0), "a process's own context memory, where NVML cannot tell")
     tick_ms: int = _key(50, _positive, "how often the scheduler decides")
+    room_wait_ms: int = _key(30000, _positive, "an allocation waiting for room while its process may run fails "
+                                               "after this long (the device is full for reasons the plan missed)")
 
 
 @dataclass(frozen=True)

@@ -50,11 +50,12 @@ class SchedulerSettings:
     reserve_bytes: int = 1 << 30     # device memory kept free of every process's needs
     context_bytes: int = CONTEXT_BYTES
     tick_s: float = 0.05
+    room_wait_s: float = 30.0
 
     @classmethod
     def from_config(cls, section) -> SchedulerSettings:  # config.SchedulerSection
         return cls(section.quantum_ms / 1000 or None, section.idle_ms / 1000, section.reserve_mib * MiB,
-                   section.context_mib * MiB, section.tick_ms / 1000)
+                   section.context_mib * MiB, section.tick_ms / 1000, section.room_wait_ms / 1000)
 
 
 class Enforcer:
@@ -69,6 +70,7 @@ class Enforcer:
         self._schedulers: dict[int, Scheduler] = {}
         self._stopped: set[int] = set()        # stopped with SIGSTOP by the scheduler, not by a person
         self._bounded: set[int] = set()        # told to bound their launch queues
+        self._wanting: dict[int, float] = {}   # since when a process allowed to run still waits for room
         self._switch_seconds = 0.5              # the last measured cost of a switch; until one: 25 GiB each way
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -134,6 +136,7 @@ class Enforcer:
                     self._deny(c.pid)  # it cannot fit even alone: its allocation fails as the driver said
         self._bound_queues(snap, pages)
         combined = {pid: _strictest(ds) for pid, ds in decisions.items()}
+        self._room_patience(combined, pages, now)
         self._account(combined, pages, now)
         self._apply(combined, pages)
         return combined
@@ -170,6 +173,23 @@ class Enforcer:
         if chosen is not None:
             return chosen
         return Priority.parse(page.priority) if page and page.priority in ("low", "normal", "high") else Priority.NORMAL
+
+    def _room_patience(self, decisions: dict[int, Decision], pages: dict[int, Enforcement], now: float) -> None:
+        """The plan says a process may run, yet its allocation still finds the device full (memory the plan
+        cannot see, fragmentation): after room_wait_s it fails as the driver said, rather than wait forever."""
+        for pid in list(self._wanting):
+            page = pages.get(pid)
+            if page is None or not page.wanted_bytes or decisions.get(pid, Decision(Verdict.PAUSE)).verdict is not Verdict.RUN:
+                del self._wanting[pid]
+        for pid, d in decisions.items():
+            page = pages.get(pid)
+            if d.verdict is Verdict.RUN and page is not None and page.wanted_bytes:
+                since = self._wanting.setdefault(pid, now)
+                if now - since >= self.settings.room_wait_s:
+                    log.warning("pid %d: %d bytes found no room for %.0f s while it could run: its allocation fails",
+                                pid, page.wanted_bytes, now - since)
+                    self._deny(pid)
+                    del self._wanting[pid]
 
     def _deny(self, pid: int) -> None:
         process = self.interposed.get(pid)

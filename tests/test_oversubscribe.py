@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -124,3 +125,34 @@ def test_scheduler_can_be_switched_off(tmp_path: Path) -> None:
     assert cfg.scheduler.enabled is False
     with pytest.raises(config.ConfigError, match="scheduler.quantum_ms: must be at least 0"):
         config.parse("[scheduler]\nquantum_ms = -1\n")
+
+
+def test_allocation_that_finds_no_room_although_the_plan_fits_fails_in_time(fakecuda: Path, interposer: Path,  # noqa: F811
+                                                                              tmp_path: Path) -> None:
+    """NVML says the GPU is larger than the device really is: the plan fits, the allocation does not. After
+    room_wait_ms it fails with the driver's out-of-memory error instead of waiting forever."""
+    out = tmp_path / "nvml"
+    subprocess.run(["make", "-s", "-C", str(ROOT / "tests" / "fakenvml"), f"OUT={out}"], check=True)
+    (out / "state").write_text(f"gpu 0 GPU-11111111-2222-3333-4444-555555555555 {1 << 30} 0 Fake GPU\n")
+    workdir = tmp_path / "d"
+    workdir.mkdir()
+    workdir.chmod(0o755)
+    config = workdir / "gpuwatch.toml"
+    config.write_text("[scheduler]\nreserve_mib = 0\ncontext_mib = 0\ntick_ms = 50\nroom_wait_ms = 1000\n")
+    os.environ["LD_LIBRARY_PATH"], os.environ["FAKENVML_STATE"] = str(out), str(out / "state")
+    try:
+        daemon = Daemon(workdir, "--config", str(config), nvml=True)
+    finally:
+        del os.environ["LD_LIBRARY_PATH"], os.environ["FAKENVML_STATE"]
+    try:
+        p = start(fakecuda, interposer, daemon, tmp_path / "fakecuda-state")
+        try:
+            p.ok("alloc a 67108864")
+            started = time.monotonic()
+            assert p.err("alloc b 67108864") == 2  # the device holds 96 MiB: b never fits
+            assert 0.9 <= time.monotonic() - started <= 10
+            p.ok("alloc c 16777216")  # the process goes on
+        finally:
+            p.close()
+    finally:
+        daemon.stop()
