@@ -53,6 +53,7 @@ class Daemon:
         self.enforcer = Enforcer(tracer.snapshot, self.interposed, self.pauser,
                                  SchedulerSettings.from_config(scheduler), priority_of=self.policy.priority_of,
                                  exclusive=self.policy.exclusive) if scheduler.enabled else None
+        self.interposed.room = self.enforcer is not None
         tracer.set_enforcement(self.enforcement)
         self.commands = {
             "ps": Command(self._ps),

@@ -137,6 +137,9 @@ class Enforcer:
         self._bound_queues(snap, pages)
         combined = {pid: _strictest(ds) for pid, ds in decisions.items()}
         self._room_patience(combined, pages, now)
+        for pid, page in pages.items():
+            if page.wanted_bytes and pid not in combined:
+                self._deny(pid)  # on no GPU the scheduler can plan (no NVML): nobody will make room
         self._account(combined, pages, now)
         self._apply(combined, pages)
         return combined

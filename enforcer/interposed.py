@@ -173,6 +173,7 @@ class InterposedRegistry:
         self.lease_ns = lease_ms * 1_000_000
         self.renew_every = lease_ms / 5000
         self.request_timeout = request_timeout
+        self.room = False  # whether a scheduler runs that makes room for allocations that find the device full
         self._processes: dict[int, InterposedProcess] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -213,7 +214,7 @@ class InterposedRegistry:
         connection.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", SEND_TIMEOUT_S, 0))
         try:
             page.write_lease(time.monotonic_ns() + self.lease_ns)
-            connection.send({"ok": True, "result": {"lease_ms": self.lease_ns // 1_000_000}})
+            connection.send({"ok": True, "result": {"lease_ms": self.lease_ns // 1_000_000, "room": self.room}})
         except (OSError, PageError):
             page.close()
             return

@@ -284,6 +284,8 @@ static bool attach(int s, struct line_reader *r)
 		gw_log("the daemon refused us: %s", got == 1 ? line : "no answer");
 		return false;
 	}
+	if (strstr(line, "\"room\": true") || strstr(line, "\"room\":true")) // it schedules: it can make room
+		atomic_fetch_or(&gw->flags, GW_FLAG_ROOM);
 	return true;
 }
 
@@ -314,7 +316,7 @@ static void *control_thread(void *arg)
 				if (lease && gw_now_ns() > lease)
 					fail_open("the daemon's lease expired");
 			}
-			atomic_fetch_and(&gw->flags, ~(GW_FLAG_ATTACHED | GW_FLAG_BOUNDED));
+			atomic_fetch_and(&gw->flags, ~(GW_FLAG_ATTACHED | GW_FLAG_BOUNDED | GW_FLAG_ROOM));
 			atomic_fetch_and(&gw->gate, ~GATE_BOUNDED);
 			atomic_store(&gw->lease_deadline_ns, 0);
 			fail_open("the daemon went away");

@@ -85,7 +85,7 @@ HIDDEN struct gw_slot *gw_gate_wait(struct gw_slot *s, uint32_t *bits)
 
 HIDDEN bool gw_wait_for_room(struct gw_slot *s, uint64_t bytes)
 {
-	if (!(atomic_load(&gw->flags) & GW_FLAG_ATTACHED))
+	if (!(atomic_load(&gw->flags) & GW_FLAG_ROOM))
 		return false;
 	const struct timespec tick = {0, 100 * 1000 * 1000};
 	uint32_t seq = atomic_load(&gw->room_seq);
@@ -93,7 +93,7 @@ HIDDEN bool gw_wait_for_room(struct gw_slot *s, uint64_t bytes)
 	atomic_fetch_add(&gw->waiting, 1);
 	gw_gate_exit(s); // a swap-out may run while we wait
 	gw_log("the device is full: waiting for the daemon to make room for %llu bytes", (unsigned long long)bytes);
-	while (atomic_load(&gw->room_seq) == seq && atomic_load(&gw->flags) & GW_FLAG_ATTACHED)
+	while (atomic_load(&gw->room_seq) == seq && atomic_load(&gw->flags) & GW_FLAG_ROOM)
 		futex(&gw->room_seq, FUTEX_WAIT, seq, &tick);
 	atomic_fetch_sub(&gw->waiting, 1);
 	atomic_fetch_sub(&gw->wanted_bytes, bytes);

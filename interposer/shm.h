@@ -10,7 +10,7 @@
 #define GW_SLOTS ((GW_SHM_SIZE - 4096) / 64)
 
 enum gw_state { GW_RUNNING, GW_PAUSED, GW_SWAPPING_OUT, GW_SWAPPED, GW_SWAPPING_IN };
-enum gw_flag { GW_FLAG_ATTACHED = 1, GW_FLAG_SWAP = 2, GW_FLAG_BOUNDED = 4 };
+enum gw_flag { GW_FLAG_ATTACHED = 1, GW_FLAG_SWAP = 2, GW_FLAG_BOUNDED = 4, GW_FLAG_ROOM = 8 };
 
 struct gw_device {
 	_Atomic uint64_t quota, used, swappable, unswappable, swapped;

@@ -167,9 +167,10 @@ def iprogs(fakecuda: Path, interposer: Path) -> Iterator[Callable[..., IProg]]:
 class FakeDaemon:
     """The daemon's side of docs/interposer.md, "Daemon protocol": one connection at a time."""
 
-    def __init__(self, path: Path, lease_ms: int = 1000) -> None:
+    def __init__(self, path: Path, lease_ms: int = 1000, room: bool = False) -> None:
         self.path = path
         self.lease_ms = lease_ms
+        self.room = room
         self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.server.bind(str(path))
         self.server.listen(4)
@@ -190,7 +191,7 @@ class FakeDaemon:
         self.attach = json.loads(self.read_line())
         self.pid = struct.unpack("3i", self.conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
         self.page = Page(self.pid, self.attach["shm_fd"])
-        self.send({"ok": True, "result": {"lease_ms": self.lease_ms}})
+        self.send({"ok": True, "result": {"lease_ms": self.lease_ms, "room": self.room}})
         return self.attach
 
     def read_line(self) -> str:
@@ -248,8 +249,8 @@ class FakeDaemon:
 def fake_daemons(tmp_path: Path) -> Iterator[Callable[..., FakeDaemon]]:
     made: list[FakeDaemon] = []
 
-    def make(lease_ms: int = 1000, path: Path | None = None) -> FakeDaemon:
-        d = FakeDaemon(path or tmp_path / "gw.sock", lease_ms)
+    def make(lease_ms: int = 1000, path: Path | None = None, room: bool = False) -> FakeDaemon:
+        d = FakeDaemon(path or tmp_path / "gw.sock", lease_ms, room)
         made.append(d)
         return d
 

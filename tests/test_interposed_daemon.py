@@ -158,7 +158,7 @@ def fakes(idaemon: Daemon) -> Iterator[Callable[..., FakeInterposer]]:
 def attached(fakes: Callable[..., FakeInterposer], **kw: Any) -> FakeInterposer:
     f = fakes(**{k: v for k, v in kw.items() if k != "mem_limit"})
     reply = f.attach(mem_limit=kw.get("mem_limit"))
-    assert reply == {"ok": True, "result": {"lease_ms": LEASE_MS}}
+    assert reply == {"ok": True, "result": {"lease_ms": LEASE_MS, "room": True}}
     return f
 
 

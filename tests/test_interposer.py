@@ -583,7 +583,7 @@ def test_allocation_waits_for_room_while_a_daemon_is_attached(iprogs, fake_daemo
     """The device is full (not the quota): the allocation waits, shows in wanted_bytes, and is tried again at
     `resume`; `no_room` makes it fail with the driver's 2."""
     shared = tmp_path / "state"
-    d = fake_daemons()
+    d = fake_daemons(room=True)
     env = {"GPUWATCH_SOCKET": str(d.path), "FAKECUDA_SHARED_STATE": str(shared), "FAKECUDA_MEM_BYTES": str(8 * MiB),
            "FAKECUDA_DEVICES": "1"}
     p = iprogs(env=env)
@@ -604,3 +604,14 @@ def test_allocation_waits_for_room_while_a_daemon_is_attached(iprogs, fake_daemo
     wait_for(lambda: wanted.unpack_from(p.page.map, 120)[0] == 6 * MiB, 5, "the second to wait")
     assert d.request("no_room")["ok"] is True
     assert p.proc.stdout.readline().split() == ["err", "2"]
+
+
+def test_allocation_fails_at_once_when_the_daemon_does_not_schedule(iprogs, fake_daemons, tmp_path):
+    """A daemon without a scheduler (no `room` at attach) will not make room: a full device answers 2 at once."""
+    d = fake_daemons()
+    env = {"GPUWATCH_SOCKET": str(d.path), "FAKECUDA_SHARED_STATE": str(tmp_path / "state"),
+           "FAKECUDA_MEM_BYTES": str(8 * MiB), "FAKECUDA_DEVICES": "1"}
+    p = iprogs(env=env)
+    d.accept()
+    wait_for(lambda: p.page["flags"] & FLAG_ATTACHED, 2, "the attach")
+    assert p.err("alloc a 10M") == 2
