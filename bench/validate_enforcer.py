@@ -143,11 +143,13 @@ def oversubscribe() -> None:
     t0 = time.time()
     jobs = [Job(f"gw-{n}", ["train", str(BIG_BUFFER_GIB), str(TRAIN_STEPS)], exec_under()) for n in "ab"]
     peak_swapped = 0
+    timeline: list = []
     while any(j.proc.poll() is None for j in jobs) and time.time() - t0 < 560:
         try:
             rows = ps()
             peak_swapped = max(peak_swapped, sum(rows[j.pid]["swapped_bytes"] for j in jobs if j.pid in rows))
             mem = dict(l.split(":", 1) for l in Path("/proc/meminfo").read_text().splitlines()[:3])
+            timeline.append((round(time.time() - t0, 1), [rows.get(j.pid, {}).get('state') for j in jobs]))
             log(f"  states {[rows.get(j.pid, {}).get('state') for j in jobs]} swapped "
                 f"{[round(rows.get(j.pid, {}).get('swapped_bytes', 0) / GiB, 1) for j in jobs]} GiB; host "
                 f"{mem['MemTotal'].strip()} total, {mem['MemAvailable'].strip()} available")
@@ -162,7 +164,8 @@ def oversubscribe() -> None:
         "plain": plain, "rcs": rcs, "losses_equal_alone": same, "buffers_intact": [d and d["buffer_intact"] for d in dones],
         "makespan_s": makespan, "sequential_s": 2 * alone["wall_s"] if alone["wall_s"] else None,
         "ratio": makespan / (2 * alone["wall_s"]) if makespan and alone["wall_s"] else None,
-        "peak_swapped_bytes": peak_swapped, "errors": [j.error() for j in jobs]}
+        "peak_swapped_bytes": peak_swapped, "errors": [j.error() for j in jobs], "timeline": timeline,
+        "progress": [[(round(e["t"] - t0, 1), e["step"]) for e in j.events if e.get("event") == "progress"] for j in jobs]}
     log(f"  gpuwatch: rcs {rcs}, losses equal {same}, makespan {makespan}, peak swapped {peak_swapped / GiB:.1f} GiB")
 
 

@@ -71,7 +71,8 @@ class Enforcer:
         self._stopped: set[int] = set()        # stopped with SIGSTOP by the scheduler, not by a person
         self._bounded: set[int] = set()        # told to bound their launch queues
         self._wanting: dict[int, float] = {}   # since when a process allowed to run still waits for room
-        self._switch_seconds = 0.5              # the last measured cost of a switch; until one: 25 GiB each way
+        self._switch_seconds = 2.0              # the last measured cost of a switch; until one: 40 GiB each way
+                                                # with first-time pinning on an H200
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="gpuwatch-enforce")
