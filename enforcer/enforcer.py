@@ -130,6 +130,7 @@ class Enforcer:
                 continue
             scheduler = self._schedulers.setdefault(gpu.index, Scheduler(capacity))
             scheduler.capacity, scheduler.quantum, scheduler.idle = capacity, self.quantum, self.settings.idle_s
+            scheduler.switch_cost = self._switch_seconds
             for pid, d in scheduler.decide(clients, now).items():
                 decisions.setdefault(pid, []).append(d)
             for c in clients:

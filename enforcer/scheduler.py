@@ -61,6 +61,8 @@ class Scheduler:
     capacity: int                 # device bytes the processes may have between them
     quantum: float = 30.0         # seconds a holder keeps the GPU while others wait
     idle: float = 0.5             # a holder without launches this long gives up the rest of its slice
+    switch_cost: float = 0.0      # seconds a switch that swaps takes: while sliced, idling shorter than this
+                                  # is not worth giving the GPU away for
     _seen: dict[int, _History] = field(default_factory=dict)
     contended: bool = False
 
@@ -78,7 +80,8 @@ class Scheduler:
         return self._verdicts(clients, run)
 
     def busy(self, c: Client, now: float) -> bool:
-        return now - self._seen[c.pid].busy_at < self.idle
+        patience = max(self.idle, self.switch_cost) if self.contended else self.idle
+        return now - self._seen[c.pid].busy_at < patience
 
     def wants(self, c: Client, now: float) -> bool:
         """A holder wants the GPU while it launches (a fresh slice counts as busy); a waiter while it waits."""

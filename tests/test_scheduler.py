@@ -138,3 +138,17 @@ def test_exclusive_rule_runs_alone() -> None:
 def test_default_quantum_keeps_switching_overhead_bounded() -> None:
     assert default_quantum(2.0) == 40.0      # 2 s per switch, 5 % overhead
     assert default_quantum(0.001) == 1.0     # gating without swapping: the floor
+
+
+def test_while_sliced_a_holder_keeps_its_slice_through_a_pause_shorter_than_a_switch() -> None:
+    """A training's CPU-bound moment (data loading, a checkpoint) is no reason to swap it out when swapping
+    costs more than the moment."""
+    s = Scheduler(capacity=100 * GiB, quantum=30, idle=0.3, switch_cost=2.0)
+    sim = Sim(s, [Client(1, 60 * GiB, 60 * GiB), Client(2, 60 * GiB, 60 * GiB)])
+    first = next(pid for pid, d in sim.step().items() if d.verdict is Verdict.RUN)
+    sim.idle_from[first] = 1.0
+    sim.run(1.5)  # idle for 0.6 s: more than idle, less than a switch
+    assert sim.running == {first}
+    sim.idle_from[first] = 0.0
+    sim.run(2.5)  # idle for longer than a switch: it gives the GPU up
+    assert sim.running == {3 - first}
