@@ -73,7 +73,6 @@ class Enforcer:
         self._wanting: dict[int, float] = {}   # since when a process allowed to run still waits for room
         self._switch_seconds = 2.0              # the last measured cost of a switch; until one: 40 GiB each way
                                                 # with first-time pinning on an H200
-        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="gpuwatch-enforce")
         self._thread = threading.Thread(target=self._loop, name="gpuwatch-scheduler", daemon=True)
