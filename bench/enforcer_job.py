@@ -29,17 +29,32 @@ def train(buffer_gib: str, steps: str) -> None:
     checksum = int_checksum(torch, [buf])
     emit(event="ready", pid=os.getpid(), t=time.time(), setup_s=time.time() - start)
     losses, step_end = [], []
+    # Every 50 steps: wall time, this process's CPU time, the time spent enqueueing (CPU side of the steps),
+    # and the GPU's time for the last step (events around it): where a slowdown comes from.
+    ev = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    cpu0, enqueue = time.process_time(), 0.0
     for step in range(int(steps)):
+        last = step % 50 == 49
+        t = time.perf_counter()
+        if last:
+            ev[0].record()
         tokens = torch.randint(0, 50257, (8, 512), device="cuda", generator=gen)
         extra = buf[step * 1024:(step + 1) * 1024].sum() + buf.sum() * 1e-9  # reads the whole buffer every step
         losses.append(train_step(torch, model, opt, tokens, extra))
-        if step % 50 == 49:
+        if last:
+            ev[1].record()
+        enqueue += time.perf_counter() - t
+        if last:
             torch.cuda.synchronize()
             step_end.append(time.time())
-            emit(event="progress", step=step + 1, t=step_end[-1])
+            emit(event="progress", step=step + 1, t=step_end[-1], cpu_s=round(time.process_time() - cpu0, 2),
+                 enqueue_s=round(enqueue, 2), gpu_step_ms=round(ev[0].elapsed_time(ev[1]), 2))
+            cpu0, enqueue = time.process_time(), 0.0
     torch.cuda.synchronize()
+    stats = torch.cuda.memory_stats()
     emit(event="done", pid=os.getpid(), start=start, end=time.time(), losses=[float(x).hex() for x in losses],
-         buffer_intact=int_checksum(torch, [buf]) == checksum, progress=step_end)
+         buffer_intact=int_checksum(torch, [buf]) == checksum, progress=step_end,
+         alloc_retries=stats.get("num_alloc_retries"), ooms=stats.get("num_ooms"))
 
 
 def infer(seconds: str, rate: str, idle_at: str = "0", idle_s: str = "0") -> None:

@@ -9,6 +9,7 @@ Scenarios (default: all, in this order):
   fits           two trainings that fit together: under gpuwatch against plain co-location (goal >= 0.97x)
   priority       a high-priority inference loop beside a low-priority training: p99 against the loop alone
                  (goal <= 1.5x), and the training's progress
+  alone_gpuwatch the oversubscription training alone under `gpuwatch exec` (what the daemon costs a job)
   quota          a PyTorch process not under the interposer crosses its quota: stopped before the crossing
                  call, holding exactly what it held; continues correctly when its group's other process frees
 Writes $OUT/validate_enforcer.json and prints a table.
@@ -106,8 +107,15 @@ def start_daemon() -> subprocess.Popen:
     config = Path("/tmp/gw-enforcer.toml")
     config.write_text("[scheduler]\nidle_ms = 300\n")
     daemon = subprocess.Popen([*GPUWATCH, "run", "--config", str(config), "--launches", "off", "--no-metrics"],
-                              stdout=open(OUT / "enforcer-daemon.log", "w"), stderr=subprocess.STDOUT,
-                              start_new_session=True)
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+    def timestamped(log_file: Path) -> None:
+        with open(log_file, "w") as f:
+            for line in daemon.stdout:
+                f.write(f"{time.strftime('%H:%M:%S')}.{int(time.time() * 1000) % 1000:03d} {line}")
+                f.flush()
+
+    threading.Thread(target=timestamped, args=(OUT / "enforcer-daemon.log",), daemon=True).start()
     for _ in range(600):
         if gw("status", check=False).returncode == 0:
             return daemon
@@ -120,12 +128,45 @@ def start_daemon() -> subprocess.Popen:
 def alone_run() -> dict[str, Any]:
     if "alone" not in results:
         log(f"training alone (plain, {BIG_BUFFER_GIB} GiB buffer, {TRAIN_STEPS} steps) ...")
+        launched = time.time()
         job = Job("alone", ["train", str(BIG_BUFFER_GIB), str(TRAIN_STEPS)])
         rc, done = job.wait(), job.event("done", 1)
         results["alone"] = {"rc": rc, "wall_s": done["end"] - done["start"] if done else None,
-                            "losses": done["losses"] if done else None, "error": job.error()}
-        log(f"  alone: {results['alone']['wall_s']:.1f} s")
+                            "from_launch_s": done["end"] - launched if done else None,
+                            "losses": done["losses"] if done else None, "error": job.error(),
+                            "progress": progress(job, done["start"] if done else 0)}
+        log(f"  alone: {results['alone']['wall_s']:.1f} s, {step_ms(job)} ms per step")
     return results["alone"]
+
+
+def progress(job: Job, t0: float) -> list[dict[str, Any]]:
+    """The job's progress events, time relative to t0."""
+    return [{**{k: v for k, v in e.items() if k != "event"}, "t": round(e["t"] - t0, 1)}
+            for e in job.events if e.get("event") == "progress"]
+
+
+def step_ms(job: Job) -> list[float]:
+    """Milliseconds per step between consecutive progress events (50 steps apart)."""
+    points = [(e["t"], e["step"]) for e in job.events if e.get("event") == "progress"]
+    return [round((t1 - t0) / (s1 - s0) * 1e3, 1) for (t0, s0), (t1, s1) in zip(points, points[1:])]
+
+
+def alone_gpuwatch() -> None:
+    """The same training alone under `gpuwatch exec` with the daemon running and `ps` polled every 5 s, as in
+    the oversubscription run: what the daemon costs a job that never waits."""
+    log("training alone under gpuwatch exec ...")
+    job = Job("alone-gw", ["train", str(BIG_BUFFER_GIB), str(TRAIN_STEPS)], exec_under())
+    while job.proc.poll() is None:
+        try:
+            ps()
+        except (subprocess.SubprocessError, ValueError):
+            pass
+        time.sleep(5)
+    rc, done = job.wait(), job.event("done", 1)
+    results["alone_gpuwatch"] = {"rc": rc, "wall_s": done["end"] - done["start"] if done else None,
+                                 "progress": progress(job, done["start"] if done else 0),
+                                 "alloc_retries": done and done.get("alloc_retries"), "error": job.error()}
+    log(f"  alone under gpuwatch: {results['alone_gpuwatch']['wall_s']:.1f} s, {step_ms(job)} ms per step")
 
 
 def oversubscribe() -> None:
@@ -139,7 +180,15 @@ def oversubscribe() -> None:
     a.wait()
     plain = {"second_rc": rc_b, "second_error": b.error()}
     log(f"  plain: second exited {rc_b}: {plain['second_error']}")
-    log("two trainings of ~90 GiB under gpuwatch exec ...")
+    runs = [gpuwatch_pair(alone, i) for i in range(int(os.environ.get("GW_REPEAT", "1")))]
+    results["oversubscribe"] = {"plain": plain, **runs[0], "runs": runs[1:]}
+
+
+def gpuwatch_pair(alone: dict[str, Any], attempt: int) -> dict[str, Any]:
+    """Both trainings at once, each under `gpuwatch exec`. The makespan counts from their launch to the last
+    one's end; against two runs one after the other, with (`ratio_from_launch`) and without (`ratio`, as
+    first reported) the alone run's interpreter start-up."""
+    log(f"two trainings of ~90 GiB under gpuwatch exec (attempt {attempt + 1}) ...")
     t0 = time.time()
     jobs = [Job(f"gw-{n}", ["train", str(BIG_BUFFER_GIB), str(TRAIN_STEPS)], exec_under()) for n in "ab"]
     peak_swapped = 0
@@ -160,13 +209,19 @@ def oversubscribe() -> None:
     dones = [j.event("done", 1) for j in jobs]
     makespan = max(d["end"] for d in dones if d) - t0 if all(dones) else None
     same = [bool(d and alone["losses"] and d["losses"] == alone["losses"]) for d in dones]
-    results["oversubscribe"] = {
-        "plain": plain, "rcs": rcs, "losses_equal_alone": same, "buffers_intact": [d and d["buffer_intact"] for d in dones],
+    out = {
+        "rcs": rcs, "losses_equal_alone": same, "buffers_intact": [d and d["buffer_intact"] for d in dones],
         "makespan_s": makespan, "sequential_s": 2 * alone["wall_s"] if alone["wall_s"] else None,
         "ratio": makespan / (2 * alone["wall_s"]) if makespan and alone["wall_s"] else None,
+        "ratio_from_launch": makespan / (2 * alone["from_launch_s"]) if makespan and alone["from_launch_s"] else None,
         "peak_swapped_bytes": peak_swapped, "errors": [j.error() for j in jobs], "timeline": timeline,
-        "progress": [[(round(e["t"] - t0, 1), e["step"]) for e in j.events if e.get("event") == "progress"] for j in jobs]}
-    log(f"  gpuwatch: rcs {rcs}, losses equal {same}, makespan {makespan}, peak swapped {peak_swapped / GiB:.1f} GiB")
+        "progress": [progress(j, t0) for j in jobs], "alloc_retries": [d and d.get("alloc_retries") for d in dones]}
+    log(f"  gpuwatch: rcs {rcs}, losses equal {same}, buffers intact {out['buffers_intact']}, makespan {makespan}, "
+        f"ratio {out['ratio']}, from launch {out['ratio_from_launch']}, peak swapped {peak_swapped / GiB:.1f} GiB")
+    for j in jobs:
+        log(f"  {j.name}: ms per step {step_ms(j)}")
+        log(f"  {j.name}: progress {[(e['t'], e['step']) for e in progress(j, t0)]}")
+    return out
 
 
 def fits() -> None:
@@ -274,11 +329,14 @@ def exec_oom() -> None:
 
 def main() -> int:
     wanted = sys.argv[1:] or ["oversubscribe", "fits", "priority", "quota", "exec_oom"]
+    unknown = [n for n in wanted if n not in SCENARIOS]
+    if unknown:
+        raise SystemExit(f"unknown scenario {unknown[0]!r}: choose from {', '.join(SCENARIOS)}")
     daemon = start_daemon()
     try:
         for name in wanted:
             try:
-                globals()[name]()
+                SCENARIOS[name]()
             except Exception as exc:  # one scenario's failure must not hide the others
                 results[name] = {"error": repr(exc)}
                 log(f"{name} failed: {exc!r}")
@@ -294,6 +352,9 @@ def main() -> int:
     print(json.dumps(summary, indent=1, default=str)[:6000])
     return 0
 
+
+SCENARIOS = {"oversubscribe": oversubscribe, "fits": fits, "priority": priority, "quota": quota,
+             "exec_oom": exec_oom, "alone_gpuwatch": alone_gpuwatch}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -16,7 +16,7 @@ from ..probes.model import Enforcement, ProcessGpu, SchedulerSummary, Snapshot
 from .control import ControlError
 from .interposed import InterposedRegistry
 from .pause import Pauser
-from .scheduler import Client, Decision, Priority, Scheduler, Verdict, default_quantum
+from .scheduler import Client, Decision, Priority, Scheduler, SwitchCost, Verdict, default_quantum
 
 log = logging.getLogger(__name__)
 MiB = 1 << 20
@@ -71,8 +71,7 @@ class Enforcer:
         self._stopped: set[int] = set()        # stopped with SIGSTOP by the scheduler, not by a person
         self._bounded: set[int] = set()        # told to bound their launch queues
         self._wanting: dict[int, float] = {}   # since when a process allowed to run still waits for room
-        self._switch_seconds = 2.0              # the last measured cost of a switch; until one: 40 GiB each way
-                                                # with first-time pinning on an H200
+        self.switch_cost = SwitchCost()
         self._stop = threading.Event()
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="gpuwatch-enforce")
         self._thread = threading.Thread(target=self._loop, name="gpuwatch-scheduler", daemon=True)
@@ -104,9 +103,8 @@ class Enforcer:
                                preemptions=s.preemptions)
         return out
 
-    @property
-    def quantum(self) -> float:
-        return self.settings.quantum_s or default_quantum(self._switch_seconds)
+    def quantum(self, switch_seconds: float) -> float:
+        return self.settings.quantum_s or default_quantum(switch_seconds)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.settings.tick_s if self.interposed.pids() or self._stopped else 1.0):
@@ -128,8 +126,9 @@ class Enforcer:
                 self._schedulers.pop(gpu.index, None)
                 continue
             scheduler = self._schedulers.setdefault(gpu.index, Scheduler(capacity))
-            scheduler.capacity, scheduler.quantum, scheduler.idle = capacity, self.quantum, self.settings.idle_s
-            scheduler.switch_cost = self._switch_seconds
+            switch = self.switch_cost.switch_seconds(sum(c.need_bytes for c in clients) - capacity)
+            scheduler.capacity, scheduler.idle, scheduler.switch_cost = capacity, self.settings.idle_s, switch
+            scheduler.quantum, scheduler.slack = self.quantum(switch), self._slack(capacity)
             for pid, d in scheduler.decide(clients, now).items():
                 decisions.setdefault(pid, []).append(d)
             for c in clients:
@@ -203,6 +202,9 @@ class Enforcer:
             except ControlError as exc:
                 log.warning("pid %d: %s", pid, exc)
 
+    def _slack(self, capacity: int) -> int:
+        return capacity // 50
+
     def _capacity(self, total: int | None) -> int | None:
         return None if total is None else max(total - self.settings.reserve_bytes, 0)
 
@@ -247,52 +249,56 @@ class Enforcer:
         start = time.monotonic()
         room = [self._pool.submit(self._make_room, pid, d, pages.get(pid)) for pid, d in decisions.items()
                 if d.verdict is not Verdict.RUN]
-        moved = any(f.result() for f in room)
+        moved = sum(f.result() for f in room)
         runs = [self._pool.submit(self._run, pid, pages.get(pid)) for pid, d in decisions.items()
                 if d.verdict is Verdict.RUN]
-        moved = any([f.result() for f in runs]) or moved
+        moved += sum([f.result() for f in runs])
         if moved:
-            self._switch_seconds = time.monotonic() - start
+            seconds = time.monotonic() - start
+            self.switch_cost.observe(moved, seconds)
+            log.info("moved %.1f GiB between the device and host memory in %.2f s", moved / (1 << 30), seconds)
 
-    def _make_room(self, pid: int, d: Decision, page: Enforcement | None) -> bool:
+    def _make_room(self, pid: int, d: Decision, page: Enforcement | None) -> int:
+        """Pauses, swaps out or stops one process; returns the bytes it moved to host memory."""
         try:
             if page is None:
                 if d.verdict is Verdict.STOP and pid not in self._stopped and not self.pauser.stopped(pid):
                     self.pauser.pause(pid)
                     self._stopped.add(pid)
-                return False
+                return 0
             process = self.interposed.get(pid)
             if process is None:
-                return False
+                return 0
             swapped = sum(dev.swapped_bytes for dev in page.devices)
             if d.verdict is Verdict.SWAP and swapped < d.swap_bytes:
                 reply = process.request("swap_out", self.interposed.request_timeout, bytes=d.swap_bytes - swapped)
                 log.info("pid %d paused, %s bytes swapped out to make room", pid, reply.get("bytes"))
-                return True
+                return int(reply.get("bytes") or 0)
             if page.state == "running":
                 process.request("pause", self.interposed.request_timeout)
                 log.info("pid %d paused", pid)
-            return False
-        except ControlError as exc:
+            return 0
+        except (ControlError, TypeError, ValueError) as exc:
             log.warning("pid %d: could not make room: %s", pid, exc)
-            return False
+            return 0
 
-    def _run(self, pid: int, page: Enforcement | None) -> bool:
+    def _run(self, pid: int, page: Enforcement | None) -> int:
+        """Continues or resumes one process; returns the bytes its resume brings back to the device."""
         try:
             if page is None:
                 if pid in self._stopped:
                     self._stopped.discard(pid)
                     self.pauser.resume(pid)
-                return False
+                return 0
             process = self.interposed.get(pid)
             if process is None or (page.state == "running" and not page.wanted_bytes):
-                return False
+                return 0
             process.request("resume", self.interposed.request_timeout)  # also: retry the allocations that wait
             log.info("pid %d runs%s", pid, " (memory it waited for is free)" if page.wanted_bytes else "")
-            return any(dev.swapped_bytes for dev in page.devices)
+            return sum(dev.swapped_bytes for dev in page.devices)
         except ControlError as exc:
             log.warning("pid %d: could not resume: %s", pid, exc)
-            return False
+            return 0
 
 
 def _strictest(decisions: list[Decision]) -> Decision:

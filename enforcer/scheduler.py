@@ -63,6 +63,8 @@ class Scheduler:
     idle: float = 0.5             # a holder without launches this long gives up the rest of its slice
     switch_cost: float = 0.0      # seconds a switch that swaps takes: while sliced, idling shorter than this
                                   # is not worth giving the GPU away for
+    slack: int = 0                # bytes moved beyond the running set's need, so that it can grow a little
+                                  # (a training's first steps) without waiting for room again
     _seen: dict[int, _History] = field(default_factory=dict)
     contended: bool = False
 
@@ -125,8 +127,8 @@ class Scheduler:
                 h.last_ran = now
 
     def _verdicts(self, clients: list[Client], run: set[int]) -> dict[int, Decision]:
-        excess = sum(c.need_bytes for c in clients if c.pid in run) + \
-            sum(c.need_bytes for c in clients if c.pid not in run) - self.capacity
+        excess = sum(c.need_bytes for c in clients) - self.capacity
+        excess += self.slack if excess > 0 else 0
         out: dict[int, Decision] = {}
         # Make room from those that ran least recently first, and only as much as the running set needs.
         for c in sorted(clients, key=lambda c: self._seen[c.pid].last_ran):
@@ -145,6 +147,30 @@ class Scheduler:
     def running_for(self, pid: int, now: float) -> float:
         h = self._seen.get(pid)
         return 0.0 if h is None or h.running_since is None else now - h.running_since
+
+
+@dataclass
+class SwitchCost:
+    """What moving memory between the device and host memory costs, learnt from the switches the enforcer
+    makes: a switch moves the excess out and back in, so it costs twice the excess at the swap rate.
+
+    Only moves of at least `min_sample` bytes teach it: a small move is all fixed cost, and taking it for a
+    rate would make a large switch look cheap and the quantum short."""
+    bytes_per_s: float = 20e9      # until measured: the first swap-out also pins host memory (docs/benchmarks.md)
+    latency: float = 0.05          # gate, drain and synchronize, per switch
+    min_sample: int = 2 << 30
+    measured: bool = False
+
+    def observe(self, moved_bytes: int, seconds: float) -> None:
+        if moved_bytes < self.min_sample or seconds <= 0:
+            return
+        rate = moved_bytes / seconds
+        self.bytes_per_s = rate if not self.measured else (self.bytes_per_s + rate) / 2
+        self.measured = True
+
+    def switch_seconds(self, excess_bytes: int) -> float:
+        """A switch that makes room for `excess_bytes`: out, then the same back in for the other side."""
+        return self.latency + 2 * max(excess_bytes, 0) / self.bytes_per_s if excess_bytes > 0 else 0.0
 
 
 def default_quantum(switch_seconds: float, overhead: float = 0.05, floor: float = 1.0) -> float:

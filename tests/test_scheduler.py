@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from gpuwatch.enforcer.scheduler import Client, Decision, Priority, Scheduler, Verdict, default_quantum
+from gpuwatch.enforcer.scheduler import (Client, Decision, Priority, Scheduler, SwitchCost, Verdict,
+                                         default_quantum)
 
 GiB = 1 << 30
 
@@ -152,3 +153,24 @@ def test_while_sliced_a_holder_keeps_its_slice_through_a_pause_shorter_than_a_sw
     sim.idle_from[first] = 0.0
     sim.run(2.5)  # idle for longer than a switch: it gives the GPU up
     assert sim.running == {3 - first}
+
+
+def test_switch_cost_learns_a_rate_from_large_moves_only() -> None:
+    cost = SwitchCost(bytes_per_s=20e9, latency=0.05)
+    assert cost.switch_seconds(0) == 0.0
+    assert cost.switch_seconds(10 * 10**9) == 0.05 + 1.0        # 10 GB out and back in at 20 GB/s
+    cost.observe(1 << 30, 0.001)                                 # a 1 GiB top-up: fixed cost, not a rate
+    assert not cost.measured and cost.bytes_per_s == 20e9
+    cost.observe(40 * 10**9, 1.0)
+    assert cost.measured and cost.bytes_per_s == 40e9
+    cost.observe(40 * 10**9, 0.5)                                # later samples are averaged in
+    assert cost.bytes_per_s == 60e9
+    assert default_quantum(cost.switch_seconds(30 * 10**9)) == (0.05 + 1.0) / 0.05
+
+
+def test_slack_moves_a_little_more_than_the_running_set_needs() -> None:
+    s = Scheduler(capacity=100 * GiB, quantum=30, slack=2 * GiB)
+    decisions = s.decide([Client(1, 60 * GiB, 60 * GiB), Client(2, 60 * GiB, 60 * GiB)], 0.0)
+    assert sorted(d.swap_bytes for d in decisions.values()) == [0, 22 * GiB]
+    fits = s.decide([Client(1, 40 * GiB, 40 * GiB), Client(2, 60 * GiB, 60 * GiB)], 1.0)
+    assert all(d == Decision(Verdict.RUN) for d in fits.values())  # no slack where nothing moves
