@@ -22,6 +22,9 @@ log = logging.getLogger(__name__)
 MiB = 1 << 20
 CONTEXT_BYTES = 512 * MiB  # a CUDA context's own memory, where NVML cannot tell us
 WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0)
+# A process whose interposer disconnected is almost always exiting, its driver freeing its memory: for this
+# long it is not scheduled (never stopped, nobody swapped out for it), its memory only counts as taken.
+LEAVING_S = 30.0
 
 
 @dataclass
@@ -119,15 +122,17 @@ class Enforcer:
         snap = self.snapshot()
         pages = self.interposed.enforcement()
         decisions: dict[int, list[Decision]] = {}
+        leaving = self.interposed.detached_within(LEAVING_S) - set(pages)
         for gpu in snap.gpus:
             capacity = self._capacity(gpu.memory_total)
-            clients = self._clients(snap, gpu.index, pages)
+            clients = self._clients(snap, gpu.index, pages, leaving)
             if capacity is None or not clients:
                 self._schedulers.pop(gpu.index, None)
                 continue
             scheduler = self._schedulers.setdefault(gpu.index, Scheduler(capacity))
-            switch = self.switch_cost.switch_seconds(sum(c.need_bytes for c in clients) - capacity)
-            scheduler.capacity, scheduler.idle, scheduler.switch_cost = capacity, self.settings.idle_s, switch
+            usable = max(capacity - self._leaving_bytes(snap, gpu.index, leaving), 0)
+            switch = self.switch_cost.switch_seconds(sum(c.need_bytes for c in clients) - usable)
+            scheduler.capacity, scheduler.idle, scheduler.switch_cost = usable, self.settings.idle_s, switch
             scheduler.quantum, scheduler.slack = self.quantum(switch), self._slack(capacity)
             for pid, d in scheduler.decide(clients, now).items():
                 decisions.setdefault(pid, []).append(d)
@@ -208,10 +213,14 @@ class Enforcer:
     def _capacity(self, total: int | None) -> int | None:
         return None if total is None else max(total - self.settings.reserve_bytes, 0)
 
-    def _clients(self, snap: Snapshot, gpu: int, pages: dict[int, Enforcement]) -> list[Client]:
+    def _leaving_bytes(self, snap: Snapshot, gpu: int, leaving: set[int]) -> int:
+        return sum(row.nvml_bytes if row.nvml_bytes is not None else row.device_bytes
+                   for row in snap.processes if row.gpu == gpu and row.pid in leaving)
+
+    def _clients(self, snap: Snapshot, gpu: int, pages: dict[int, Enforcement], leaving: set[int]) -> list[Client]:
         clients = []
         for row in snap.processes:
-            if row.gpu != gpu:
+            if row.gpu != gpu or (row.pid in leaving and row.pid not in pages):
                 continue
             page = pages.get(row.pid)
             priority = self._priority(row.pid, page)

@@ -175,6 +175,7 @@ class InterposedRegistry:
         self.request_timeout = request_timeout
         self.room = False  # whether a scheduler runs that makes room for allocations that find the device full
         self._processes: dict[int, InterposedProcess] = {}
+        self._detached: dict[int, float] = {}  # pid -> when its library disconnected (monotonic seconds)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._renew_loop, name="gpuwatch-leases", daemon=True)
@@ -239,8 +240,18 @@ class InterposedRegistry:
         with self._lock:
             if self._processes.get(process.pid) is process:
                 del self._processes[process.pid]
+                self._detached[process.pid] = time.monotonic()
                 log.info("pid %d detached", process.pid)
         process.page.close()
+
+    def detached_within(self, seconds: float) -> set[int]:
+        """Processes whose library disconnected in the last `seconds` and have not attached again: almost
+        always processes on their way out, freeing their memory."""
+        cutoff = time.monotonic() - seconds
+        with self._lock:
+            for pid in [pid for pid, at in self._detached.items() if at < cutoff or pid in self._processes]:
+                del self._detached[pid]
+            return set(self._detached)
 
     def _renew_loop(self) -> None:
         while not self._stop.wait(self.renew_every):

@@ -127,7 +127,8 @@ class Scheduler:
                 h.last_ran = now
 
     def _verdicts(self, clients: list[Client], run: set[int]) -> dict[int, Decision]:
-        excess = sum(c.need_bytes for c in clients) - self.capacity
+        # Room is made only for a running set: with nobody able to run (memory still being freed), nothing moves.
+        excess = sum(c.need_bytes for c in clients) - self.capacity if run else 0
         excess += self.slack if excess > 0 else 0
         out: dict[int, Decision] = {}
         # Make room from those that ran least recently first, and only as much as the running set needs.

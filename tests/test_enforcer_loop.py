@@ -1,0 +1,100 @@
+"""The enforcer's loop over a snapshot it is handed: what it asks of interposed processes and of the pauser.
+
+No GPU, no eBPF: the registry and the pauser are stand-ins that record requests; the decisions are the real
+scheduler's."""
+from __future__ import annotations
+
+from typing import Any
+
+from gpuwatch.enforcer.enforcer import Enforcer, SchedulerSettings
+from gpuwatch.enforcer.interposed import InterposedRegistry
+from gpuwatch.enforcer.scheduler import Verdict
+from gpuwatch.probes.model import DeviceEnforcement, Enforcement, Gpu, ProcessGpu, Snapshot, TracerHealth
+
+GiB = 1 << 30
+
+
+class RecordingProcess:
+    def __init__(self, pid: int, requests: list[tuple[int, str]]) -> None:
+        self.pid, self.requests = pid, requests
+
+    def request(self, op: str, timeout: float, **args: Any) -> dict[str, Any]:
+        self.requests.append((self.pid, op))
+        return {"bytes": args.get("bytes", 0)}
+
+
+class Registry(InterposedRegistry):
+    def __init__(self, pages: dict[int, Enforcement], detached: set[int]) -> None:
+        super().__init__()
+        self.pages, self.detached, self.requests = pages, detached, []
+
+    def enforcement(self) -> dict[int, Enforcement]:
+        return dict(self.pages)
+
+    def get(self, pid: int) -> RecordingProcess | None:
+        return RecordingProcess(pid, self.requests) if pid in self.pages else None
+
+    def pids(self) -> list[int]:
+        return sorted(self.pages)
+
+    def detached_within(self, seconds: float) -> set[int]:
+        return set(self.detached)
+
+
+class RecordingPauser:
+    def __init__(self) -> None:
+        self.paused: list[int] = []
+
+    def stopped(self, pid: int) -> bool:
+        return pid in self.paused
+
+    def pause(self, pid: int) -> None:
+        self.paused.append(pid)
+
+    def resume(self, pid: int) -> None:
+        self.paused.remove(pid)
+
+
+def swapped_page(pid: int, total: int, swapped: int) -> Enforcement:
+    device = DeviceEnforcement(0, None, swapped_bytes=swapped, swappable_bytes=total, unswappable_bytes=0, in_use=True)
+    return Enforcement(pid=pid, interposed=True, state="swapped", devices=(device,), launches=0)
+
+
+def snapshot(rows: list[ProcessGpu]) -> Snapshot:
+    return Snapshot(rows, [Gpu(0, memory_total=100 * GiB)], TracerHealth("off"))
+
+
+def enforcer_for(rows: list[ProcessGpu], pages: dict[int, Enforcement], detached: set[int]
+                 ) -> tuple[Enforcer, Registry, RecordingPauser]:
+    registry, pauser = Registry(pages, detached), RecordingPauser()
+    settings = SchedulerSettings(reserve_bytes=0, context_bytes=0, idle_s=0.3)
+    return Enforcer(lambda: snapshot(rows), registry, pauser, settings), registry, pauser  # type: ignore[arg-type]
+
+
+def test_a_process_whose_interposer_left_is_waited_for_not_made_room_for() -> None:
+    """The other training has finished: its library disconnected while its driver still frees 90 GiB. The
+    swapped-out one waits for that memory; nobody is swapped out further and the leaver is never stopped."""
+    waiting = ProcessGpu(pid=10, comm="train", gpu=0, nvml_bytes=50 * GiB, interposed=True)
+    leaver = ProcessGpu(pid=11, comm="train", gpu=0, nvml_bytes=90 * GiB)
+    pages = {10: swapped_page(10, total=90 * GiB, swapped=40 * GiB)}
+    enforcer, registry, pauser = enforcer_for([waiting, leaver], pages, detached={11})
+    decisions = enforcer.tick(0.0)
+    assert decisions == {10: decisions[10]} and decisions[10].verdict is Verdict.PAUSE
+    assert registry.requests == [] and pauser.paused == []
+
+    enforcer.snapshot = lambda: snapshot([waiting])  # its memory is gone
+    decisions = enforcer.tick(0.1)
+    assert decisions[10].verdict is Verdict.RUN
+    assert registry.requests == [(10, "resume")]
+
+
+def test_without_the_grace_a_leaver_would_be_scheduled_like_a_plain_process() -> None:
+    """The same GPU, the leaver not known as one: the waiting process is swapped out further to make room
+    for memory that is about to be freed anyway (what the grace avoids)."""
+    waiting = ProcessGpu(pid=10, comm="train", gpu=0, nvml_bytes=50 * GiB, interposed=True)
+    leaver = ProcessGpu(pid=11, comm="train", gpu=0, nvml_bytes=90 * GiB)
+    pages = {10: swapped_page(10, total=90 * GiB, swapped=40 * GiB)}
+    enforcer, registry, pauser = enforcer_for([waiting, leaver], pages, detached=set())
+    decisions = enforcer.tick(0.0)
+    assert decisions[11].verdict is Verdict.RUN and decisions[10].verdict is Verdict.SWAP
+    assert registry.requests == [(10, "swap_out")]
