@@ -288,7 +288,7 @@ class Enforcer:
                 log.info("pid %d paused", pid)
             return 0
         except (ControlError, TypeError, ValueError) as exc:
-            log.warning("pid %d: could not make room: %s", pid, exc)
+            self._failed(pid, "could not make room", exc)
             return 0
 
     def _run(self, pid: int, page: Enforcement | None) -> int:
@@ -306,8 +306,15 @@ class Enforcer:
             log.info("pid %d runs%s", pid, " (memory it waited for is free)" if page.wanted_bytes else "")
             return sum(dev.swapped_bytes for dev in page.devices)
         except ControlError as exc:
-            log.warning("pid %d: could not resume: %s", pid, exc)
+            self._failed(pid, "could not resume", exc)
             return 0
+
+    def _failed(self, pid: int, what: str, exc: Exception) -> None:
+        """A request that failed because the process just went away is no news; anything else is."""
+        if self.interposed.get(pid) is None:
+            log.debug("pid %d: %s: it detached meanwhile (%s)", pid, what, exc)
+        else:
+            log.warning("pid %d: %s: %s", pid, what, exc)
 
 
 def _strictest(decisions: list[Decision]) -> Decision:
