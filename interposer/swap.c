@@ -171,10 +171,11 @@ HIDDEN int gw_pause(void)
 HIDDEN int gw_swap_out(uint64_t want, uint64_t *moved)
 {
 	*moved = 0;
+	uint64_t pause_start = gw_now_ns();
 	CUresult e = gw_pause();
 	if (e)
 		return e;
-	uint64_t start = gw_now_ns(), total = 0, queued = 0;
+	uint64_t start = gw_now_ns(), total = 0, queued = 0, pinning = 0;
 	gw_memory_lock();
 	atomic_store(&gw->state, GW_SWAPPING_OUT);
 	gw_release_empty_chunks();
@@ -198,7 +199,9 @@ HIDDEN int gw_swap_out(uint64_t want, uint64_t *moved)
 				continue;
 			CUcontext popped;
 			if (!(e = real_cuCtxPushCurrent_v2(largest->ctx))) {
+				uint64_t pin_start = gw_now_ns();
 				p->host = host_space(p->size, total - queued);
+				pinning += gw_now_ns() - pin_start;
 				real_cuCtxPopCurrent_v2(&popped);
 			}
 			if (!e && !p->host)
@@ -209,8 +212,9 @@ HIDDEN int gw_swap_out(uint64_t want, uint64_t *moved)
 	}
 	uint64_t queued_at = gw_now_ns();
 	CUresult synced = sync_streams();
-	gw_log("swap-out: %llu bytes queued in %.1f ms, copies done %.1f ms later", (unsigned long long)queued,
-	       (queued_at - start) / 1e6, (gw_now_ns() - queued_at) / 1e6);
+	gw_log("swap-out: paused in %.1f ms; %llu bytes queued in %.1f ms (host memory %.1f ms of it), copies done "
+	       "%.1f ms later", (start - pause_start) / 1e6, (unsigned long long)queued, (queued_at - start) / 1e6,
+	       pinning / 1e6, (gw_now_ns() - queued_at) / 1e6);
 	e = e ? e : synced;
 	EACH_PIECE(r, p) {
 		if (!p->handle || !p->host)
