@@ -74,7 +74,7 @@ class InterposerSection:
 @dataclass(frozen=True)
 class SchedulerSection:
     enabled: bool = _key(True, None, "time-slice and oversubscribe each GPU between the processes that share it")
-    quantum_ms: int = _key(0, _at_least(0), "a slice's length; 0: 20 times the measured cost of a switch, at least 1 s")
+    quantum_ms: int = _key(0, _at_least(0), "a slice's length; 0: 20 times the cost of a switch at the measured swap rate, at least 1 s")
     idle_ms: int = _key(500, _positive, "a holder without launches this long gives up the rest of its slice")
     reserve_mib: int = _key(1024, _at_least(0), "device memory left out of every plan")
     context_mib: int = _key(512, _at_least(0), "a process's own context memory, where NVML cannot tell")

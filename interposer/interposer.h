@@ -102,7 +102,14 @@ HIDDEN void gw_piece_unmap(struct gw_piece *p);
 HIDDEN struct gw_region *gw_regions(void);              // the list, lock held
 HIDDEN void gw_release_empty_chunks(void);              // lock held
 // A region's physical memory comes in pieces of at most 1 GiB, so that a swap-out moves only as much as needed.
+#ifndef GW_PIECE_MAX
 #define GW_PIECE_MAX (1ull << 30)
+#endif
+// Alignment of a region's address reservation when the region is at least that large (0: the driver's).
+// bench/buffer_read.py builds variants with other values; measured, they read no faster (docs/benchmarks.md).
+#ifndef GW_VA_ALIGN
+#define GW_VA_ALIGN 0
+#endif
 struct gw_piece {
 	CUdeviceptr va;
 	size_t size;

@@ -305,6 +305,16 @@ static void region_release(struct gw_region *r)
 	free(r);
 }
 
+static size_t reservation_alignment(size_t size)
+{
+#if GW_VA_ALIGN
+	return size >= GW_VA_ALIGN ? GW_VA_ALIGN : 0;
+#else
+	(void)size;
+	return 0;
+#endif
+}
+
 static CUresult region_new(CUdevice dev, CUcontext ctx, size_t size, int cls, struct gw_region **out)
 {
 	struct gw_region *r = calloc(1, sizeof *r);
@@ -318,7 +328,7 @@ static CUresult region_new(CUdevice dev, CUcontext ctx, size_t size, int cls, st
 		r->bitmap = calloc((r->nslots + 63) / 64, sizeof *r->bitmap);
 	}
 	CUresult e = !r->pieces || (cls >= 0 && !r->bitmap) ? CUDA_ERROR_OUT_OF_MEMORY
-							    : real_cuMemAddressReserve(&r->va, size, 0, 0, 0);
+							    : real_cuMemAddressReserve(&r->va, size, reservation_alignment(size), 0, 0);
 	for (uint32_t i = 0; !e && i < r->npieces; i++) {
 		size_t at = (size_t)i * GW_PIECE_MAX;
 		r->pieces[i] = (struct gw_piece){.va = r->va + at, .size = size - at < GW_PIECE_MAX ? size - at : GW_PIECE_MAX};
