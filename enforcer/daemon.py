@@ -192,7 +192,9 @@ class Daemon:
         merged = self.quota.enforcement()
         for pid, e in self.pauser.enforcement().items():
             merged[pid] = replace(merged[pid], state=e.state) if pid in merged else e
-        merged = {**merged, **self.interposed.enforcement()}
+        for pid, page in self.interposed.enforcement().items():
+            held = pid in merged and merged[pid].state == "stopped"  # past its backstop: the probes stopped it
+            merged[pid] = replace(page, state="stopped", quota_pauses=merged[pid].quota_pauses) if held else page
         return self.enforcer.enforcement(merged) if self.enforcer else merged
 
     def snapshot(self) -> Snapshot:
@@ -240,6 +242,7 @@ class Daemon:
             raise ControlError(f"quota_set: pid {pid} runs under the interposer, where an allocation past the quota "
                                "fails (CUDA_ERROR_OUT_OF_MEMORY): only the pause action applies")
         process.request("quota", self.interposed.request_timeout, bytes=nbytes)
+        self.quota.set_backstop(pid, nbytes)
         return {"pid": pid, "bytes": nbytes, "interposed": True}
 
     def _pause(self, _peer: Peer, request: dict[str, Any]) -> dict[str, Any]:

@@ -448,28 +448,35 @@ class PolicyState:
             rule = e.rule
             want: tuple | None = None
             if rule is not None and rule.quota:
-                want = ("interposer", process, rule.quota) if process is not None else \
+                # under the interposer the library refuses at the quota; the probes keep a backstop past it
+                want = ("interposer", rule.quota, rule.action, process) if process is not None else \
                     ("probes", rule.quota, rule.action)
             previous, e.applied = e.applied, want
             if rule is None and e.override is None and want is None:
                 del self._entries[pid]
         if want == previous:
             return
-        if previous is not None and previous[0] == "probes" and (want is None or want[0] != "probes"):
-            self._probe_quota(pid, 0, "pause")  # it attached, or its rule has no quota now
-        if want is not None and want[0] == "probes":
+        if want is None:
+            if previous is not None:
+                self._probe_quota(pid, 0, "pause")  # its rule has no quota now
+        elif want[0] == "probes":
             self._probe_quota(pid, want[1], want[2])
+        else:
+            self._probe_quota(pid, want[1], want[2], backstop=True)
         if process is not None and (want is not None or (previous is not None and previous[0] == "interposer")):
             own = process.attach.mem_limit or 0  # `gpuwatch exec --mem-limit`: the rule's quota may only lower it
-            nbytes = min(want[2], own) if want is not None and own else want[2] if want is not None else own
+            nbytes = min(want[1], own) if want is not None and own else want[1] if want is not None else own
             self._send_quota(pid, process, nbytes)
 
-    def _probe_quota(self, pid: int, nbytes: int, action: str) -> None:
+    def _probe_quota(self, pid: int, nbytes: int, action: str, backstop: bool = False) -> None:
         if self.quotas is None:
             return
         try:
-            self.quotas.set_pid(pid, nbytes, action)
-            if nbytes:
+            if backstop:
+                self.quotas.set_backstop(pid, nbytes, action)
+            else:
+                self.quotas.set_pid(pid, nbytes, action)
+            if nbytes and not backstop:
                 log.info("pid %d: quota %d bytes per GPU (%s at the limit), from its rule", pid, nbytes, action)
         except ControlError as exc:
             log.debug("pid %d: rule quota not set: %s", pid, exc)

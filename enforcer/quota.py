@@ -35,6 +35,7 @@ RESCAN_SECONDS = 1.0        # cgroup membership is re-read this often (and when 
 GRANT_TIMEOUT = 30.0        # a granted allocation that never shows as returned stops counting after this
 ABSENT_GRACE = 0.2          # a granted call gone from the calls map this long has returned
 FOREIGN_CONT = 1.0          # a stopped process seen running this long was continued by someone else
+BACKSTOP_MARGIN = 64 << 20  # at least this far past an interposed process's quota before the probes stop it
 
 
 class QuotaMaps(Protocol):
@@ -218,6 +219,20 @@ class QuotaEnforcer:
                 self.maps.quota_set_limit(group.id, nbytes)
             self._reconcile(time.monotonic())
             return {"pid": pid, "bytes": nbytes, "action": action, "held": self._held(group)}
+
+    def set_backstop(self, pid: int, quota: int, action: str = "pause") -> dict[str, Any]:
+        """For a process under the interposer, which refuses allocations past `quota` itself: the probes stop it
+        only if it gets further anyway, by a margin (its page is its own memory: a process can rewrite its
+        quota there, or attach without any library). The backstop never drops below an earlier one while the
+        process lives: memory a swap-in brings back after a quota was lowered is not tampering."""
+        if not quota:
+            return self.set_pid(pid, 0)
+        limit = quota + max(BACKSTOP_MARGIN, quota // 64)
+        stat = proc_stat(pid)
+        with self._lock:
+            earlier = next((g.limit for g in self._groups.values()
+                            if g.pid == pid and stat is not None and g.start_time == stat.start_time), 0)
+        return self.set_pid(pid, min(max(limit, earlier), MAX_LIMIT), action)
 
     def set_cgroup(self, path: str, nbytes: int, action: str = "pause") -> dict[str, Any]:
         """A quota shared by every process of a cgroup and the cgroups below it (0 bytes: none)."""

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import GPUWATCH, ROOT, Daemon, Prog, wait_for
+from interposer_fixtures import DEVICE, IProg, Page, interposer  # noqa: F401 (fixture)
 
 from gpuwatch.enforcer import config as configuration
 from gpuwatch.enforcer.policy import Match, Policy, ProcessFacts, Rule
@@ -244,7 +245,9 @@ def test_policy_state_moves_a_quota_from_the_probes_to_the_interposer_and_back_o
     registry: dict[int, FakeAttached] = {}
     calls: list[tuple] = []
     interposed = type("Registry", (), {"request_timeout": 1.0, "get": staticmethod(registry.get)})()
-    quotas = type("Quotas", (), {"set_pid": staticmethod(lambda pid, n, action="pause": calls.append((pid, n, action)))})()
+    quotas = type("Quotas", (), {
+        "set_pid": staticmethod(lambda pid, n, action="pause": calls.append((pid, n, action))),
+        "set_backstop": staticmethod(lambda pid, n, action="pause": calls.append(("backstop", pid, n, action)))})()
     p = named(f"{TOKEN}-state")
     try:
         rules = configuration.parse(f"[[rule]]\nname = 'r'\nmatch = {{ cmdline = '^{TOKEN}-state' }}\n"
@@ -258,12 +261,13 @@ def test_policy_state_moves_a_quota_from_the_probes_to_the_interposer_and_back_o
         registry[p.pid] = fake = FakeAttached(GiB)
         state.attached(p.pid)
         wait_for(lambda: fake.sent == [GiB], 2, "the interposer's quota (its own 1 GiB is below the rule's)")
-        assert calls[-1] == (p.pid, 0, "pause"), "the probes' quota is dropped"
+        assert calls[-1] == ("backstop", p.pid, 2 * GiB, "kill"), "the probes keep a backstop past the quota"
         state.set_override(p.pid, ProcessFacts.read(p.pid).start_time, Priority.HIGH)
         assert state.priority_of(p.pid) == Priority.HIGH
         state.set_policy(Policy())
         state.apply_all()
         wait_for(lambda: fake.sent == [GiB, GiB], 2, "its own quota back")
+        assert calls[-1] == (p.pid, 0, "pause"), "no rule quota: no backstop"
         assert (state.rule_of(p.pid), state.priority_of(p.pid)) == (None, Priority.HIGH), "the override stays"
         state.forget(p.pid)
         assert state.priority_of(p.pid) is None and state.pids() == []
@@ -347,6 +351,11 @@ name = "interposed"
 match = {{ cmdline = ' {TOKEN}-fake' }}
 quota = "{quota}"
 priority = "high"
+
+[[rule]]
+name = "tampering"
+match = {{ cmdline = '{TOKEN}-tamper' }}
+quota = "64MiB"
 
 [[rule]]
 name = "cuda"
@@ -451,10 +460,51 @@ def test_an_interposed_process_gets_its_rule_quota_when_it_attaches(pdaemon, own
     try:
         assert fake.attach["ok"] is True, fake.attach
         wait_for(lambda: fake.requests() == [{"op": "quota", "bytes": sent}], 2, "the rule's quota")
-        assert fake.pid not in quota_groups(pdaemon), "the interposer holds it, not the probes"
+        group = quota_groups(pdaemon)[fake.pid]
+        assert (group["bytes"], group["action"]) == (128 * MiB, "pause"), "a backstop: the rule's 64 MiB + 64 MiB"
         assert policy_of(pdaemon)[fake.pid]["rule"] == "interposed"
     finally:
         fake.close()
+
+
+def test_an_interposed_process_that_rewrites_its_quota_is_stopped_by_the_probes_past_the_backstop(
+        pdaemon, fakecuda, interposer, tmp_path):  # noqa: F811
+    """The shared page is the process's own memory: one that sets its quota there to none escapes its
+    library's refusals, but the probes' backstop (the rule's 64 MiB + 64 MiB) stops it before the allocation
+    that would cross 128 MiB, holding exactly 128 MiB."""
+    lib = fakecuda / "libcuda.so.1"
+    link = tmp_path / f"{TOKEN}-tamper"
+    link.symlink_to(fakecuda / "cudaprog")
+    p = IProg([str(link)], {"LD_PRELOAD": str(interposer), "GPUWATCH_SOCKET": pdaemon.socket,
+                            "GPUWATCH_REAL_LIBCUDA": str(lib)})
+    try:
+        p.ok(f"load {lib}")
+        wait_for(lambda: pdaemon.watching(lib), 5, "the daemon to watch the driver")
+        p.ok("ctx 0")
+        page = Page(p.pid)
+        wait_for(lambda: page.device(0)["quota"] == 64 * MiB, 5, "the rule's quota in the page")
+        wait_for(lambda: quota_groups(pdaemon).get(p.pid, {}).get("bytes") == 128 * MiB, 5, "the backstop")
+        p.ok("alloc a 32M")
+        p.ok("alloc b 32M")
+        assert p.err("alloc c 32M") == 2, "the library refuses at the quota: CUDA_ERROR_OUT_OF_MEMORY"
+        DEVICE.pack_into(page.map, 256, 0, *DEVICE.unpack_from(page.map, 256)[1:])  # quota: none
+        p.ok("alloc c 32M")
+        p.ok("alloc d 32M")
+        assert p.proc.stdin
+        p.proc.stdin.write("alloc e 32M\n")
+        p.proc.stdin.flush()
+        wait_for(lambda: proc_state(p.pid) == "T", 5, "the probes to stop it before the fifth 32 MiB")
+        row = wait_for(lambda: next(iter(pdaemon.ps(p.pid)), None), 5, "its row")
+        assert (row["state"], row["device_bytes"]) == ("stopped", 128 * MiB)
+    finally:
+        p.close()
+
+
+def proc_state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
 
 
 def test_ps_shows_the_priority_of_a_rule(pdaemon, fakecuda, tmp_path):
@@ -540,7 +590,7 @@ def test_sighup_reloads_a_good_file_and_keeps_the_old_policy_for_a_bad_one(pdaem
         wait_for(lambda: policy_of(pdaemon).get(p.pid, {}).get("exclusive"), 2, "the new rule")
         assert policy_of(pdaemon)[p.pid]["priority"] == "normal"
         assert wait_for(lambda: log_lines(pdaemon, "configuration reloaded"), 2, "the log line") == [
-            "gpuwatch: INFO: configuration reloaded: 4 rules; processes with a rule: 1; a restart applies "
+            "gpuwatch: INFO: configuration reloaded: 5 rules; processes with a rule: 1; a restart applies "
             "daemon.ring_buffer_pages"]
         # bad: nothing changes, one line says why, the daemon goes on
         cfg.write_text(original.replace('quota = "1GiB"', 'quota = "1 gallon"'))
