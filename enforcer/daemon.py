@@ -91,6 +91,7 @@ class Daemon:
             self.pauser.recover()
             self.procevents.start()
             self.policy.apply_all()
+            self.quota.restore()  # after the rules: a quota set by hand was the later word
             if self.enforcer:
                 self.enforcer.start()
             server.start()
@@ -233,16 +234,16 @@ class Daemon:
         if cgroup is not None:
             if not isinstance(cgroup, str) or not cgroup:
                 raise ControlError("quota_set: cgroup must be a path")
-            return self.quota.set_cgroup(cgroup, nbytes, action)
+            return self.quota.set_cgroup(cgroup, nbytes, action, by_hand=True)
         pid = pid_argument(request)
         process = self.interposed.get(pid)
         if process is None:
-            return self.quota.set_pid(pid, nbytes, action)
+            return self.quota.set_pid(pid, nbytes, action, by_hand=True)
         if action != "pause":
             raise ControlError(f"quota_set: pid {pid} runs under the interposer, where an allocation past the quota "
                                "fails (CUDA_ERROR_OUT_OF_MEMORY): only the pause action applies")
         process.request("quota", self.interposed.request_timeout, bytes=nbytes)
-        self.quota.set_backstop(pid, nbytes)
+        self.quota.set_backstop(pid, nbytes, by_hand=True)
         return {"pid": pid, "bytes": nbytes, "interposed": True}
 
     def _pause(self, _peer: Peer, request: dict[str, Any]) -> dict[str, Any]:

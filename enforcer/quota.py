@@ -97,6 +97,7 @@ class QuotaGroup:
     start_time: int = 0             # ... of this process (not a later one with its pid)
     cgroup: str | None = None       # a --cgroup group: the path below the cgroup2 root, "/a/b"
     members: dict[int, int] = field(default_factory=dict)  # pid -> start time
+    by_hand: bool = False           # set with `gpuwatch quota set`: kept in the state file across restarts
 
     @property
     def name(self) -> str:
@@ -128,6 +129,18 @@ class _Grant:
     absent_since: float | None = None
 
 
+def entries_of(state_file: Path, key: str) -> list:
+    """One list from the state file; an unreadable file counts as empty, with a warning."""
+    try:
+        entries = json.loads(state_file.read_text()).get(key, [])
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError, AttributeError) as exc:
+        log.warning("%s: unreadable, ignored: %s", state_file, exc)
+        return []
+    return entries if isinstance(entries, list) else []
+
+
 class QuotaEnforcer:
     """Owned by the daemon; every method may be called from any thread."""
 
@@ -144,19 +157,15 @@ class QuotaEnforcer:
         self._granted: Counter[tuple[int, int]] = Counter()  # (group, gpu) -> bytes, mirrored in quota_granted
         self._pauses: Counter[int] = Counter()
         self._last_rescan = 0.0
+        self._pending_restore: list[dict] = []
 
     # lifecycle
 
     def start(self) -> None:
-        """Continue what a previous daemon stopped and could not continue (it was killed)."""
-        try:
-            entries = json.loads(self.state_file.read_text()).get("stopped", [])
-        except FileNotFoundError:
-            entries = []
-        except (OSError, ValueError, AttributeError) as exc:
-            log.warning("%s: unreadable, ignored: %s", self.state_file, exc)
-            entries = []
-        for entry in entries:
+        """Continue what a previous daemon stopped and could not continue (it was killed); remember the quotas
+        it had set by hand, for `restore`."""
+        self._pending_restore = [e for e in entries_of(self.state_file, "quotas") if isinstance(e, dict)]
+        for entry in entries_of(self.state_file, "stopped"):
             try:
                 pid, start = int(entry["pid"]), int(entry["start_time"])
             except (KeyError, TypeError, ValueError):
@@ -168,12 +177,32 @@ class QuotaEnforcer:
         with self._lock:
             self._save()
 
+    def restore(self) -> None:
+        """Once the probes run: the quotas set by hand before a restart, for the processes and cgroups that
+        are still there."""
+        for entry in self._pending_restore:
+            try:
+                nbytes, action = int(entry["bytes"]), str(entry.get("action", "pause"))
+                if entry.get("cgroup") is not None:
+                    self.set_cgroup(str(entry["cgroup"]), nbytes, action, by_hand=True)
+                    log.info("quota of cgroup %s restored: %d bytes per GPU", entry["cgroup"], nbytes)
+                    continue
+                pid, start = int(entry["pid"]), int(entry["start_time"])
+                stat = proc_stat(pid)
+                if stat is not None and stat.start_time == start:
+                    self.set_pid(pid, nbytes, action, by_hand=True)
+                    log.info("quota of pid %d restored: %d bytes per GPU", pid, nbytes)
+            except (KeyError, TypeError, ValueError) as exc:
+                log.warning("%s: a quota entry ignored: %r (%s)", self.state_file, entry, exc)
+            except ControlError as exc:
+                log.warning("a quota set before the restart is not restored: %s", exc)
+        self._pending_restore = []
+        with self._lock:
+            self._save()
+
     def close(self) -> None:
         """The daemon is stopping: nothing it stopped stays stopped, and nothing stops again meanwhile."""
         with self._lock:
-            for g in self._groups.values():
-                self.maps.quota_drop_group(g.id)
-            self._groups.clear()
             stopped, self._stopped = self._stopped, {}
             for pid, rec in stopped.items():
                 stat = proc_stat(pid)
@@ -183,11 +212,14 @@ class QuotaEnforcer:
                     if not self.held_elsewhere(pid):
                         self._signal(pid, signal.SIGCONT)
                         log.info("pid %d continued (SIGCONT): the daemon is stopping", pid)
-            self._save()
+            self._save()  # nothing stopped now; the quotas set by hand stay for the next daemon
+            for g in self._groups.values():
+                self.maps.quota_drop_group(g.id)
+            self._groups.clear()
 
     # control
 
-    def set_pid(self, pid: int, nbytes: int, action: str = "pause") -> dict[str, Any]:
+    def set_pid(self, pid: int, nbytes: int, action: str = "pause", by_hand: bool = False) -> dict[str, Any]:
         """A quota for one process (0 bytes: none). It holds until the process exits."""
         self._check(nbytes, action)
         stat = proc_stat(pid)
@@ -217,24 +249,27 @@ class QuotaEnforcer:
             else:
                 group.limit, group.action = nbytes, action
                 self.maps.quota_set_limit(group.id, nbytes)
+            group.by_hand = group.by_hand or by_hand
             self._reconcile(time.monotonic())
+            if group.by_hand:
+                self._save()
             return {"pid": pid, "bytes": nbytes, "action": action, "held": self._held(group)}
 
-    def set_backstop(self, pid: int, quota: int, action: str = "pause") -> dict[str, Any]:
+    def set_backstop(self, pid: int, quota: int, action: str = "pause", by_hand: bool = False) -> dict[str, Any]:
         """For a process under the interposer, which refuses allocations past `quota` itself: the probes stop it
         only if it gets further anyway, by a margin (its page is its own memory: a process can rewrite its
         quota there, or attach without any library). The backstop never drops below an earlier one while the
         process lives: memory a swap-in brings back after a quota was lowered is not tampering."""
         if not quota:
-            return self.set_pid(pid, 0)
+            return self.set_pid(pid, 0, by_hand=by_hand)
         limit = quota + max(BACKSTOP_MARGIN, quota // 64)
         stat = proc_stat(pid)
         with self._lock:
             earlier = next((g.limit for g in self._groups.values()
                             if g.pid == pid and stat is not None and g.start_time == stat.start_time), 0)
-        return self.set_pid(pid, min(max(limit, earlier), MAX_LIMIT), action)
+        return self.set_pid(pid, min(max(limit, earlier), MAX_LIMIT), action, by_hand)
 
-    def set_cgroup(self, path: str, nbytes: int, action: str = "pause") -> dict[str, Any]:
+    def set_cgroup(self, path: str, nbytes: int, action: str = "pause", by_hand: bool = False) -> dict[str, Any]:
         """A quota shared by every process of a cgroup and the cgroups below it (0 bytes: none)."""
         self._check(nbytes, action)
         root = cgroup2_root()
@@ -259,9 +294,12 @@ class QuotaEnforcer:
                 group = QuotaGroup(next(self._ids) | GROUP_INHERIT, nbytes, action, cgroup=rel)
                 self._groups[group.id] = group
             group.limit, group.action = nbytes, action
+            group.by_hand = group.by_hand or by_hand
             self.maps.quota_set_limit(group.id, nbytes)
             self._rescan()
             self._reconcile(time.monotonic())
+            if group.by_hand:
+                self._save()
             return {"cgroup": rel, "bytes": nbytes, "action": action, "members": sorted(group.members),
                     "held": self._held(group)}
 
@@ -367,6 +405,8 @@ class QuotaEnforcer:
             if rec.group == group.id:
                 rec.group = None  # no quota now: it is continued at once
         self._reconcile(time.monotonic())
+        if group.by_hand:
+            self._save()
         log.info("quota of %s removed", group.name)
 
     def _cgroup_group(self, path: str) -> QuotaGroup | None:
@@ -534,7 +574,10 @@ class QuotaEnforcer:
     def _save(self) -> None:
         """The stopped processes, written atomically: a daemon started after this one was killed continues them."""
         data = {"version": 1, "stopped": [{"pid": pid, "start_time": rec.start_time}
-                                          for pid, rec in sorted(self._stopped.items()) if not rec.killed]}
+                                          for pid, rec in sorted(self._stopped.items()) if not rec.killed],
+                "quotas": [{"cgroup": g.cgroup, "bytes": g.limit, "action": g.action} if g.cgroup is not None else
+                           {"pid": g.pid, "start_time": g.start_time, "bytes": g.limit, "action": g.action}
+                           for g in self._groups.values() if g.by_hand] + self._pending_restore}
         try:
             self.state_file.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.state_file.with_name(self.state_file.name + ".tmp")

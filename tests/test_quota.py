@@ -176,6 +176,42 @@ def test_restarted_daemon_continues_what_a_killed_one_stopped(fakecuda):
             second.stop()
 
 
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL])
+def test_a_quota_set_by_hand_survives_a_daemon_restart(fakecuda, how):
+    workdir = Path(tempfile.mkdtemp(prefix="gpuwatch-test-"))
+    state_file = workdir / "stopped.json"
+    lib = fakecuda / "libcuda.so.1"
+    first = Daemon(workdir, "--launches", "off")
+    second: Daemon | None = None
+    p = Prog([str(fakecuda / "cudaprog")])
+    try:
+        p.ok(f"load {lib}")
+        wait_for(lambda: first.watching(lib), 5, "the daemon to watch the test double")
+        p.ok("ctx 0")
+        quota_set(first, "--pid", str(p.pid), "16MiB")
+        p.ok("alloc a 8M")
+        start = proc_stat(p.pid).start_time
+        assert json.loads(state_file.read_text())["quotas"] == [
+            {"pid": p.pid, "start_time": start, "bytes": 16 * MiB, "action": "pause"}]
+        assert first.stop(how) == (0 if how == signal.SIGTERM else -signal.SIGKILL)
+        second = Daemon(workdir, "--launches", "off")
+        wait_for(lambda: second.watching(lib), 5, "the new daemon to watch the test double")
+        groups = json.loads(second.cli("quota", "list", "--json").stdout)
+        assert [(g["pid"], g["bytes"], g["action"]) for g in groups] == [(p.pid, 16 * MiB, "pause")]
+        # the new daemon's probes count from their start: the 8 MiB allocated before are not in the total
+        p.ok("alloc b 16M")
+        stopped_before(p, "alloc c 1M")
+        quota_set(second, "--pid", str(p.pid), "0")
+        answer = reply(p, 5)
+        assert answer and answer.startswith("ok"), answer
+        assert json.loads(state_file.read_text())["quotas"] == []
+    finally:
+        p.close()
+        first.stop(signal.SIGKILL)
+        if second:
+            second.stop()
+
+
 def test_daemon_stop_continues_what_it_stopped(fakecuda):
     workdir = Path(tempfile.mkdtemp(prefix="gpuwatch-test-"))
     lib = fakecuda / "libcuda.so.1"
