@@ -177,7 +177,7 @@ def test_restarted_daemon_continues_what_a_killed_one_stopped(fakecuda):
 
 
 @pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL])
-def test_a_quota_set_by_hand_survives_a_daemon_restart(fakecuda, how):
+def test_a_quota_set_by_hand_survives_a_daemon_restart(fakecuda, cgroup, how):
     workdir = Path(tempfile.mkdtemp(prefix="gpuwatch-test-"))
     state_file = workdir / "stopped.json"
     lib = fakecuda / "libcuda.so.1"
@@ -189,21 +189,25 @@ def test_a_quota_set_by_hand_survives_a_daemon_restart(fakecuda, how):
         wait_for(lambda: first.watching(lib), 5, "the daemon to watch the test double")
         p.ok("ctx 0")
         quota_set(first, "--pid", str(p.pid), "16MiB")
+        quota_set(first, "--cgroup", cgroup[0], "--action", "kill", "100MiB")
         p.ok("alloc a 8M")
         start = proc_stat(p.pid).start_time
         assert json.loads(state_file.read_text())["quotas"] == [
-            {"pid": p.pid, "start_time": start, "bytes": 16 * MiB, "action": "pause"}]
+            {"pid": p.pid, "start_time": start, "bytes": 16 * MiB, "action": "pause"},
+            {"cgroup": cgroup[0], "bytes": 100 * MiB, "action": "kill"}]
         assert first.stop(how) == (0 if how == signal.SIGTERM else -signal.SIGKILL)
         second = Daemon(workdir, "--launches", "off")
         wait_for(lambda: second.watching(lib), 5, "the new daemon to watch the test double")
         groups = json.loads(second.cli("quota", "list", "--json").stdout)
-        assert [(g["pid"], g["bytes"], g["action"]) for g in groups] == [(p.pid, 16 * MiB, "pause")]
+        assert sorted((g["pid"] or 0, g["cgroup"], g["bytes"], g["action"]) for g in groups) == [
+            (0, cgroup[0], 100 * MiB, "kill"), (p.pid, None, 16 * MiB, "pause")]
         # the new daemon's probes count from their start: the 8 MiB allocated before are not in the total
         p.ok("alloc b 16M")
         stopped_before(p, "alloc c 1M")
         quota_set(second, "--pid", str(p.pid), "0")
         answer = reply(p, 5)
         assert answer and answer.startswith("ok"), answer
+        quota_set(second, "--cgroup", cgroup[0], "0")
         assert json.loads(state_file.read_text())["quotas"] == []
     finally:
         p.close()
