@@ -13,6 +13,8 @@ import subprocess
 import tempfile
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -148,56 +150,73 @@ def quota_set(d: Daemon, *args: str) -> str:
 # first: it runs its own daemons, before the module's
 
 
-def test_restarted_daemon_continues_what_a_killed_one_stopped(fakecuda):
+@dataclass
+class OwnDaemon:
+    workdir: Path
+    lib: Path
+    first: Daemon
+    program: Prog
+    later: list[Daemon]
+
+    @property
+    def state_file(self) -> Path:
+        return self.workdir / "stopped.json"
+
+    def restart(self) -> Daemon:
+        """Another daemon on the same socket and state file (the first one must be gone)."""
+        d = Daemon(self.workdir, "--launches", "off")
+        self.later.append(d)
+        return d
+
+
+@contextmanager
+def own_daemon(fakecuda: Path) -> Iterator[OwnDaemon]:
+    """A daemon of the test's own, in a fresh directory, watching a test program that has a context."""
     workdir = Path(tempfile.mkdtemp(prefix="gpuwatch-test-"))
-    state_file = workdir / "stopped.json"
     lib = fakecuda / "libcuda.so.1"
     first = Daemon(workdir, "--launches", "off")
-    second: Daemon | None = None
-    p = Prog([str(fakecuda / "cudaprog")])
+    own = OwnDaemon(workdir, lib, first, Prog([str(fakecuda / "cudaprog")]), [])
     try:
-        p.ok(f"load {lib}")
+        own.program.ok(f"load {lib}")
         wait_for(lambda: first.watching(lib), 5, "the daemon to watch the test double")
-        p.ok("ctx 0")
+        own.program.ok("ctx 0")
+        yield own
+    finally:
+        own.program.close()
+        first.stop(signal.SIGKILL)
+        for d in own.later:
+            d.stop()
+
+
+def test_restarted_daemon_continues_what_a_killed_one_stopped(fakecuda):
+    with own_daemon(fakecuda) as own:
+        p, first = own.program, own.first
         quota_set(first, "--pid", str(p.pid), "16MiB")
         stopped_before(p, "alloc a 32M")
-        wait_for(lambda: [e["pid"] for e in json.loads(state_file.read_text())["stopped"]] == [p.pid], 5,
+        wait_for(lambda: [e["pid"] for e in json.loads(own.state_file.read_text())["stopped"]] == [p.pid], 5,
                  "the state file to name the stopped process")
         assert first.stop(signal.SIGKILL) == -signal.SIGKILL
         assert reply(p, 0.5) is None and state(p.pid) == "T", "nothing continues it while no daemon runs"
-        second = Daemon(workdir, "--launches", "off")
+        own.restart()
         answer = reply(p, 10)
         assert answer and answer.startswith("ok"), answer
-        assert json.loads(state_file.read_text())["stopped"] == []
-    finally:
-        p.close()
-        first.stop(signal.SIGKILL)
-        if second:
-            second.stop()
+        assert json.loads(own.state_file.read_text())["stopped"] == []
 
 
 @pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL])
 def test_a_quota_set_by_hand_survives_a_daemon_restart(fakecuda, cgroup, how):
-    workdir = Path(tempfile.mkdtemp(prefix="gpuwatch-test-"))
-    state_file = workdir / "stopped.json"
-    lib = fakecuda / "libcuda.so.1"
-    first = Daemon(workdir, "--launches", "off")
-    second: Daemon | None = None
-    p = Prog([str(fakecuda / "cudaprog")])
-    try:
-        p.ok(f"load {lib}")
-        wait_for(lambda: first.watching(lib), 5, "the daemon to watch the test double")
-        p.ok("ctx 0")
+    with own_daemon(fakecuda) as own:
+        p, first = own.program, own.first
         quota_set(first, "--pid", str(p.pid), "16MiB")
         quota_set(first, "--cgroup", cgroup[0], "--action", "kill", "100MiB")
         p.ok("alloc a 8M")
         start = proc_stat(p.pid).start_time
-        assert json.loads(state_file.read_text())["quotas"] == [
+        assert json.loads(own.state_file.read_text())["quotas"] == [
             {"pid": p.pid, "start_time": start, "bytes": 16 * MiB, "action": "pause"},
             {"cgroup": cgroup[0], "bytes": 100 * MiB, "action": "kill"}]
         assert first.stop(how) == (0 if how == signal.SIGTERM else -signal.SIGKILL)
-        second = Daemon(workdir, "--launches", "off")
-        wait_for(lambda: second.watching(lib), 5, "the new daemon to watch the test double")
+        second = own.restart()
+        wait_for(lambda: second.watching(own.lib), 5, "the new daemon to watch the test double")
         groups = json.loads(second.cli("quota", "list", "--json").stdout)
         assert sorted((g["pid"] or 0, g["cgroup"], g["bytes"], g["action"]) for g in groups) == [
             (0, cgroup[0], 100 * MiB, "kill"), (p.pid, None, 16 * MiB, "pause")]
@@ -208,31 +227,17 @@ def test_a_quota_set_by_hand_survives_a_daemon_restart(fakecuda, cgroup, how):
         answer = reply(p, 5)
         assert answer and answer.startswith("ok"), answer
         quota_set(second, "--cgroup", cgroup[0], "0")
-        assert json.loads(state_file.read_text())["quotas"] == []
-    finally:
-        p.close()
-        first.stop(signal.SIGKILL)
-        if second:
-            second.stop()
+        assert json.loads(own.state_file.read_text())["quotas"] == []
 
 
 def test_daemon_stop_continues_what_it_stopped(fakecuda):
-    workdir = Path(tempfile.mkdtemp(prefix="gpuwatch-test-"))
-    lib = fakecuda / "libcuda.so.1"
-    d = Daemon(workdir, "--launches", "off")
-    p = Prog([str(fakecuda / "cudaprog")])
-    try:
-        p.ok(f"load {lib}")
-        wait_for(lambda: d.watching(lib), 5, "the daemon to watch the test double")
-        p.ok("ctx 0")
-        quota_set(d, "--pid", str(p.pid), "1MiB")
+    with own_daemon(fakecuda) as own:
+        p = own.program
+        quota_set(own.first, "--pid", str(p.pid), "1MiB")
         stopped_before(p, "alloc a 2M")
-        assert d.stop() == 0
+        assert own.first.stop() == 0
         answer = reply(p, 10)
         assert answer and answer.startswith("ok"), answer
-    finally:
-        p.close()
-        d.stop(signal.SIGKILL)
 
 
 # the module's daemon
