@@ -25,6 +25,7 @@ WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0)
 # A process whose interposer disconnected is almost always exiting, its driver freeing its memory: for this
 # long it is not scheduled (never stopped, nobody swapped out for it), its memory only counts as taken.
 LEAVING_S = 30.0
+SLACK_DIVISOR = 50  # a switch moves 1/50 of the device beyond the excess (Scheduler.slack)
 
 
 @dataclass
@@ -133,7 +134,7 @@ class Enforcer:
             usable = max(capacity - self._leaving_bytes(snap, gpu.index, leaving), 0)
             switch = self.switch_cost.switch_seconds(sum(c.need_bytes for c in clients) - usable)
             scheduler.capacity, scheduler.idle, scheduler.switch_cost = usable, self.settings.idle_s, switch
-            scheduler.quantum, scheduler.slack = self.quantum(switch), self._slack(capacity)
+            scheduler.quantum, scheduler.slack = self.quantum(switch), capacity // SLACK_DIVISOR
             for pid, d in scheduler.decide(clients, now).items():
                 decisions.setdefault(pid, []).append(d)
             for c in clients:
@@ -206,9 +207,6 @@ class Enforcer:
                 process.request("no_room", self.interposed.request_timeout)
             except ControlError as exc:
                 log.warning("pid %d: %s", pid, exc)
-
-    def _slack(self, capacity: int) -> int:
-        return capacity // 50
 
     def _capacity(self, total: int | None) -> int | None:
         return None if total is None else max(total - self.settings.reserve_bytes, 0)

@@ -171,7 +171,7 @@ class SwitchCost:
 
     def switch_seconds(self, excess_bytes: int) -> float:
         """A switch that makes room for `excess_bytes`: out, then the same back in for the other side."""
-        return self.latency + 2 * max(excess_bytes, 0) / self.bytes_per_s if excess_bytes > 0 else 0.0
+        return self.latency + 2 * excess_bytes / self.bytes_per_s if excess_bytes > 0 else 0.0
 
 
 def default_quantum(switch_seconds: float, overhead: float = 0.05, floor: float = 1.0) -> float:
