@@ -1,1 +1,2 @@
-"""gpuwatch.enforcer: the daemon, its control socket, and (later) policy, quotas and scheduling."""
+"""gpuwatch.enforcer: policy and rules, quotas, the ledger, the scheduler and its loop, the movers (pause,
+swap, stop), and the one view they and everyone else read."""

@@ -1,25 +1,30 @@
 """The enforcer's loop: for every GPU, ask the scheduler who runs, then make it so.
 
 Processes under the interposer are paused, swapped out and resumed through their libraries; others are
-stopped and continued with signals. Everything it reads comes from the daemon's one snapshot; what it
-decides shows up in that snapshot again (states, slice and wait seconds, preemptions)."""
+stopped and continued with signals (the ledger records it). Everything it reads comes from the one view
+(enforcer/view.py) and the pages that view was built from; what it decides shows up in the next view
+(states, slice and wait seconds, preemptions)."""
 from __future__ import annotations
 
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
+from typing import Any
 
-from ..probes.model import Enforcement, ProcessGpu, SchedulerSummary, Snapshot
-from .control import ControlError
+from ..core.protocol import ControlError
+from ..core.view import ProcessGpu, SchedulerSummary, Snapshot
+from ..core.vocabulary import MiB, PRIORITY_NAMES, STOPPED, Priority
 from .interposed import InterposedRegistry
+from .ledger import SCHEDULER
 from .pause import Pauser
-from .scheduler import Client, Decision, Priority, Scheduler, SwitchCost, Verdict, default_quantum
+from .records import Enforcement
+from .scheduler import Client, Decision, Scheduler, SwitchCost, Verdict, default_quantum
+from .view import SchedulingFigures
 
 log = logging.getLogger(__name__)
-MiB = 1 << 20
 CONTEXT_BYTES = 512 * MiB  # a CUDA context's own memory, where NVML cannot tell us
 WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0)
 # A process whose interposer disconnected is almost always exiting, its driver freeing its memory: for this
@@ -57,22 +62,22 @@ class SchedulerSettings:
     room_wait_s: float = 30.0
 
     @classmethod
-    def from_config(cls, section) -> SchedulerSettings:  # config.SchedulerSection
+    def from_config(cls, section: Any) -> SchedulerSettings:  # daemon.config.SchedulerSection
         return cls(section.quantum_ms / 1000 or None, section.idle_ms / 1000, section.reserve_mib * MiB,
                    section.context_mib * MiB, section.tick_ms / 1000, section.room_wait_ms / 1000)
 
 
 class Enforcer:
-    def __init__(self, snapshot: Callable[[], Snapshot], interposed: InterposedRegistry, pauser: Pauser,
-                 settings: SchedulerSettings = SchedulerSettings(),
+    def __init__(self, view: Callable[[], tuple[Snapshot, Mapping[int, Enforcement]]], interposed: InterposedRegistry,
+                 pauser: Pauser, settings: SchedulerSettings = SchedulerSettings(),
                  priority_of: Callable[[int], Priority | None] = lambda pid: None,
                  exclusive: Callable[[int], bool] = lambda pid: False) -> None:
-        self.snapshot, self.interposed, self.pauser, self.settings = snapshot, interposed, pauser, settings
+        """view: the one view and the interposers' pages it was built from."""
+        self.view, self.interposed, self.pauser, self.settings = view, interposed, pauser, settings
         self.priority_of, self.exclusive = priority_of, exclusive
         self.stats: dict[int, SchedulingStats] = {}
         self._waits = SchedulingStats()         # every wait of every process, for the histogram
         self._schedulers: dict[int, Scheduler] = {}
-        self._stopped: set[int] = set()        # stopped with SIGSTOP by the scheduler, not by a person
         self._bounded: set[int] = set()        # told to bound their launch queues
         self._wanting: dict[int, float] = {}   # since when a process allowed to run still waits for room
         self.switch_cost = SwitchCost()
@@ -96,22 +101,16 @@ class Enforcer:
             counts.append((bound, total))
         return SchedulerSummary(tuple(counts), self._waits.wait_count, self._waits.wait_seconds)
 
-    def enforcement(self, records: dict[int, Enforcement]) -> dict[int, Enforcement]:
-        """`records` with what the scheduler did to each process added (and plain processes it scheduled)."""
-        out = dict(records)
-        for pid, s in list(self.stats.items()):
-            if not (s.slice_seconds or s.wait_seconds or s.preemptions):
-                continue
-            base = out.get(pid) or Enforcement(pid=pid, interposed=False, state="running")
-            out[pid] = replace(base, slice_seconds=s.slice_seconds, wait_seconds=s.wait_seconds,
-                               preemptions=s.preemptions)
-        return out
+    def scheduling(self) -> dict[int, SchedulingFigures]:
+        """What the scheduler did to each process, for the view."""
+        return {pid: SchedulingFigures(s.slice_seconds, s.wait_seconds, s.preemptions)
+                for pid, s in list(self.stats.items())}
 
     def quantum(self, switch_seconds: float) -> float:
         return self.settings.quantum_s or default_quantum(switch_seconds)
 
     def _loop(self) -> None:
-        while not self._stop.wait(self.settings.tick_s if self.interposed.pids() or self._stopped else 1.0):
+        while not self._stop.wait(self.settings.tick_s if self.interposed.pids() or self._stopping_anyone() else 1.0):
             try:
                 self.tick(time.monotonic())
             except Exception:  # one bad tick must not end scheduling
@@ -119,9 +118,11 @@ class Enforcer:
 
     # one decision round
 
+    def _stopping_anyone(self) -> bool:
+        return any(SCHEDULER in by for by in self.pauser.ledger.stopped().values())
+
     def tick(self, now: float) -> dict[int, Decision]:
-        snap = self.snapshot()
-        pages = self.interposed.enforcement()
+        snap, pages = self.view()
         decisions: dict[int, list[Decision]] = {}
         leaving = self.interposed.detached_within(LEAVING_S) - set(pages)
         for gpu in snap.gpus:
@@ -154,7 +155,7 @@ class Enforcer:
         """The memory a process holds beyond what it allocated: its context, as NVML sees it."""
         return row.untracked_bytes if row.nvml_bytes is not None else self.settings.context_bytes
 
-    def _bound_queues(self, snap: Snapshot, pages: dict[int, Enforcement]) -> None:
+    def _bound_queues(self, snap: Snapshot, pages: Mapping[int, Enforcement]) -> None:
         """A process that shares a GPU with a higher priority keeps its launch queue short, so that pausing
         it for the higher one drains quickly."""
         top: dict[int, Priority] = {}
@@ -170,7 +171,7 @@ class Enforcer:
                 process = self.interposed.get(row.pid)
                 try:
                     if process is not None:
-                        process.request("bound", self.interposed.request_timeout, on=want)
+                        process.requests.bound_queue(want)
                         (self._bounded.add if want else self._bounded.discard)(row.pid)
                 except ControlError as exc:
                     log.warning("pid %d: %s", row.pid, exc)
@@ -181,9 +182,9 @@ class Enforcer:
         chosen = self.priority_of(pid)
         if chosen is not None:
             return chosen
-        return Priority.parse(page.priority) if page and page.priority in ("low", "normal", "high") else Priority.NORMAL
+        return Priority.parse(page.priority) if page and page.priority in PRIORITY_NAMES else Priority.NORMAL
 
-    def _room_patience(self, decisions: dict[int, Decision], pages: dict[int, Enforcement], now: float) -> None:
+    def _room_patience(self, decisions: dict[int, Decision], pages: Mapping[int, Enforcement], now: float) -> None:
         """The plan says a process may run, yet its allocation still finds the device full (memory the plan
         cannot see, fragmentation): after room_wait_s it fails as the driver said, rather than wait forever."""
         for pid in list(self._wanting):
@@ -204,7 +205,7 @@ class Enforcer:
         process = self.interposed.get(pid)
         if process is not None:
             try:
-                process.request("no_room", self.interposed.request_timeout)
+                process.requests.deny_room()
             except ControlError as exc:
                 log.warning("pid %d: %s", pid, exc)
 
@@ -215,7 +216,7 @@ class Enforcer:
         return sum(row.nvml_bytes if row.nvml_bytes is not None else row.device_bytes
                    for row in snap.processes if row.gpu == gpu and row.pid in leaving)
 
-    def _clients(self, snap: Snapshot, gpu: int, pages: dict[int, Enforcement], leaving: set[int]) -> list[Client]:
+    def _clients(self, snap: Snapshot, gpu: int, pages: Mapping[int, Enforcement], leaving: set[int]) -> list[Client]:
         clients = []
         for row in snap.processes:
             if row.gpu != gpu or (row.pid in leaving and row.pid not in pages):
@@ -227,13 +228,13 @@ class Enforcer:
                 clients.append(Client(row.pid, need, _swappable(page, row), page.launches or row.launches, priority,
                                       interposed=True, exclusive=self.exclusive(row.pid),
                                       waiting=page.waiting_threads > 0))
-            elif row.state != "stopped" or row.pid in self._stopped:
+            elif row.state != STOPPED or self.pauser.held(row.pid, SCHEDULER):
                 need = row.nvml_bytes if row.nvml_bytes is not None else row.device_bytes + self.settings.context_bytes
                 clients.append(Client(row.pid, need, 0, row.launches, priority, interposed=False,
                                       exclusive=self.exclusive(row.pid)))
         return clients
 
-    def _account(self, decisions: dict[int, Decision], pages: dict[int, Enforcement], now: float) -> None:
+    def _account(self, decisions: dict[int, Decision], pages: Mapping[int, Enforcement], now: float) -> None:
         contended = any(s.contended for s in self._schedulers.values())
         for pid in set(self.stats) - set(decisions):
             del self.stats[pid]
@@ -251,7 +252,7 @@ class Enforcer:
                 s.slice_seconds += self.settings.tick_s
             s.running = runs
 
-    def _apply(self, decisions: dict[int, Decision], pages: dict[int, Enforcement]) -> None:
+    def _apply(self, decisions: dict[int, Decision], pages: Mapping[int, Enforcement]) -> None:
         """Make room first (pause, swap out, stop), then resume: memory must be free before it is taken."""
         start = time.monotonic()
         room = [self._pool.submit(self._make_room, pid, d, pages.get(pid)) for pid, d in decisions.items()
@@ -269,20 +270,19 @@ class Enforcer:
         """Pauses, swaps out or stops one process; returns the bytes it moved to host memory."""
         try:
             if page is None:
-                if d.verdict is Verdict.STOP and pid not in self._stopped and not self.pauser.stopped(pid):
-                    self.pauser.pause(pid)
-                    self._stopped.add(pid)
+                if d.verdict is Verdict.STOP and not self.pauser.held(pid):
+                    self.pauser.pause(pid, by=SCHEDULER)
                 return 0
             process = self.interposed.get(pid)
             if process is None:
                 return 0
             swapped = sum(dev.swapped_bytes for dev in page.devices)
             if d.verdict is Verdict.SWAP and swapped < d.swap_bytes:
-                reply = process.request("swap_out", self.interposed.request_timeout, bytes=d.swap_bytes - swapped)
-                log.info("pid %d paused, %s bytes swapped out to make room", pid, reply.get("bytes"))
-                return int(reply.get("bytes") or 0)
+                reply = process.requests.swap_out(d.swap_bytes - swapped)
+                log.info("pid %d paused, %s bytes swapped out to make room", pid, reply.moved_bytes)
+                return reply.moved_bytes or 0
             if page.state == "running":
-                process.request("pause", self.interposed.request_timeout)
+                process.requests.pause()
                 log.info("pid %d paused", pid)
             return 0
         except (ControlError, TypeError, ValueError) as exc:
@@ -293,14 +293,13 @@ class Enforcer:
         """Continues or resumes one process; returns the bytes its resume brings back to the device."""
         try:
             if page is None:
-                if pid in self._stopped:
-                    self._stopped.discard(pid)
-                    self.pauser.resume(pid)
+                if self.pauser.held(pid, SCHEDULER):
+                    self.pauser.resume(pid, by=SCHEDULER)
                 return 0
             process = self.interposed.get(pid)
             if process is None or (page.state == "running" and not page.wanted_bytes):
                 return 0
-            process.request("resume", self.interposed.request_timeout)  # also: retry the allocations that wait
+            process.requests.resume()  # also: retry the allocations that wait
             log.info("pid %d runs%s", pid, " (memory it waited for is free)" if page.wanted_bytes else "")
             return sum(dev.swapped_bytes for dev in page.devices)
         except ControlError as exc:

@@ -16,28 +16,18 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from ..interposer.shm import PRIORITIES, PageError, PageReading, SharedPage
-from ..probes.model import DeviceEnforcement, Enforcement
-from .control import MAX_REQUEST, Connection, ControlError, Peer
+from ..core.procfs import namespace_pids
+from ..core.protocol import MAX_REQUEST, Connection, ControlError, Peer
+from ..core.vocabulary import PRIORITY_NAMES
+from ..interposer.shm import PageError, PageReading, SharedPage
+from .records import DeviceEnforcement, Enforcement
+from .requests import InterposerRequests
 
 log = logging.getLogger(__name__)
 PROTOCOL_VERSION = 1
 SEND_TIMEOUT_S = 5
-
-
-def namespace_pids(pid: int) -> set[int]:
-    """The pids a process has, ours and (in a pid namespace, as in a container) its own getpid()."""
-    pids = {pid}
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("NSpid:"):
-                pids.add(int(line.split()[-1]))
-    except (OSError, ValueError):
-        pass
-    return pids
 
 
 def printable(text: Any, limit: int = 200) -> str:
@@ -63,8 +53,8 @@ class AttachRequest:
             raise ControlError("interposer_attach: shm_fd must be a file descriptor number")
         if limit is not None and (type(limit) is not int or limit < 0):
             raise ControlError("interposer_attach: mem_limit must be a number of bytes or null")
-        if priority not in PRIORITIES:
-            raise ControlError(f"interposer_attach: priority must be one of {', '.join(PRIORITIES)}")
+        if priority not in PRIORITY_NAMES:
+            raise ControlError(f"interposer_attach: priority must be one of {', '.join(PRIORITY_NAMES)}")
         if type(swap) is not bool:
             raise ControlError("interposer_attach: swap must be true or false")
         return cls(fd, limit or None, priority, swap)
@@ -84,17 +74,19 @@ class _Pending:
 class InterposedProcess:
     """One attached process: its page and its connection. request() may be called from any thread."""
 
-    def __init__(self, pid: int, attach: AttachRequest, page: SharedPage, connection: Connection) -> None:
+    def __init__(self, pid: int, attach: AttachRequest, page: SharedPage, connection: Connection,
+                 timeout: Callable[[], float] = lambda: 120.0) -> None:
         self.pid, self.attach, self.page, self.connection = pid, attach, page, connection
+        self.requests = InterposerRequests(self.call, timeout)
         self._ids = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
         self._lock = threading.Lock()  # the pending requests; never held while writing
         self._write_lock = threading.Lock()
         self._closed = False
 
-    def request(self, op: str, timeout: float, **args: Any) -> dict[str, Any]:
-        """Send one request and wait for its answer; RequestFailed when it fails, times out or the
-        process goes away."""
+    def call(self, line_of: Callable[[int], str], op: str, timeout: float) -> dict[str, Any]:
+        """Send one request line (made from its id) and wait for its answer; RequestFailed when it fails,
+        times out or the process goes away."""
         pending = _Pending()
         with self._lock:
             if self._closed:
@@ -103,7 +95,7 @@ class InterposedProcess:
             self._pending[request_id] = pending
         try:
             with self._write_lock:
-                self.connection.send({"id": request_id, "op": op, **args})
+                self.connection.send_line(line_of(request_id))
         except OSError:
             self.close()  # a line may be half written: the library reconnects and attaches again
             raise RequestFailed(f"pid {self.pid}: its interposer has disconnected") from None
@@ -160,7 +152,7 @@ class InterposedProcess:
         devices = tuple(DeviceEnforcement(d.ordinal, d.quota or None, d.swapped, d.swappable, d.unswappable,
                                           d.in_use) for d in reading.devices)
         return Enforcement(pid=self.pid, interposed=True, state=h.state,
-                           priority=h.priority if h.priority in PRIORITIES else self.attach.priority,
+                           priority=h.priority if h.priority in PRIORITY_NAMES else self.attach.priority,
                            mem_limit=self.attach.mem_limit, devices=devices,
                            swap_out_bytes_total=h.swap_out_bytes_total, swap_in_bytes_total=h.swap_in_bytes_total,
                            waiting_threads=h.waiting, wanted_bytes=h.wanted_bytes, launches=reading.counts.launches, graph_launches=reading.counts.graph_launches)
@@ -210,7 +202,7 @@ class InterposedRegistry:
             page = SharedPage.open(peer.pid, attach.shm_fd, namespace_pids(peer.pid))
         except (PageError, OSError) as exc:
             raise ControlError(f"interposer_attach: {exc}") from None
-        process = InterposedProcess(peer.pid, attach, page, connection)
+        process = InterposedProcess(peer.pid, attach, page, connection, lambda: self.request_timeout)
         # a library that stops reading must not hold a request's thread forever
         connection.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", SEND_TIMEOUT_S, 0))
         try:

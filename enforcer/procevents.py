@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from ..probes.procinfo import proc_stat, thread_states
+from ..core.procfs import proc_stat, thread_states
 
 log = logging.getLogger(__name__)
 SCAN_SECONDS = 1.0

@@ -11,7 +11,6 @@ so that a daemon that was killed has them continued by the next one."""
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import os
 import signal
@@ -22,14 +21,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from ..probes.model import Enforcement, Event, EventType, QuotaStop
-from .control import ControlError
-from ..probes.procinfo import PF_KTHREAD, proc_stat, thread_states
+from ..core.procfs import PF_KTHREAD, cgroup2_root, process_cgroup, proc_stat, thread_states
+from ..core.protocol import ControlError
+from ..core.vocabulary import ACTIONS, MAX_SIZE, STOPPED, size_problem
+from ..probes.model import Event, EventType
+from ..probes.quotamaps import QuotaStop
+from .ledger import QUOTA, Ledger
+from .records import Enforcement
 
 log = logging.getLogger(__name__)
-DEFAULT_STATE_FILE = Path("/run/gpuwatch/stopped.json")
-ACTIONS = ("pause", "kill")
-MAX_LIMIT = (1 << 63) - 1
 GROUP_INHERIT = 0x80000000  # a cgroup group: members' forked children join it in BPF at once
 RESCAN_SECONDS = 1.0        # cgroup membership is re-read this often (and when a process opens libcuda)
 GRANT_TIMEOUT = 30.0        # a granted allocation that never shows as returned stops counting after this
@@ -39,44 +39,19 @@ BACKSTOP_MARGIN = 64 << 20  # at least this far past an interposed process's quo
 
 
 class QuotaMaps(Protocol):
-    """The tracer's quota methods (probes/tracer.py)."""
+    """The probes' quota maps (probes/quotamaps.py)."""
 
-    def quota_join(self, pid: int, group: int) -> bool: ...
-    def quota_leave(self, pid: int) -> None: ...
-    def quota_group_of(self, pid: int) -> int | None: ...
-    def quota_set_limit(self, group: int, limit: int) -> None: ...
-    def quota_drop_group(self, group: int) -> None: ...
-    def quota_totals(self, group: int) -> dict[int, int]: ...
-    def quota_set_granted(self, group: int, gpu: int, nbytes: int) -> None: ...
-    def quota_stops(self) -> list[QuotaStop]: ...
-    def quota_clear_stop(self, pid: int, tid: int) -> None: ...
+    def join(self, pid: int, group: int) -> bool: ...
+    def leave(self, pid: int) -> None: ...
+    def group_of(self, pid: int) -> int | None: ...
+    def set_limit(self, group: int, limit: int) -> None: ...
+    def drop_group(self, group: int) -> None: ...
+    def totals(self, group: int) -> dict[int, int]: ...
+    def set_granted(self, group: int, gpu: int, nbytes: int) -> None: ...
+    def stops(self) -> list[QuotaStop]: ...
+    def clear_stop(self, pid: int, tid: int) -> None: ...
     def call_pending(self, pid: int, tid: int) -> bool: ...
     def traced(self, pid: int) -> bool: ...
-
-
-def cgroup2_root() -> Path | None:
-    """Where the cgroup v2 hierarchy is mounted (/sys/fs/cgroup, or /sys/fs/cgroup/unified on hybrid hosts)."""
-    try:
-        for line in Path("/proc/self/mountinfo").read_text().splitlines():
-            left, _, right = line.partition(" - ")
-            if right.split()[:1] == ["cgroup2"]:
-                fields = left.split()
-                if fields[3] == "/":
-                    return Path(fields[4].replace("\\040", " "))
-    except (OSError, IndexError):
-        pass
-    return None
-
-
-def process_cgroup(pid: int) -> str | None:
-    """A process's cgroup v2 path, as /proc/PID/cgroup shows it ("0::/a/b" -> "/a/b")."""
-    try:
-        for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
-            if line.startswith("0::"):
-                return line[3:].removesuffix(" (deleted)")
-    except OSError:
-        pass
-    return None
 
 
 def _stopped(pid: int) -> bool:
@@ -129,26 +104,11 @@ class _Grant:
     absent_since: float | None = None
 
 
-def entries_of(state_file: Path, key: str) -> list:
-    """One list from the state file; an unreadable file counts as empty, with a warning."""
-    try:
-        entries = json.loads(state_file.read_text()).get(key, [])
-    except FileNotFoundError:
-        return []
-    except (OSError, ValueError, AttributeError) as exc:
-        log.warning("%s: unreadable, ignored: %s", state_file, exc)
-        return []
-    return entries if isinstance(entries, list) else []
-
-
 class QuotaEnforcer:
     """Owned by the daemon; every method may be called from any thread."""
 
-    def __init__(self, maps: QuotaMaps, state_file: Path = DEFAULT_STATE_FILE,
-                 held_elsewhere: Callable[[int], bool] = lambda pid: False) -> None:
-        self.maps = maps
-        self.state_file = Path(state_file)
-        self.held_elsewhere = held_elsewhere  # stopped by `gpuwatch pause` too: that one resumes it
+    def __init__(self, maps: QuotaMaps, ledger: Ledger) -> None:
+        self.maps, self.ledger = maps, ledger
         self._lock = threading.RLock()
         self._ids = itertools.count(1)
         self._groups: dict[int, QuotaGroup] = {}
@@ -161,26 +121,15 @@ class QuotaEnforcer:
 
     # lifecycle
 
-    def start(self) -> None:
-        """Continue what a previous daemon stopped and could not continue (it was killed); remember the quotas
-        it had set by hand, for `restore`."""
-        self._pending_restore = [e for e in entries_of(self.state_file, "quotas") if isinstance(e, dict)]
-        for entry in entries_of(self.state_file, "stopped"):
-            try:
-                pid, start = int(entry["pid"]), int(entry["start_time"])
-            except (KeyError, TypeError, ValueError):
-                continue
-            stat = proc_stat(pid)
-            if stat is not None and stat.start_time == start and stat.state in "Tt":
-                self._signal(pid, signal.SIGCONT)
-                log.info("pid %d continued (SIGCONT): a previous daemon stopped it at its quota", pid)
-        with self._lock:
-            self._save()
+    def held_elsewhere(self, pid: int) -> bool:
+        """Stopped by `gpuwatch pause` or the scheduler too: that one continues it."""
+        return bool(self.ledger.holders(pid) - {QUOTA})
 
-    def restore(self) -> None:
-        """Once the probes run: the quotas set by hand before a restart, for the processes and cgroups that
-        are still there."""
-        for entry in self._pending_restore:
+    def restore(self, saved: list[dict[str, Any]]) -> None:
+        """Once the probes run: the quotas set by hand before a restart (the ledger's), for the processes and
+        cgroups that are still there."""
+        self._pending_restore = saved
+        for entry in saved:
             try:
                 nbytes, action = int(entry["bytes"]), str(entry.get("action", "pause"))
                 if entry.get("cgroup") is not None:
@@ -193,7 +142,7 @@ class QuotaEnforcer:
                     self.set_pid(pid, nbytes, action, by_hand=True)
                     log.info("quota of pid %d restored: %d bytes per GPU", pid, nbytes)
             except (KeyError, TypeError, ValueError) as exc:
-                log.warning("%s: a quota entry ignored: %r (%s)", self.state_file, entry, exc)
+                log.warning("%s: a quota entry ignored: %r (%s)", self.ledger.path, entry, exc)
             except ControlError as exc:
                 log.warning("a quota set before the restart is not restored: %s", exc)
         self._pending_restore = []
@@ -201,20 +150,17 @@ class QuotaEnforcer:
             self._save()
 
     def close(self) -> None:
-        """The daemon is stopping: nothing it stopped stays stopped, and nothing stops again meanwhile."""
+        """The daemon is stopping: its stops are cleared (the ledger continues everyone it holds) and nothing
+        stops again meanwhile; the quotas set by hand stay in the ledger for the next daemon."""
         with self._lock:
             stopped, self._stopped = self._stopped, {}
             for pid, rec in stopped.items():
                 stat = proc_stat(pid)
                 if not rec.killed and stat is not None and stat.start_time == rec.start_time:
                     for s in rec.stops:
-                        self.maps.quota_clear_stop(pid, s.tid)
-                    if not self.held_elsewhere(pid):
-                        self._signal(pid, signal.SIGCONT)
-                        log.info("pid %d continued (SIGCONT): the daemon is stopping", pid)
-            self._save()  # nothing stopped now; the quotas set by hand stay for the next daemon
+                        self.maps.clear_stop(pid, s.tid)
             for g in self._groups.values():
-                self.maps.quota_drop_group(g.id)
+                self.maps.drop_group(g.id)
             self._groups.clear()
 
     # control
@@ -241,14 +187,14 @@ class QuotaEnforcer:
                 self._groups[group.id] = group
                 for other in self._groups.values():
                     other.members.pop(pid, None)
-                self.maps.quota_set_limit(group.id, nbytes)
-                self.maps.quota_join(pid, group.id)
+                self.maps.set_limit(group.id, nbytes)
+                self.maps.join(pid, group.id)
                 group.members[pid] = stat.start_time
                 if pid in self._stopped:
                     self._stopped[pid].group = group.id
             else:
                 group.limit, group.action = nbytes, action
-                self.maps.quota_set_limit(group.id, nbytes)
+                self.maps.set_limit(group.id, nbytes)
             group.by_hand = group.by_hand or by_hand
             self._reconcile(time.monotonic())
             if group.by_hand:
@@ -267,7 +213,7 @@ class QuotaEnforcer:
         with self._lock:
             earlier = next((g.limit for g in self._groups.values()
                             if g.pid == pid and stat is not None and g.start_time == stat.start_time), 0)
-        return self.set_pid(pid, min(max(limit, earlier), MAX_LIMIT), action, by_hand)
+        return self.set_pid(pid, min(max(limit, earlier), MAX_SIZE), action, by_hand)
 
     def set_cgroup(self, path: str, nbytes: int, action: str = "pause", by_hand: bool = False) -> dict[str, Any]:
         """A quota shared by every process of a cgroup and the cgroups below it (0 bytes: none)."""
@@ -295,7 +241,7 @@ class QuotaEnforcer:
                 self._groups[group.id] = group
             group.limit, group.action = nbytes, action
             group.by_hand = group.by_hand or by_hand
-            self.maps.quota_set_limit(group.id, nbytes)
+            self.maps.set_limit(group.id, nbytes)
             self._rescan()
             self._reconcile(time.monotonic())
             if group.by_hand:
@@ -376,10 +322,10 @@ class QuotaEnforcer:
                 for pid in g.members:
                     if g.pid is not None or pid in self._stopped or self.maps.traced(pid):
                         out[pid] = Enforcement(pid=pid, interposed=False,
-                                               state="stopped" if pid in self._stopped else "running",
+                                               state=STOPPED if pid in self._stopped else "running",
                                                mem_limit=g.limit, quota_pauses=self._pauses[pid])
             for pid in self._stopped:
-                out.setdefault(pid, Enforcement(pid=pid, interposed=False, state="stopped",
+                out.setdefault(pid, Enforcement(pid=pid, interposed=False, state=STOPPED,
                                                 quota_pauses=self._pauses[pid]))
             return out
 
@@ -387,17 +333,17 @@ class QuotaEnforcer:
 
     @staticmethod
     def _check(nbytes: int, action: str) -> None:
-        if type(nbytes) is not int or not 0 <= nbytes <= MAX_LIMIT:
-            raise ControlError(f"quota: bytes must be a number of bytes from 0 (no quota) to {MAX_LIMIT}")
+        if size_problem(nbytes) is not None:
+            raise ControlError(f"quota: bytes must be a number of bytes from 0 (no quota) to {MAX_SIZE}")
         if action not in ACTIONS:
             raise ControlError(f"quota: action must be one of {', '.join(ACTIONS)}")
 
     def _held(self, group: QuotaGroup) -> dict[str, int]:
-        return {str(gpu): n for gpu, n in sorted(self.maps.quota_totals(group.id).items()) if n}
+        return {str(gpu): n for gpu, n in sorted(self.maps.totals(group.id).items()) if n}
 
     def _drop(self, group: QuotaGroup) -> None:
         del self._groups[group.id]
-        self.maps.quota_drop_group(group.id)
+        self.maps.drop_group(group.id)
         for g in [g for g in self._grants if g.group == group.id]:
             self._grants.remove(g)
             self._granted.pop((g.group, g.gpu), None)
@@ -419,10 +365,10 @@ class QuotaEnforcer:
         for g in self._groups.values():
             if g is not best and g.cgroup is not None and pid in g.members:
                 del g.members[pid]
-                if best is None and self.maps.quota_group_of(pid) == g.id:
-                    self.maps.quota_leave(pid)
+                if best is None and self.maps.group_of(pid) == g.id:
+                    self.maps.leave(pid)
         if best is not None and best.members.get(pid) != start:
-            self.maps.quota_join(pid, best.id)
+            self.maps.join(pid, best.id)
             best.members[pid] = start
 
     def _rescan(self) -> None:
@@ -450,20 +396,21 @@ class QuotaEnforcer:
         for g in cgroups:
             for pid in [p for p in g.members if p not in found or p in pinned]:
                 del g.members[pid]
-                if pid not in pinned and proc_stat(pid) is not None and self.maps.quota_group_of(pid) == g.id:
-                    self.maps.quota_leave(pid)  # it moved out of the cgroup
+                if pid not in pinned and proc_stat(pid) is not None and self.maps.group_of(pid) == g.id:
+                    self.maps.leave(pid)  # it moved out of the cgroup
         for pid, path in found.items():
             if pid in pinned:
                 continue
             best = self._cgroup_group(path)
-            if best is not None and pid in best.members and self.maps.quota_group_of(pid) == best.id:
+            if best is not None and pid in best.members and self.maps.group_of(pid) == best.id:
                 continue  # the common case, without reading /proc
             stat = proc_stat(pid)
             if stat is not None:
                 self._place(pid, stat.start_time, path)
 
     def _exited(self, pid: int) -> None:
-        self._stopped.pop(pid, None)
+        if self._stopped.pop(pid, None) is not None:
+            self.ledger.forget(pid)
         for g in [g for g in self._grants if g.pid == pid]:
             self._release(g)
         for g in list(self._groups.values()):
@@ -476,7 +423,7 @@ class QuotaEnforcer:
         for g in self._groups.values():
             if pid in g.members:
                 return g.id
-        group = self.maps.quota_group_of(pid)  # a forked child the probes put in its parent's group
+        group = self.maps.group_of(pid)  # a forked child the probes put in its parent's group
         if group in self._groups:
             stat = proc_stat(pid)
             if stat is not None:
@@ -488,18 +435,19 @@ class QuotaEnforcer:
         """Take up new stops (kill, or wait), then continue every stopped process whose allocation fits."""
         changed = False
         by_pid: dict[int, list[QuotaStop]] = {}
-        for s in self.maps.quota_stops():
+        for s in self.maps.stops():
             by_pid.setdefault(s.pid, []).append(s)
         for pid, stops in by_pid.items():
             stat = proc_stat(pid)
             if stat is None:
                 for s in stops:
-                    self.maps.quota_clear_stop(pid, s.tid)
+                    self.maps.clear_stop(pid, s.tid)
                 continue
             rec = self._stopped.get(pid)
             if rec is None or rec.start_time != stat.start_time:
                 rec = _Stopped(stat.start_time, self._group_of(pid), now, stops)
                 self._stopped[pid] = rec
+                self.ledger.hold(pid, stat.start_time, QUOTA)
                 self._pauses[pid] += 1
                 changed = True
                 group = self._groups.get(rec.group) if rec.group is not None else None
@@ -508,6 +456,7 @@ class QuotaEnforcer:
                          stops[0].group_used, stops[0].limit)
                 if group is not None and group.action == "kill":
                     self._signal(pid, signal.SIGKILL)
+                    self.ledger.forget(pid)
                     rec.killed = True
                     log.info("pid %d killed (SIGKILL): it reached the quota of %s", pid, group.name)
             rec.stops = stops
@@ -515,6 +464,7 @@ class QuotaEnforcer:
             stat = proc_stat(pid)
             if pid not in by_pid or stat is None or stat.start_time != rec.start_time:
                 del self._stopped[pid]  # it exited (the exit probe dropped its stops)
+                self.ledger.forget(pid)
                 changed = True
         for pid, rec in sorted(self._stopped.items(), key=lambda item: item[1].since):
             if rec.killed or self.held_elsewhere(pid):
@@ -526,7 +476,7 @@ class QuotaEnforcer:
                 continue
             group = self._groups.get(rec.group) if rec.group is not None else None
             if group is not None:
-                totals = self.maps.quota_totals(group.id)
+                totals = self.maps.totals(group.id)
                 need: Counter[int] = Counter()
                 for s in rec.stops:
                     need[s.gpu] += s.size
@@ -546,10 +496,10 @@ class QuotaEnforcer:
                 g = _Grant(pid, s.tid, rec.group, s.gpu, s.size, now_ns, now + GRANT_TIMEOUT)
                 self._grants.append(g)
                 self._granted[(g.group, g.gpu)] += g.size
-                self.maps.quota_set_granted(g.group, g.gpu, self._granted[(g.group, g.gpu)])
-            self.maps.quota_clear_stop(pid, s.tid)
+                self.maps.set_granted(g.group, g.gpu, self._granted[(g.group, g.gpu)])
+            self.maps.clear_stop(pid, s.tid)
         del self._stopped[pid]
-        if self._signal(pid, signal.SIGCONT):
+        if self.ledger.release(pid, QUOTA) and self._signal(pid, signal.SIGCONT):
             log.info("pid %d continued (SIGCONT): its allocation fits its quota", pid)
 
     def _release(self, g: _Grant) -> None:
@@ -561,7 +511,7 @@ class QuotaEnforcer:
         if self._granted[key] <= 0:
             del self._granted[key]
         if g.group in self._groups:
-            self.maps.quota_set_granted(g.group, g.gpu, self._granted.get(key, 0))
+            self.maps.set_granted(g.group, g.gpu, self._granted.get(key, 0))
 
     @staticmethod
     def _signal(pid: int, sig: int) -> bool:
@@ -572,19 +522,8 @@ class QuotaEnforcer:
             return False
 
     def _save(self) -> None:
-        """The stopped processes, written atomically: a daemon started after this one was killed continues them."""
-        data = {"version": 1, "stopped": [{"pid": pid, "start_time": rec.start_time}
-                                          for pid, rec in sorted(self._stopped.items()) if not rec.killed],
-                "quotas": [{"cgroup": g.cgroup, "bytes": g.limit, "action": g.action} if g.cgroup is not None else
-                           {"pid": g.pid, "start_time": g.start_time, "bytes": g.limit, "action": g.action}
-                           for g in self._groups.values() if g.by_hand] + self._pending_restore}
-        try:
-            self.state_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.state_file.with_name(self.state_file.name + ".tmp")
-            with open(tmp, "w") as f:
-                json.dump(data, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.state_file)
-        except OSError as exc:
-            log.warning("cannot write %s: %s", self.state_file, exc)
+        """The quotas set by hand, into the ledger: a daemon started after this one keeps them."""
+        self.ledger.set_quotas(
+            [{"cgroup": g.cgroup, "bytes": g.limit, "action": g.action} if g.cgroup is not None else
+             {"pid": g.pid, "start_time": g.start_time, "bytes": g.limit, "action": g.action}
+             for g in self._groups.values() if g.by_hand] + self._pending_restore)

@@ -6,20 +6,9 @@ others make room. It keeps no clock of its own, so tests drive it with a simulat
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum, IntEnum
+from enum import Enum
 
-
-class Priority(IntEnum):
-    LOW = 0
-    NORMAL = 1
-    HIGH = 2
-
-    @classmethod
-    def parse(cls, text: str) -> Priority:
-        try:
-            return cls[text.upper()]
-        except KeyError:
-            raise ValueError(f"priority must be high, normal or low, not {text!r}") from None
+from ..core.vocabulary import Priority
 
 
 class Verdict(str, Enum):

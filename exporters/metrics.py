@@ -1,4 +1,4 @@
-"""Prometheus metrics read from the tracer's snapshot at each scrape, so an exited process's series are
+"""Prometheus metrics read from the one view at each scrape, so an exited process's series are
 gone by the next one, and no label carries an address or a kernel name.
 
 `families()` describes every metric with prometheus-client's types and is the reference. The scrape
@@ -15,7 +15,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.utils import floatToGoString
 
-from ..probes.model import COPY_DIRECTIONS, STATES, ProcessGpu, Snapshot
+from ..core.view import ProcessGpu, Snapshot
+from ..core.vocabulary import COPY_DIRECTIONS, STATES
 
 PROCESS_LABELS = ["pid", "comm", "gpu", "gpu_uuid", "container_id", "pod_uid"]
 GPU_LABELS = ["gpu", "gpu_uuid", "name"]

@@ -16,8 +16,8 @@ from typing import Any, Union
 
 import urwid
 
-from ..enforcer.cli import human_bytes
-from ..enforcer.control import Client, ControlError, DaemonUnavailable, socket_path
+from ..core.protocol import Client, ControlError, DaemonUnavailable
+from ..core.vocabulary import human_bytes, socket_path
 
 # A line is urwid text markup: plain strings and (attribute, text) pairs.
 Segment = Union[str, tuple[str, str]]

@@ -148,25 +148,37 @@ static bool send_line(int s, const char *line)
 	return true;
 }
 
+#define LINE_HEAD 128 // what is kept of a line that overflows the reader: enough to refuse it and name its id
+
 struct line_reader {
 	char buf[4096];
 	size_t len;
+	size_t dropped; // bytes of the current line dropped because it overflowed buf
 };
 
-// 1: a line in `out`; 0: nothing yet; -1: closed or failed.
-static int read_line(int s, struct line_reader *r, char *out, size_t cap)
+// 1: a line in `out` (its first cap - 1 bytes; it may hold NUL bytes) and its full length, without the
+// newline, in *len (when len is not NULL); 0: nothing yet; -1: closed or failed. A line longer than the
+// buffer does not fail: its first LINE_HEAD bytes are kept, the rest up to its newline is dropped and
+// counted in *len, so the caller sees it and can refuse it.
+static int read_line(int s, struct line_reader *r, char *out, size_t cap, size_t *len)
 {
 	for (;;) {
 		char *nl = memchr(r->buf, '\n', r->len);
 		if (nl) {
-			size_t n = (size_t)(nl - r->buf);
-			snprintf(out, cap, "%.*s", (int)n, r->buf);
+			size_t n = (size_t)(nl - r->buf), copy = n < cap - 1 ? n : cap - 1;
+			memcpy(out, r->buf, copy);
+			out[copy] = '\0';
+			if (len)
+				*len = n + r->dropped;
 			memmove(r->buf, nl + 1, r->len - n - 1);
 			r->len -= n + 1;
+			r->dropped = 0;
 			return 1;
 		}
-		if (r->len == sizeof r->buf)
-			return -1; // a line longer than any the daemon sends
+		if (r->len == sizeof r->buf) { // no newline in a full buffer: keep the head, drop the rest
+			r->dropped += r->len - LINE_HEAD;
+			r->len = LINE_HEAD;
+		}
 		ssize_t got = recv(s, r->buf + r->len, sizeof r->buf - r->len, MSG_DONTWAIT);
 		if (got == 0)
 			return -1;
@@ -176,30 +188,80 @@ static int read_line(int s, struct line_reader *r, char *out, size_t cap)
 	}
 }
 
-static bool json_u64(const char *line, const char *key, uint64_t *out)
+// ---- requests from the daemon: one line each, "<id> <op>[ <arg>]" (docs/interposer.md, "Daemon protocol")
+
+#define REQUEST_MAX 80 // bytes in a request line, without its newline
+
+enum gw_op { GW_OP_PAUSE, GW_OP_RESUME, GW_OP_SWAP_OUT, GW_OP_QUOTA, GW_OP_BOUND, GW_OP_NO_ROOM };
+
+static const struct {
+	const char *name;
+	bool arg; // takes one decimal u64 argument
+} gw_ops[] = {
+	[GW_OP_PAUSE] = {"pause", false},      [GW_OP_RESUME] = {"resume", false},
+	[GW_OP_SWAP_OUT] = {"swap_out", true}, [GW_OP_QUOTA] = {"quota", true},
+	[GW_OP_BOUND] = {"bound", true},       [GW_OP_NO_ROOM] = {"no_room", false},
+};
+
+struct gw_request {
+	uint64_t id; // 0 until the id has parsed
+	enum gw_op op;
+	uint64_t arg; // swap_out, quota: bytes; bound: 0 or 1; others: 0
+};
+
+// A decimal u64 in canonical form: "0", or a digit 1-9 and more digits, at most 2^64 - 1; no sign, no
+// space. Returns the first byte after the digits, or NULL.
+static const char *parse_u64(const char *p, uint64_t *out)
 {
-	char pattern[40];
-	snprintf(pattern, sizeof pattern, "\"%s\":", key);
-	const char *p = strstr(line, pattern);
-	if (!p)
-		return false;
-	p += strlen(pattern);
-	while (*p == ' ')
-		p++;
-	char *end;
-	errno = 0;
-	*out = strtoull(p, &end, 10);
-	return end != p && !errno;
+	uint64_t v = 0;
+	const char *start = p;
+	if (*p < '0' || *p > '9' || (p[0] == '0' && p[1] >= '0' && p[1] <= '9'))
+		return NULL;
+	for (; *p >= '0' && *p <= '9'; p++) {
+		unsigned d = (unsigned)(*p - '0');
+		if (v > (UINT64_MAX - d) / 10)
+			return NULL;
+		v = v * 10 + d;
+	}
+	*out = v;
+	return p > start ? p : NULL;
 }
 
-static bool json_is(const char *line, const char *key, const char *value)
+// Parses one request line (without its newline). Returns NULL with *out filled, or a short reason (a
+// constant, safe to put in a JSON string) with out->id set if the id parsed, else 0.
+static const char *parse_request(const char *line, struct gw_request *out)
 {
-	char pattern[80];
-	snprintf(pattern, sizeof pattern, "\"%s\": \"%s\"", key, value);
-	if (strstr(line, pattern))
-		return true;
-	snprintf(pattern, sizeof pattern, "\"%s\":\"%s\"", key, value);
-	return strstr(line, pattern) != NULL;
+	*out = (struct gw_request){.id = 0};
+	uint64_t id;
+	const char *p = parse_u64(line, &id);
+	if (!p || !id || *p != ' ')
+		return "bad id";
+	out->id = id;
+	if (strlen(line) > REQUEST_MAX)
+		return "line too long";
+	const char *name = ++p;
+	size_t n = strcspn(name, " ");
+	p = name + n;
+	size_t op = 0;
+	while (op < sizeof gw_ops / sizeof gw_ops[0] && (strlen(gw_ops[op].name) != n || memcmp(gw_ops[op].name, name, n)))
+		op++;
+	if (op == sizeof gw_ops / sizeof gw_ops[0])
+		return "unknown op";
+	out->op = (enum gw_op)op;
+	if (!gw_ops[op].arg)
+		return *p ? "unexpected argument" : NULL;
+	if (*p != ' ')
+		return "missing argument";
+	p = parse_u64(p + 1, &out->arg);
+	if (!p)
+		return "bad number";
+	if (*p == ' ')
+		return "too many arguments";
+	if (*p)
+		return "bad number";
+	if (out->op == GW_OP_BOUND && out->arg > 1)
+		return "bound takes 0 or 1";
+	return NULL;
 }
 
 static const char *state_name(uint32_t s)
@@ -208,48 +270,56 @@ static const char *state_name(uint32_t s)
 	return s < 5 ? names[s] : "unknown";
 }
 
-static void answer(int s, const char *line)
+// Answers one request line of `len` bytes (NUL bytes in it make it malformed).
+static void answer(int s, const char *line, size_t len)
 {
 	char reply[256];
-	uint64_t id = 0, bytes = 0, moved = 0;
-	int r;
-	json_u64(line, "id", &id);
+	struct gw_request q;
+	uint64_t moved = 0;
+	int r = 0;
+	const char *bad = parse_request(line, &q);
+	if (!bad && strlen(line) != len)
+		bad = "NUL byte in the line";
+	if (bad) {
+		gw_log("refused a request (%s): %.*s", bad, REQUEST_MAX, line);
+		snprintf(reply, sizeof reply, "{\"id\":%" PRIu64 ",\"ok\":false,\"error\":\"%s\"}\n", q.id, bad);
+		send_line(s, reply);
+		return;
+	}
 	pthread_mutex_lock(&control_lock);
-	if (json_is(line, "op", "pause"))
+	switch (q.op) {
+	case GW_OP_PAUSE:
 		r = gw_pause();
-	else if (json_is(line, "op", "swap_out"))
-		r = (json_u64(line, "bytes", &bytes), gw_swap_out(bytes, &moved));
-	else if (json_is(line, "op", "resume")) {
+		break;
+	case GW_OP_SWAP_OUT:
+		r = gw_swap_out(q.arg, &moved);
+		break;
+	case GW_OP_RESUME:
 		r = gw_resume();
 		if (!r)
 			gw_room_answer(true);
-	} else if (json_is(line, "op", "bound")) {
-		if (strstr(line, "\"on\": true") || strstr(line, "\"on\":true"))
+		break;
+	case GW_OP_BOUND:
+		if (q.arg)
 			atomic_fetch_or(&gw->flags, GW_FLAG_BOUNDED);
 		else
 			atomic_fetch_and(&gw->flags, ~GW_FLAG_BOUNDED);
-		r = 0;
-	} else if (json_is(line, "op", "no_room")) {
+		break;
+	case GW_OP_NO_ROOM:
 		gw_room_answer(false);
-		r = 0;
-	}
-	else if (json_is(line, "op", "quota") && json_u64(line, "bytes", &bytes)) {
+		break;
+	case GW_OP_QUOTA:
 		for (int d = 0; d < GW_MAX_DEVICES; d++)
-			atomic_store(&gw->dev[d].quota, bytes);
-		r = 0;
-	} else {
-		pthread_mutex_unlock(&control_lock);
-		snprintf(reply, sizeof reply, "{\"id\":%" PRIu64 ",\"ok\":false,\"error\":\"unknown request\"}\n", id);
-		send_line(s, reply);
-		return;
+			atomic_store(&gw->dev[d].quota, q.arg);
+		break;
 	}
 	pthread_mutex_unlock(&control_lock);
 	if (r)
 		snprintf(reply, sizeof reply, "{\"id\":%" PRIu64 ",\"ok\":false,\"error\":\"CUDA error %d\",\"state\":\"%s\"}\n",
-			 id, r, state_name(atomic_load(&gw->state)));
+			 q.id, r, state_name(atomic_load(&gw->state)));
 	else
 		snprintf(reply, sizeof reply, "{\"id\":%" PRIu64 ",\"ok\":true,\"state\":\"%s\",\"bytes\":%" PRIu64 "}\n",
-			 id, state_name(atomic_load(&gw->state)), moved);
+			 q.id, state_name(atomic_load(&gw->state)), moved);
 	send_line(s, reply);
 }
 
@@ -278,7 +348,7 @@ static bool attach(int s, struct line_reader *r)
 	struct pollfd p = {.fd = s, .events = POLLIN};
 	uint64_t deadline = gw_now_ns() + 5000000000u;
 	int got;
-	while ((got = read_line(s, r, line, sizeof line)) == 0 && gw_now_ns() < deadline)
+	while ((got = read_line(s, r, line, sizeof line, NULL)) == 0 && gw_now_ns() < deadline)
 		poll(&p, 1, POLL_MS);
 	if (got != 1 || (!strstr(line, "\"ok\": true") && !strstr(line, "\"ok\":true"))) {
 		gw_log("the daemon refused us: %s", got == 1 ? line : "no answer");
@@ -295,7 +365,7 @@ static void *control_thread(void *arg)
 	char line[4096];
 	for (;;) {
 		int s = connect_daemon();
-		struct line_reader reader = {.len = 0};
+		struct line_reader reader = {.len = 0, .dropped = 0};
 		if (s >= 0 && attach(s, &reader)) {
 			gw_log("attached to the daemon on %s", gw_cfg.socket);
 			atomic_fetch_or(&gw->flags, GW_FLAG_ATTACHED);
@@ -303,8 +373,9 @@ static void *control_thread(void *arg)
 				struct pollfd p = {.fd = s, .events = POLLIN};
 				poll(&p, 1, POLL_MS);
 				int got;
-				while ((got = read_line(s, &reader, line, sizeof line)) == 1)
-					answer(s, line);
+				size_t len;
+				while ((got = read_line(s, &reader, line, sizeof line, &len)) == 1)
+					answer(s, line, len);
 				if (got < 0)
 					break;
 				uint32_t bounded = atomic_load(&gw->flags) & GW_FLAG_BOUNDED;

@@ -16,6 +16,8 @@ import struct
 import threading
 from dataclasses import dataclass
 
+from ..core.vocabulary import INTERPOSER_STATES, PRIORITIES_BY_VALUE
+
 MAGIC = 0x31535747  # "GWS1"
 VERSION = 1
 MEMFD_NAME = "gpuwatch-interposer"
@@ -28,8 +30,8 @@ SLOTS_OFFSET, SLOT_SIZE, SLOT_COUNT = 4096, 64, 960
 MAX_DEVICES = (SLOTS_OFFSET - DEVICES_OFFSET) // DEVICE_SIZE  # what fits before the slots, whatever the page says
 U64_MAX = (1 << 64) - 1
 
-STATES = ("running", "paused", "swapping_out", "swapped", "swapping_in")
-PRIORITIES = ("low", "normal", "high")
+STATES = INTERPOSER_STATES         # by the page's number (shm.h enum gw_state)
+PRIORITIES = PRIORITIES_BY_VALUE   # by the page's number
 
 # magic, version, pid, max_devices, gate, state, priority, flags; the ten u64 from lease_deadline_ns; waiting,
 # room_seq, wanted_bytes

@@ -1,20 +1,8 @@
 """From a process's CUDA device ordinal to the host's GPU, honouring CUDA_VISIBLE_DEVICES."""
 from __future__ import annotations
 
-from pathlib import Path
-
-from .model import Gpu
-
-
-def visible_devices(pid: int) -> list[str] | None:
-    try:
-        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    except OSError:
-        return None
-    for item in env:
-        if item.startswith(b"CUDA_VISIBLE_DEVICES="):
-            return [d.strip() for d in item.split(b"=", 1)[1].decode(errors="replace").split(",") if d.strip()]
-    return None
+from ..core.procfs import visible_devices
+from ..core.view import Gpu
 
 
 class DeviceResolver:

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import logging
+import threading
+from dataclasses import replace
 from typing import Any
 
-from .model import Gpu
+from ..core.view import Gpu
 
 log = logging.getLogger(__name__)
 
@@ -57,3 +59,40 @@ class Nvml:
 
 def _text(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
+
+
+NVML_INTERVAL_S = 0.25  # NVML is read this often on its own thread, never on the scheduler's tick
+
+
+class NvmlSampler:
+    """The latest NVML reading, refreshed on its own thread."""
+
+    def __init__(self, nvml: Nvml, interval: float = NVML_INTERVAL_S) -> None:
+        self._nvml, self._interval = nvml, interval
+        self._latest: tuple[list[Gpu], dict[tuple[int, int], int]] = ([], {})
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="gpuwatch-nvml", daemon=True)
+
+    def start(self) -> None:
+        self.sample()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=2)
+
+    def sample(self) -> None:
+        try:
+            self._latest = (self._nvml.gpus(), self._nvml.process_bytes())
+        except Exception as exc:  # a driver hiccup must not end the sampling
+            log.debug("NVML reading failed: %s", exc)
+
+    def latest(self) -> tuple[list[Gpu], dict[tuple[int, int], int]]:
+        """GPUs (fresh copies: callers may change them) and (pid, GPU index) -> bytes."""
+        gpus, used = self._latest
+        return [replace(g) for g in gpus], dict(used)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._interval):
+            self.sample()

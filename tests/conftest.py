@@ -16,7 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 FAKECUDA_SRC = ROOT / "tests" / "fakecuda"
-GPUWATCH = [sys.executable, "-m", "gpuwatch.enforcer.cli"]
+GPUWATCH = [sys.executable, "-m", "gpuwatch.client.cli"]
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> object:
@@ -72,7 +72,7 @@ class Daemon:
 
     def watching(self, library: Path) -> bool:
         """Asked in-process (no CLI start-up in the measurement): tests time the attach against 1 s."""
-        from gpuwatch.enforcer.control import Client
+        from gpuwatch.core.protocol import Client
         with Client(self.socket) as client:
             libraries = client.call("status")["health"]["libraries"]
         ino = library.stat().st_ino

@@ -208,11 +208,19 @@ class FakeDaemon:
         self.conn.sendall(json.dumps(message).encode() + b"\n")
 
     def request(self, op: str, **args: object) -> dict:
+        """Sends `<id> <op>[ <arg>]` (docs/interposer.md, "Daemon protocol"): `bytes=N` -> `N`, `on=True` ->
+        `1`; returns the library's JSON answer, which must carry the id."""
         self.next_id += 1
-        self.send({"id": self.next_id, "op": op, **args})
-        reply = json.loads(self.read_line())
+        fields = [str(self.next_id), op, *(str(int(v)) if isinstance(v, bool) else str(v) for v in args.values())]
+        reply = self.send_raw(" ".join(fields))
         assert reply.get("id") == self.next_id, reply
         return reply
+
+    def send_raw(self, line: str) -> dict:
+        """Sends `line` and a newline as they are (no id of ours) and returns the library's JSON answer."""
+        assert self.conn
+        self.conn.sendall(line.encode(errors="surrogateescape") + b"\n")
+        return json.loads(self.read_line())
 
     def renew(self, period: float = 0.1, lease: float = 0.4) -> None:
         """Renews lease_deadline_ns from a thread until stop_renewing()."""

@@ -4,23 +4,32 @@ No GPU, no eBPF: the registry and the pauser are stand-ins that record requests;
 scheduler's."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from gpuwatch.enforcer.enforcer import Enforcer, SchedulerSettings
 from gpuwatch.enforcer.interposed import InterposedRegistry
+from gpuwatch.enforcer.ledger import Ledger
 from gpuwatch.enforcer.scheduler import Verdict
-from gpuwatch.probes.model import DeviceEnforcement, Enforcement, Gpu, ProcessGpu, Snapshot, TracerHealth
+from gpuwatch.core.view import Gpu, ProcessGpu, Snapshot, TracerHealth
+from gpuwatch.enforcer.records import DeviceEnforcement, Enforcement
+from gpuwatch.enforcer.requests import InterposerRequests
 
 GiB = 1 << 30
 
 
 class RecordingProcess:
-    def __init__(self, pid: int, requests: list[tuple[int, str]]) -> None:
-        self.pid, self.requests = pid, requests
+    """Records each request line's op; answers as a library would."""
 
-    def request(self, op: str, timeout: float, **args: Any) -> dict[str, Any]:
-        self.requests.append((self.pid, op))
-        return {"bytes": args.get("bytes", 0)}
+    def __init__(self, pid: int, requests: list[tuple[int, str]]) -> None:
+        self.pid = pid
+
+        def call(line_of: Callable[[int], str], op: str, timeout: float) -> dict[str, Any]:
+            requests.append((pid, op))
+            fields = line_of(1).split()
+            return {"bytes": int(fields[2]) if op == "swap_out" else 0}
+
+        self.requests = InterposerRequests(call, lambda: 1.0)
 
 
 class Registry(InterposedRegistry):
@@ -44,14 +53,15 @@ class Registry(InterposedRegistry):
 class RecordingPauser:
     def __init__(self) -> None:
         self.paused: list[int] = []
+        self.ledger = Ledger()
 
-    def stopped(self, pid: int) -> bool:
+    def held(self, pid: int, by: str | None = None) -> bool:
         return pid in self.paused
 
-    def pause(self, pid: int) -> None:
+    def pause(self, pid: int, by: str = "hand") -> None:
         self.paused.append(pid)
 
-    def resume(self, pid: int) -> None:
+    def resume(self, pid: int, by: str | None = None) -> None:
         self.paused.remove(pid)
 
 
@@ -68,7 +78,8 @@ def enforcer_for(rows: list[ProcessGpu], pages: dict[int, Enforcement], detached
                  ) -> tuple[Enforcer, Registry, RecordingPauser]:
     registry, pauser = Registry(pages, detached), RecordingPauser()
     settings = SchedulerSettings(reserve_bytes=0, context_bytes=0, idle_s=0.3)
-    return Enforcer(lambda: snapshot(rows), registry, pauser, settings), registry, pauser  # type: ignore[arg-type]
+    return Enforcer(lambda: (snapshot(rows), registry.enforcement()), registry, pauser,  # type: ignore[arg-type]
+                    settings), registry, pauser
 
 
 def test_a_process_whose_interposer_left_is_waited_for_not_made_room_for() -> None:
@@ -82,7 +93,7 @@ def test_a_process_whose_interposer_left_is_waited_for_not_made_room_for() -> No
     assert decisions == {10: decisions[10]} and decisions[10].verdict is Verdict.PAUSE
     assert registry.requests == [] and pauser.paused == []
 
-    enforcer.snapshot = lambda: snapshot([waiting])  # its memory is gone
+    enforcer.view = lambda: (snapshot([waiting]), registry.enforcement())  # its memory is gone
     decisions = enforcer.tick(0.1)
     assert decisions[10].verdict is Verdict.RUN
     assert registry.requests == [(10, "resume")]

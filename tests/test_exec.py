@@ -11,7 +11,7 @@ import pytest
 
 from conftest import GPUWATCH, ROOT
 
-from gpuwatch.enforcer.sizes import SizeError, parse_size
+from gpuwatch.core.vocabulary import SizeError, parse_size
 
 MiB, GiB = 1 << 20, 1 << 30
 PRINT_ENV = [sys.executable, "-c", "import json, os; print(json.dumps({'pid': os.getpid(), 'env': dict(os.environ)}))"]

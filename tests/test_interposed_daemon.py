@@ -88,13 +88,32 @@ class FakeInterposer:
         return reply
 
     def _serve(self) -> None:
+        # Requests are lines `<id> <op>[ <arg>]` (docs/interposer.md, "Daemon protocol"), read as strictly as
+        # the library reads them into {"id", "op"} plus "bytes" (swap_out, quota) or "on" (bound). A line
+        # that breaks the format is recorded with "malformed" and answered as the library would: ok false.
+        args = {"swap_out": "bytes", "quota": "bytes", "bound": "on"}
+
+        def number(field: str) -> int | None:
+            ok = field.isascii() and field.isdigit() and (field == "0" or field[0] != "0") and int(field) < 1 << 64
+            return int(field) if ok else None
+
         for line in self.rfile:
-            request = json.loads(line)
+            fields = line.decode("ascii", "replace").removesuffix("\n").split(" ")
+            request: dict[str, Any] = {"id": number(fields[0]) or 0, "op": fields[1] if len(fields) > 1 else ""}
+            arg = number(fields[2]) if len(fields) == 3 else None
+            if (len(line) > 81 or not line.endswith(b"\n") or not request["id"]
+                    or len(fields) != 2 + (request["op"] in args)
+                    or (request["op"] in args and (arg is None or (request["op"] == "bound" and arg > 1)))):
+                request["malformed"] = line
+            elif request["op"] in args:
+                request[args[request["op"]]] = arg == 1 if request["op"] == "bound" else arg
             self.requests.append(request)
             if not self.answer:
                 continue
             reply: dict[str, Any] = {"id": request["id"], "ok": True}
-            if request["op"] == "pause":
+            if "malformed" in request:
+                reply = {"id": request["id"], "ok": False, "error": "malformed request"}
+            elif request["op"] == "pause":
                 self.set_state("paused")
                 reply["state"] = "paused"
             elif request["op"] == "swap_out":
@@ -462,7 +481,8 @@ def test_shared_page_reader_checks_and_reads(tmp_path):
 def test_exposition_with_interposed_rows_equals_prometheus_client_reference():
     from prometheus_client import CollectorRegistry, generate_latest
     from gpuwatch.exporters.metrics import families, render
-    from gpuwatch.probes.model import STATES, Gpu, ProcessGpu, Snapshot, TracerHealth
+    from gpuwatch.core.view import Gpu, ProcessGpu, Snapshot, TracerHealth
+    from gpuwatch.core.vocabulary import STATES
     rows = [ProcessGpu(pid=10 + i, comm=f"p{i}", gpu=i % 2, interposed=i % 2 == 0,
                        quota_bytes=(i + 1) << 30 if i % 2 == 0 else None, state=[*STATES, "unknown"][i],
                        swapped_bytes=i * MiB, swap_out_bytes_total=3 * i, swap_in_bytes_total=i) for i in range(7)]

@@ -249,7 +249,7 @@ def _try_scrape(port: int) -> str | None:
 def test_fast_exposition_equals_prometheus_client_reference():
     from prometheus_client import CollectorRegistry, generate_latest
     from gpuwatch.exporters.metrics import families, render
-    from gpuwatch.probes.model import Gpu, ProcessGpu, Snapshot, TracerHealth
+    from gpuwatch.core.view import Gpu, ProcessGpu, Snapshot, TracerHealth
     rows = [ProcessGpu(pid=10 + i, comm='we"ird\\na\nme', gpu=None if i == 3 else i % 2, gpu_uuid="GPU-1",
                        container_id="c" * 64 if i % 3 == 0 else "", pod_uid="p" if i == 4 else "", device_bytes=i << 20,
                        nvml_bytes=None if i % 2 else 5 << 30, allocs=i, launches=7 * i,

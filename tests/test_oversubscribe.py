@@ -120,7 +120,7 @@ def test_everything_fits_no_gating(fakecuda: Path, interposer: Path, sdaemon: Da
 
 
 def test_scheduler_can_be_switched_off(tmp_path: Path) -> None:
-    from gpuwatch.enforcer import config
+    from gpuwatch.daemon import config
     cfg = config.parse("[scheduler]\nenabled = false\n")
     assert cfg.scheduler.enabled is False
     with pytest.raises(config.ConfigError, match="scheduler.quantum_ms: must be at least 0"):

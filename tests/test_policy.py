@@ -20,10 +20,10 @@ import pytest
 from conftest import GPUWATCH, ROOT, Daemon, Prog, wait_for
 from interposer_fixtures import DEVICE, IProg, Page, interposer  # noqa: F401 (fixture)
 
-from gpuwatch.enforcer import config as configuration
-from gpuwatch.enforcer.policy import Match, Policy, ProcessFacts, Rule
+from gpuwatch.daemon import config as configuration
+from gpuwatch.enforcer.rules import Match, Policy, ProcessFacts, Rule
 from gpuwatch.enforcer.procevents import ProcEvents
-from gpuwatch.enforcer.scheduler import Priority
+from gpuwatch.core.vocabulary import Priority
 
 MiB, GiB = 1 << 20, 1 << 30
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
@@ -381,13 +381,13 @@ def pdaemon() -> Iterator[Daemon]:
 
 def policy_of(d: Daemon) -> dict[int, dict]:
     """Asked in-process (no CLI start-up in the measurement): tests time rules against 1 s."""
-    from gpuwatch.enforcer.control import Client
+    from gpuwatch.core.protocol import Client
     with Client(d.socket) as client:
         return {p["pid"]: p for p in client.call("policy")["processes"]}
 
 
 def quota_groups(d: Daemon) -> dict[int, dict]:
-    from gpuwatch.enforcer.control import Client
+    from gpuwatch.core.protocol import Client
     with Client(d.socket) as client:
         return {g["pid"]: g for g in client.call("quota_list") if g["pid"] is not None}
 
@@ -568,7 +568,7 @@ def test_priority_root_changes_anything_others_read_and_lower_their_own(pdaemon)
     bad = pdaemon.cli("priority", "1", "urgent", check=False)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and \
         bad.stderr.startswith("gpuwatch: priority: argument LEVEL: invalid choice: 'urgent'"), bad.stderr
-    from gpuwatch.enforcer.control import Client, ControlError
+    from gpuwatch.core.protocol import Client, ControlError
     with Client(pdaemon.socket) as client, pytest.raises(ControlError, match="level must be one of high, normal, low"):
         client.call("priority", pid=1, level="urgent")
 

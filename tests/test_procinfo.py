@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from gpuwatch.probes.procinfo import container_of, read
+from gpuwatch.core.procfs import container_of, read
 
 CID = "4f3c2b1a" * 8
 POD = "0b6a7f2e-91c4-4d38-a1e2-5f6b7c8d9e0f"

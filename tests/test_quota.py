@@ -22,8 +22,8 @@ import pytest
 from conftest import GPUWATCH, Daemon, Prog, wait_for
 from interposer_fixtures import interposer, iprogs  # noqa: F401 (fixtures)
 
-from gpuwatch.enforcer.pause import proc_stat
-from gpuwatch.enforcer.quota import cgroup2_root
+from gpuwatch.core.procfs import proc_stat
+from gpuwatch.core.procfs import cgroup2_root
 
 MiB = 1 << 20
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]

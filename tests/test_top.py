@@ -15,7 +15,7 @@ import pytest
 import urwid
 
 from conftest import GPUWATCH, Daemon, wait_for
-from gpuwatch.enforcer.control import ControlError, DaemonUnavailable
+from gpuwatch.core.protocol import ControlError, DaemonUnavailable
 from gpuwatch.exporters import top
 
 MiB = 1 << 20

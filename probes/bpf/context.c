@@ -1,6 +1,7 @@
 /* GPU attribution: the driver acts on the calling thread's current context, so follow which
  * context each thread has current and which device each context belongs to. */
-#include "gpuwatch.h"
+#include "maps.h"
+#include "calls.h"
 
 static __always_inline void gw_ctx_device(u32 tgid, u64 ctx, s32 dev)
 {

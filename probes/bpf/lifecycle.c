@@ -1,6 +1,9 @@
 /* Process exit drops a process's accounting at once; an openat of a libcuda tells user space to
  * look for a driver library it does not watch yet. */
-#include "gpuwatch.h"
+#include "maps.h"
+#include "calls.h"
+#include "events.h"
+#include "quota.h"
 
 TRACEPOINT_PROBE(sched, sched_process_exit)
 {

@@ -1,6 +1,8 @@
 /* Device, pitch, async/pool, managed and pinned host allocations: counted when the call returns
  * success, keyed by process and GPU; a free matches its allocation from any thread. */
-#include "gpuwatch.h"
+#include "accounting.h"
+#include "calls.h"
+#include "quota.h"
 
 static __always_inline int gw_alloc_enter(u64 out, u64 size, u32 kind)
 {

@@ -1,6 +1,8 @@
 /* VMM: physical bytes count from cuMemCreate until the handle is released and no mapping of it
  * remains, in either order (NCCL releases a handle right after mapping it). */
-#include "gpuwatch.h"
+#include "accounting.h"
+#include "calls.h"
+#include "quota.h"
 
 static __always_inline void gw_handle_gone(u32 tgid, u64 handle, struct gw_handle *h)
 {

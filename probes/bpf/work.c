@@ -1,6 +1,7 @@
 /* Work submitted: kernel launches, graph launches and copy bytes, counted per process and GPU in
  * per-CPU maps at function entry. */
-#include "gpuwatch.h"
+#include "accounting.h"
+#include "calls.h"
 
 static __always_inline struct gw_work *gw_work_of(void)
 {

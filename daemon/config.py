@@ -8,9 +8,10 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from .policy import Rule, RuleError, parse_rules
+from ..core.vocabulary import DEFAULT_CONFIG, DEFAULT_SOCKET, positive_problem, power_of_two_problem
+from ..enforcer.rules import Rule, RuleError, parse_rules
 
-DEFAULT_PATH = "/etc/gpuwatch/gpuwatch.toml"
+DEFAULT_PATH = DEFAULT_CONFIG
 
 
 class ConfigError(Exception):
@@ -21,20 +22,12 @@ def _one_of(*choices: str) -> Callable[[Any], str | None]:
     return lambda v: None if v in choices else f"must be one of {', '.join(choices)}, not {v!r}"
 
 
-def _power_of_two(v: int) -> str | None:
-    return None if v >= 1 and v & (v - 1) == 0 else f"must be a power of two, not {v}"
-
-
 def _listen(v: str) -> str | None:
     try:
         parse_listen(v)
     except ValueError as exc:
         return str(exc)
     return None
-
-
-def _positive(v: int) -> str | None:
-    return None if v > 0 else f"must be above 0, not {v}"
 
 
 def _absolute(v: str) -> str | None:
@@ -47,12 +40,12 @@ def _key(default: Any, check: Callable[[Any], str | None] | None = None, doc: st
 
 @dataclass(frozen=True)
 class DaemonSection:
-    socket: str = _key("/run/gpuwatch/gpuwatch.sock", _absolute, "control socket (any user may connect and read)")
+    socket: str = _key(DEFAULT_SOCKET, _absolute, "control socket (any user may connect and read)")
     launches: str = _key("sample", _one_of("all", "sample", "off"), "launch and copy probes: all, sample or off")
     nvml: bool = _key(True, None, "query NVML for GPUs and per-process memory")
-    ring_buffer_pages: int = _key(1024, _power_of_two, "event ring buffer size in 4 KiB pages")
-    sample_window_ms: int = _key(40, _positive, "sample mode: launch probes attached this long ...")
-    sample_period_ms: int = _key(4000, _positive, "... once every this long (counts scaled by period/window)")
+    ring_buffer_pages: int = _key(1024, power_of_two_problem, "event ring buffer size in 4 KiB pages")
+    sample_window_ms: int = _key(40, positive_problem, "sample mode: launch probes attached this long ...")
+    sample_period_ms: int = _key(4000, positive_problem, "... once every this long (counts scaled by period/window)")
 
 
 @dataclass(frozen=True)
@@ -75,11 +68,11 @@ class InterposerSection:
 class SchedulerSection:
     enabled: bool = _key(True, None, "time-slice and oversubscribe each GPU between the processes that share it")
     quantum_ms: int = _key(0, _at_least(0), "a slice's length; 0: 20 times the cost of a switch at the measured swap rate, at least 1 s")
-    idle_ms: int = _key(500, _positive, "a holder without launches this long gives up the rest of its slice")
+    idle_ms: int = _key(500, positive_problem, "a holder without launches this long gives up the rest of its slice")
     reserve_mib: int = _key(1024, _at_least(0), "device memory left out of every plan")
     context_mib: int = _key(512, _at_least(0), "a process's own context memory, where NVML cannot tell")
-    tick_ms: int = _key(50, _positive, "how often the scheduler decides")
-    room_wait_ms: int = _key(30000, _positive, "an allocation waiting for room while its process may run fails "
+    tick_ms: int = _key(50, positive_problem, "how often the scheduler decides")
+    room_wait_ms: int = _key(30000, positive_problem, "an allocation waiting for room while its process may run fails "
                                                "after this long (the device is full for reasons the plan missed)")
 
 
@@ -89,7 +82,7 @@ class Config:
     metrics: MetricsSection = field(default_factory=MetricsSection)
     interposer: InterposerSection = field(default_factory=InterposerSection)
     scheduler: SchedulerSection = field(default_factory=SchedulerSection)
-    rules: tuple[Rule, ...] = ()  # the [[rule]] tables (enforcer/policy.py), in order
+    rules: tuple[Rule, ...] = ()  # the [[rule]] tables (enforcer/rules.py), in order
 
 
 def _sections() -> dict[str, Any]:
@@ -163,15 +156,3 @@ def with_overrides(config: Config, daemon: dict[str, Any], metrics: dict[str, An
     """Command-line options win over the file; None means 'not given'."""
     return replace(config, daemon=replace(config.daemon, **{k: v for k, v in daemon.items() if v is not None}),
                    metrics=replace(config.metrics, **{k: v for k, v in metrics.items() if v is not None}))
-
-
-def reference() -> str:
-    """Every key with its default and meaning, as TOML (for the README and `gpuwatch config`)."""
-    lines = []
-    for section in _sections().values():
-        lines.append(f"[{section.name}]")
-        for f in fields(section.default_factory()):
-            default = str(f.default).lower() if isinstance(f.default, bool) else repr(f.default).replace("'", '"')
-            lines.append(f"{f.name + ' = ' + default:44s} # {f.metadata['doc']}")
-        lines.append("")
-    return "\n".join(lines)

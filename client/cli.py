@@ -8,26 +8,17 @@ import os
 import sys
 from typing import Any
 
-from ..probes import Event, EventType, Kind, LaunchMode, PreflightError, Tracer
-from ..probes.preflight import check_privileges
-from . import config as configuration
-from .control import Client, ControlError, DaemonUnavailable, socket_path
-from .daemon import Daemon
-from .launch import PRIORITIES, LaunchError, child_environment, exec_command, interposer_library
-from .sizes import SizeError, parse_size
+from ..core.protocol import Client, ControlError, DaemonUnavailable
+from ..core.vocabulary import (DEFAULT_CONFIG, PRIORITY_NAMES, SizeError, human_bytes, is_power_of_two, parse_size,
+                               socket_path)
+from ..core.events import Event, EventType, Kind
+from .launch import LaunchError, child_environment, exec_command, interposer_library
+
+class UsageError(Exception):
+    """Raised by a command with one line for the user (the daemon's start-up problems among them)."""
+
 
 PAUSE_TIMEOUT = 600.0  # the daemon answers within its request_timeout_ms; a swap of a full GPU takes seconds
-
-
-def human_bytes(n: int | None) -> str:
-    if n is None:
-        return "-"
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{value:.0f}{unit}" if unit == "B" else f"{value:.1f}{unit}"
-        value /= 1024
-    return str(n)
 
 
 PS_COLUMNS = [("PID", "pid", ">7"), ("COMM", "comm", "<16"), ("GPU", "gpu", ">3"), ("STATE", "state", "<12"),
@@ -56,38 +47,15 @@ def event_from_json(d: dict[str, Any]) -> Event:
     return Event(**{**d, "type": EventType[d["type"].upper()], "kind": Kind[d["kind"].upper()]})
 
 
-def run_configuration(args: argparse.Namespace) -> configuration.Config:
-    """The file (or the defaults) with the command line's options on top: at start and at every SIGHUP."""
-    cfg = configuration.with_overrides(
-        configuration.load(args.config),
-        daemon={"socket": args.socket, "launches": args.launches, "nvml": False if args.no_nvml else None,
-                "ring_buffer_pages": args.ring_buffer_pages, "sample_window_ms": args.sample_window_ms,
-                "sample_period_ms": args.sample_period_ms},
-        metrics={"listen": args.listen, "enabled": False if args.no_metrics else None})
-    d = cfg.daemon
-    if d.sample_window_ms >= d.sample_period_ms:
-        raise configuration.ConfigError(f"the sample window ({d.sample_window_ms} ms) must be shorter than its "
-                                        f"period ({d.sample_period_ms} ms)")
-    return cfg
-
-
 def cmd_run(args: argparse.Namespace) -> int:
-    check_privileges()
-    cfg = run_configuration(args)
-    d = cfg.daemon
-    tracer = Tracer(launches=d.launches, use_nvml=d.nvml, ring_buffer_pages=d.ring_buffer_pages,
-                    sample_window=d.sample_window_ms / 1000, sample_period=d.sample_period_ms / 1000)
-    listen = configuration.parse_listen(cfg.metrics.listen) if cfg.metrics.enabled else None
-    Daemon(tracer, d.socket, listen, cfg.interposer, cfg.scheduler, config=cfg,
-           reload=lambda: run_configuration(args)).run()
-    return 0
+    from ..daemon import run  # the daemon's stack (bcc, prometheus_client) only for `gpuwatch run`
+    return run.main(args)
 
 
 def listen_address(text: str) -> str:
-    try:
-        configuration.parse_listen(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"must be HOST:PORT with a port from 1 to 65535, not {text!r}")
     return text
 
 
@@ -237,7 +205,7 @@ def positive_seconds(text: str) -> float:
 
 
 def cmd_top(args: argparse.Namespace) -> int:
-    from ..exporters import top  # imports urwid, and exporters.top imports this module
+    from ..exporters import top  # urwid, only for `gpuwatch top`
     return top.main(args.socket or socket_path(), args.interval, args.sort, args.filter)
 
 
@@ -246,7 +214,7 @@ def power_of_two(text: str) -> int:
         n = int(text)
     except ValueError:
         n = 0
-    if n < 1 or n & (n - 1):
+    if not is_power_of_two(n):
         raise argparse.ArgumentTypeError(f"{text!r} is not a power of two")
     return n
 
@@ -274,9 +242,9 @@ def parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the daemon (as root)",
                          description="Options given here win over the configuration file.")
-    run.add_argument("--config", metavar="FILE", help=f"configuration file (default: {configuration.DEFAULT_PATH}; "
+    run.add_argument("--config", metavar="FILE", help=f"configuration file (default: {DEFAULT_CONFIG}; "
                                                       "built-in defaults when it does not exist)")
-    run.add_argument("--launches", choices=[m.value for m in LaunchMode],
+    run.add_argument("--launches", choices=["all", "sample", "off"],
                      help="kernel launch and copy probes: all, sample (part of the time, scaled), off "
                           "(default: sample)")
     run.add_argument("--no-nvml", action="store_true", help="do not query NVML")
@@ -289,6 +257,7 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--listen", type=listen_address, metavar="HOST:PORT",
                      help="serve Prometheus metrics here (default: :9445, every interface)")
     run.add_argument("--no-metrics", action="store_true", help="serve no metrics")
+    run.add_argument("--ebpf", action="store_true", help="print the BPF program the daemon compiles, and exit")
     run.set_defaults(func=cmd_run)
 
     ps = sub.add_parser("ps", help="traced processes, per GPU")
@@ -321,7 +290,7 @@ def parser() -> argparse.ArgumentParser:
                          description="Runs COMMAND with libgpuwatch.so preloaded. SIZE: 512MiB, 20GiB, 1.5GiB, 8GB, "
                                      "2G (binary), or bytes.")
     exe.add_argument("--mem-limit", type=size_argument, metavar="SIZE", help="device memory quota, per GPU")
-    exe.add_argument("--priority", choices=PRIORITIES, default="normal", help="scheduling priority (default: normal)")
+    exe.add_argument("--priority", choices=PRIORITY_NAMES, default="normal", help="scheduling priority (default: normal)")
     exe.add_argument("--no-swap", action="store_true",
                      help="do not back allocations for swapping (the quota still holds; nothing can be swapped out)")
     exe.add_argument("command", nargs=argparse.REMAINDER, help="the command and its arguments")
@@ -380,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="gpuwatch: %(levelname)s: %(message)s", stream=sys.stderr)
     try:
         return args.func(args)
-    except (PreflightError, DaemonUnavailable, ControlError, configuration.ConfigError) as exc:
+    except (DaemonUnavailable, ControlError, UsageError) as exc:
         print(f"gpuwatch: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:

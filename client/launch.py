@@ -5,10 +5,8 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from ..core.vocabulary import PRIORITY_NAMES as PRIORITIES
 from ..interposer import library_path
-from ..interposer.shm import PRIORITIES
-
-
 
 class LaunchError(Exception):
     """Nothing was started; `exit_code` says why (2: bad input, 127: no such command, 126: not runnable)."""

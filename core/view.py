@@ -1,0 +1,95 @@
+"""The one view of processes and GPUs: built each time by gpuwatch.enforcer.view.build_view from what the
+probes counted, NVML, the interposers' pages, the ledger, the quotas, the policy and the scheduler; read by
+`ps`, `status`, the metrics, `top` and the enforcer alike."""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .vocabulary import COPY_DIRECTIONS
+
+
+@dataclass
+class Gpu:
+    index: int
+    uuid: str | None = None
+    name: str | None = None
+    memory_total: int | None = None
+    memory_used: int | None = None
+    utilization: int | None = None
+
+
+@dataclass
+class ProcessGpu:
+    """What one process holds and submits on one GPU (gpu None: not known which)."""
+    pid: int
+    comm: str
+    gpu: int | None
+    gpu_uuid: str | None = None
+    user: str = "?"
+    container_id: str = ""   # empty on the host
+    pod_uid: str = ""        # empty outside Kubernetes
+    device_bytes: int = 0
+    managed_bytes: int = 0
+    host_pinned_bytes: int = 0
+    nvml_bytes: int | None = None
+    untracked_bytes: int = 0
+    allocs: int = 0
+    frees: int = 0
+    failed_allocs: int = 0
+    launches: int = 0
+    graph_launches: int = 0
+    launches_estimated: bool = False
+    copy_bytes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COPY_DIRECTIONS, 0))
+    # from the enforcer: the interposer's shared page, or the daemon's own record of a SIGSTOP
+    interposed: bool = False
+    priority: str | None = None   # low, normal or high: the priority the scheduler uses
+    quota_bytes: int | None = None
+    state: str = "running"        # one of vocabulary.STATES ("unknown" for a page value this version does not know)
+    swapped_bytes: int = 0        # device memory now held in host memory
+    swappable_bytes: int = 0      # device memory the interposer can move to host memory
+    unswappable_bytes: int = 0
+    # process-wide figures: on the row of the process's first GPU only, so that sums over rows stay right
+    swap_out_bytes_total: int = 0
+    swap_in_bytes_total: int = 0
+    waiting_threads: int = 0      # threads held at the interposer's closed gate: the process wants to run
+    quota_pauses: int = 0         # times it was stopped at its quota (`gpuwatch quota set`)
+    slice_seconds: float = 0.0    # time it ran while the scheduler sliced its GPU
+    wait_seconds: float = 0.0     # time it waited for its turn
+    preemptions: int = 0          # times the scheduler paused, swapped out or stopped it
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class TracerHealth:
+    launch_mode: str
+    attach: str = "uprobe_multi"   # or "perf_event": one uprobe per function, kernels before 6.6
+    libraries: list[str] = field(default_factory=list)
+    probes_attached: int = 0
+    events_lost: int = 0
+    events_seen: int = 0
+    waiting_for_driver: bool = True
+    nvml: bool = False
+
+
+@dataclass(frozen=True)
+class SchedulerSummary:
+    """How long processes waited for their turn, over the daemon's life: a histogram."""
+    wait_buckets: tuple[tuple[float, int], ...]  # (upper bound in seconds, waits at most that long), cumulative
+    wait_count: int
+    wait_sum: float
+
+
+@dataclass
+class Snapshot:
+    processes: list[ProcessGpu]
+    gpus: list[Gpu]
+    health: TracerHealth
+    scheduler: SchedulerSummary | None = None
+    taken_at: float = field(default_factory=time.time)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,2 @@
+"""gpuwatch.daemon: the composition root: configuration, wiring, lifecycle and the control socket's
+commands."""

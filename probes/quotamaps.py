@@ -1,0 +1,189 @@
+"""The BPF quota maps, for gpuwatch.enforcer.quota, which decides.
+
+Only BPF writes quota_used; only this module writes quota_base and quota_granted, so that neither side's
+read-modify-write loses the other's update (probes/bpf/gpuwatch.h names each map's writers)."""
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class QuotaStop:
+    """An allocation a thread was stopped before (quota_stops): it runs when the process is continued."""
+    pid: int
+    tid: int
+    size: int
+    gpu: int                      # the process's device ordinal; -1 unknown
+    kind: int
+    group_used: int               # what the quota group held at the stop
+    limit: int
+
+
+def signed(v: int) -> int:
+    """Counters are u64 in BPF; a free seen before its allocation can leave one briefly below zero."""
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+def pid_gpu_key(table: Any, first: int, gpu: int) -> Any:
+    key = table.Key()
+    key.tgid, key.gpu = first, gpu
+    return key
+
+
+class QuotaMaps:
+    """Every method is safe from any thread and does nothing while the program is not loaded."""
+
+    def __init__(self, bpf: Callable[[], Any], lock: threading.RLock) -> None:
+        self._bpf, self._lock = bpf, lock
+
+    def join(self, pid: int, group: int) -> bool:
+        """Put a process in a quota group; what it holds already counts. False: it was a member already."""
+        with self._lock:
+            bpf = self._bpf()
+            if bpf is None:
+                return False
+            member = bpf["quota_member"]
+            current = member.get(member.Key(pid))
+            if current is not None and current.value == group:
+                return False
+            if current is not None:
+                self._leave(bpf, pid)
+            held = device_bytes(bpf, pid)  # before it is a member: what it allocates later counts in BPF
+            base = bpf["quota_base"]
+            for gpu, n in held.items():
+                _put(base, group, gpu, _get(base, group, gpu) + n)
+            member[member.Key(pid)] = member.Leaf(group)
+            return True
+
+    def leave(self, pid: int) -> None:
+        with self._lock:
+            bpf = self._bpf()
+            if bpf is not None:
+                self._leave(bpf, pid)
+
+    @staticmethod
+    def _leave(bpf: Any, pid: int) -> None:
+        member = bpf["quota_member"]
+        group = member.get(member.Key(pid))
+        if group is None:
+            return
+        member.pop(member.Key(pid), None)
+        base = bpf["quota_base"]
+        for gpu, n in device_bytes(bpf, pid).items():
+            _put(base, group.value, gpu, _get(base, group.value, gpu) - n)
+
+    def group_of(self, pid: int) -> int | None:
+        with self._lock:
+            bpf = self._bpf()
+            if bpf is None:
+                return None
+            member = bpf["quota_member"]
+            group = member.get(member.Key(pid))
+            return None if group is None else group.value
+
+    def set_limit(self, group: int, limit: int) -> None:
+        with self._lock:
+            bpf = self._bpf()
+            if bpf is not None:
+                table = bpf["quota_limit"]
+                table[table.Key(group)] = table.Leaf(limit)
+
+    def drop_group(self, group: int) -> None:
+        """The group's limit, members and counts go (group ids are not reused)."""
+        with self._lock:
+            bpf = self._bpf()
+            if bpf is None:
+                return
+            bpf["quota_limit"].pop(bpf["quota_limit"].Key(group), None)
+            for name in ("quota_member", "quota_forks"):
+                table = bpf[name]
+                for k in [k for k, v in table.items() if v.value == group]:
+                    table.pop(k, None)
+            for name in ("quota_used", "quota_base", "quota_granted"):
+                table = bpf[name]
+                for k in [k for k in table.keys() if k.tgid == group]:
+                    table.pop(k, None)
+
+    def totals(self, group: int) -> dict[int, int]:
+        """Per device ordinal (-1 unknown): what the group's members hold, have reserved and were granted."""
+        totals: dict[int, int] = {}
+        with self._lock:
+            bpf = self._bpf()
+            if bpf is None:
+                return totals
+            for name in ("quota_used", "quota_base", "quota_granted"):
+                for k, v in bpf[name].items():
+                    if k.tgid == group:
+                        totals[k.gpu] = (totals.get(k.gpu, 0) + v.value) % (1 << 64)
+        return {gpu: signed(v) for gpu, v in totals.items()}
+
+    def set_granted(self, group: int, gpu: int, nbytes: int) -> None:
+        """Bytes of stopped allocations let run whose return the probes have not seen yet."""
+        with self._lock:
+            bpf = self._bpf()
+            if bpf is None:
+                return
+            table = bpf["quota_granted"]
+            if nbytes:
+                _put(table, group, gpu, nbytes)
+            else:
+                table.pop(pid_gpu_key(table, group, gpu), None)
+
+    def stops(self) -> list[QuotaStop]:
+        with self._lock:
+            bpf = self._bpf()
+            if bpf is None:
+                return []
+            items = list(bpf["quota_stops"].items())
+        return [QuotaStop(pid=k.value >> 32, tid=k.value & 0xFFFFFFFF, size=v.size, gpu=v.gpu, kind=v.kind,
+                          group_used=v.group_used, limit=v.limit) for k, v in items]
+
+    def clear_stop(self, pid: int, tid: int) -> None:
+        with self._lock:
+            bpf = self._bpf()
+            if bpf is not None:
+                table = bpf["quota_stops"]
+                table.pop(table.Key(pid << 32 | tid), None)
+
+    def traced(self, pid: int) -> bool:
+        """Whether the probes have seen the process use a GPU."""
+        with self._lock:
+            bpf = self._bpf()
+            if bpf is None:
+                return False
+            table = bpf["procs"]
+            return table.get(table.Key(pid)) is not None
+
+    def call_pending(self, pid: int, tid: int) -> bool:
+        """Whether a thread is inside a probed call (a stopped allocation has not returned)."""
+        with self._lock:
+            bpf = self._bpf()
+            if bpf is None:
+                return False
+            table = bpf["calls"]
+            return table.get(table.Key(pid << 32 | tid)) is not None
+
+
+def device_bytes(bpf: Any, pid: int) -> dict[int, int]:
+    """What a process holds per device ordinal, from the accounting maps."""
+    procs, mem = bpf["procs"], bpf["mem"]
+    mask = procs.get(procs.Key(pid))
+    held: dict[int, int] = {}
+    for bit in range(32):
+        if mask is not None and mask.value & (1 << bit):
+            m = mem.get(pid_gpu_key(mem, pid, bit - 1))
+            if m is not None and signed(m.device_bytes):
+                held[bit - 1] = signed(m.device_bytes)
+    return held
+
+
+def _get(table: Any, group: int, gpu: int) -> int:
+    v = table.get(pid_gpu_key(table, group, gpu))
+    return 0 if v is None else signed(v.value)
+
+
+def _put(table: Any, group: int, gpu: int, nbytes: int) -> None:
+    table[pid_gpu_key(table, group, gpu)] = table.Leaf(nbytes % (1 << 64))
