@@ -20,7 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SOCK = "/tmp/gw-rate.sock"
-GPUWATCH = [sys.executable, "-m", "gpuwatch.enforcer.cli", "--socket", SOCK]
+GPUWATCH = [sys.executable, "-m", "gpuwatch.client.cli", "--socket", SOCK]
 
 
 def status() -> dict:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SOCK = "/tmp/gw-scrape.sock"
-GPUWATCH = [sys.executable, "-m", "gpuwatch.enforcer.cli", "--socket", SOCK]
+GPUWATCH = [sys.executable, "-m", "gpuwatch.client.cli", "--socket", SOCK]
 
 
 def main() -> int:

@@ -29,7 +29,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 JOB = [sys.executable, str(ROOT / "bench" / "enforcer_job.py")]
 SOCKET = "/tmp/gw-enforcer.sock"
-GPUWATCH = [sys.executable, "-m", "gpuwatch.enforcer.cli", "--socket", SOCKET]
+GPUWATCH = [sys.executable, "-m", "gpuwatch.client.cli", "--socket", SOCKET]
 OUT = Path(os.environ.get("OUT", "/tmp"))
 GiB = 1 << 30
 TRAIN_STEPS = int(os.environ.get("GW_TRAIN_STEPS", "900"))

@@ -16,7 +16,7 @@ import sys
 import time
 
 MiB = 1 << 20
-GPUWATCH = [sys.executable, "-m", "gpuwatch.enforcer.cli", "--socket", "/tmp/gw-validate.sock"]
+GPUWATCH = [sys.executable, "-m", "gpuwatch.client.cli", "--socket", "/tmp/gw-validate.sock"]
 
 
 # ---- scenarios: run in a child process; each yields checkpoints {name: truth...} and waits between them

@@ -39,6 +39,8 @@ def commands(daemon: Daemon) -> dict[str, Command]:
 class _Commands:
     def __init__(self, daemon: Daemon) -> None:
         self.d = daemon
+        self._streams = 0  # trace streams being served: `status` tells, so that clients can wait for theirs
+        self._lock = threading.Lock()
 
     def ps(self, _peer: Peer, _request: dict[str, Any]) -> list[dict[str, Any]]:
         return [p.to_json() for p in self.d.view().processes]
@@ -46,7 +48,7 @@ class _Commands:
     def status(self, _peer: Peer, _request: dict[str, Any]) -> dict[str, Any]:
         view = self.d.view().to_json()
         return {"health": view["health"], "gpus": view["gpus"], "processes": len(view["processes"]),
-                "interposed": len(self.d.interposed.pids())}
+                "interposed": len(self.d.interposed.pids()), "trace_streams": self._streams}
 
     def trace(self, _peer: Peer, request: dict[str, Any], closing: threading.Event) -> Iterator[dict[str, Any]]:
         pid, comm = request.get("pid"), request.get("comm")
@@ -55,6 +57,8 @@ class _Commands:
         if comm is not None and not isinstance(comm, str):
             raise ControlError("trace: comm must be a string")
         events = self.d.tracer.subscribe()
+        with self._lock:
+            self._streams += 1
         try:
             while not closing.is_set() and not self.d.stopping.is_set():
                 try:
@@ -64,6 +68,8 @@ class _Commands:
                 if (pid is None or event.pid == pid) and (comm is None or event.comm == comm):
                     yield event.to_json()
         finally:
+            with self._lock:
+                self._streams -= 1
             self.d.tracer.unsubscribe(events)
 
     def pause(self, _peer: Peer, request: dict[str, Any]) -> dict[str, Any]:

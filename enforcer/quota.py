@@ -6,8 +6,12 @@ limit, stop the process with SIGSTOP before the call runs (probes/bpf/gpuwatch.h
 by the daemon through on_event() and tick(), sees the stop (the event, or quota_stops at the next tick),
 kills the process if its group says so, and otherwise continues it as soon as the allocation fits again:
 first granting the bytes (so no other member's allocation can take them meanwhile), then clearing the stop
-and sending SIGCONT. It continues only processes its probes stopped, and it records them in a state file
-so that a daemon that was killed has them continued by the next one."""
+and sending SIGCONT. It continues only processes its probes stopped, and it records them in the ledger
+so that a daemon that was killed has them continued by the next one.
+
+Over 400 lines: groups, cgroup membership, stops and grants share one lock and one consistent state (a
+stop is continued only against the group totals and grants of that same moment); split, each part would
+reach into the others' fields."""
 from __future__ import annotations
 
 import itertools
@@ -19,7 +23,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from ..core.procfs import PF_KTHREAD, cgroup2_root, process_cgroup, proc_stat, thread_states
 from ..core.protocol import ControlError

@@ -17,10 +17,9 @@ import logging
 import os
 import pwd
 import re
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from ..core.procfs import PF_KTHREAD, cgroup_of, container_of, real_uid
 from ..core.vocabulary import ACTIONS, PRIORITY_NAMES, Priority, SizeError, parse_size

@@ -88,19 +88,80 @@ static inline void gw_count(struct gw_slot *s, _Atomic uint64_t *counter)
 				      memory_order_relaxed);
 }
 
-// ---- memory.c: allocations, quota and the regions that can move
-struct gw_region;
-struct gw_piece;
+// ---- memory: allocations, quota and the regions that can move. One lock guards all of its bookkeeping
+// (gw_memory_lock); "lock held" marks what must be called with it.
+
+// memory.c: the allocation and free entry points, and the lock
 HIDDEN void gw_memory_lock(void);
 HIDDEN void gw_memory_unlock(void);
-HIDDEN void gw_memory_reset(void);
-HIDDEN CUresult gw_sync_contexts(void);     // every context that owns memory, lock held
+HIDDEN void gw_memory_reset(void);                  // in a forked child: nothing of the parent's is usable
+HIDDEN void gw_free_context_allocs(CUcontext ctx);  // lock held: every allocation made in the context
+// An allocation the device cannot hold (not one the quota refuses) waits, while a daemon is attached, for
+// the daemon to make room by swapping others out; it fails if the daemon says no room will come. The entry
+// point using it names what it asks for in `wanted_size`.
+#define GATED(expr)                                                              \
+	do {                                                                     \
+		if (!gw_ensure_driver(NULL))                                     \
+			return CUDA_ERROR_NOT_INITIALIZED;                       \
+		uint32_t bits_;                                                  \
+		struct gw_slot *slot_ = gw_gate_enter(&bits_);                   \
+		CUresult r_;                                                     \
+		while ((r_ = (expr)) == CUDA_ERROR_OUT_OF_MEMORY && !gw_quota_refused && \
+		       gw_wait_for_room(slot_, wanted_size))                     \
+			;                                                        \
+		gw_gate_exit(slot_);                                             \
+		return r_;                                                       \
+	} while (0)
+
+// table.c: every allocation made through the entry points, by start address
+enum gw_alloc_kind { A_SWAPPABLE, A_PLAIN, A_ASYNC, A_MANAGED };
+struct gw_alloc {
+	CUdeviceptr ptr;
+	size_t size, charged; // charged: bytes counted against the quota (0 for sub-allocations: the chunk is)
+	struct gw_region *region;
+	CUcontext ctx;
+	CUdevice dev;
+	enum gw_alloc_kind kind;
+	struct gw_alloc *next;
+};
+HIDDEN struct gw_alloc *gw_table_add(CUdeviceptr ptr, size_t size, enum gw_alloc_kind kind, CUdevice dev,
+				     CUcontext ctx);
+HIDDEN struct gw_alloc *gw_table_find(CUdeviceptr ptr);
+HIDDEN void gw_table_remove(struct gw_alloc *a);
+HIDDEN void gw_table_each(void (*fn)(struct gw_alloc *a, void *arg), void *arg); // fn may remove its `a`
+HIDDEN void gw_table_reset(void);
+
+// quota.c: device bytes charged against the quota
+extern HIDDEN __thread bool gw_quota_refused;       // the last refusal was the quota's, not the device's
+HIDDEN struct gw_device *gw_dev_stats(CUdevice dev); // the shared page's counters of a device
+HIDDEN bool gw_charge(CUdevice dev, uint64_t bytes, bool swappable); // lock held; false: over the quota
+HIDDEN void gw_uncharge(CUdevice dev, uint64_t bytes, bool swappable);
+
+// devices.c: what each device supports, and the contexts that own memory
+struct gw_device_info {
+	bool known, vmm;
+	size_t granularity;
+	int naccess;
+	CUmemAccessDesc access[GW_MAX_DEVICES];
+};
+HIDDEN struct gw_device_info *gw_device_info_of(CUdevice dev); // learned at first use
+HIDDEN CUresult gw_current(CUdevice *dev, CUcontext *ctx);   // the calling thread's context and its device
+HIDDEN void gw_remember_context(CUcontext ctx);              // lock held: it owns memory
+HIDDEN CUresult gw_sync_context(CUcontext ctx);
+HIDDEN CUresult gw_sync_contexts(void);                      // every context that owns memory, lock held
+HIDDEN void gw_contexts_reset(void);
+
+// backing.c: regions, reserved ranges whose physical memory (VMM, in pieces) can be taken away and given back
+struct gw_region;
+struct gw_piece;
+HIDDEN CUresult gw_region_new(CUdevice dev, CUcontext ctx, size_t size, int cls, struct gw_region **out); // lock held
+HIDDEN void gw_region_free(struct gw_region *r);        // lock held
 HIDDEN CUresult gw_physical_map(struct gw_region *r);   // every piece not mapped: create, map, grant access
 HIDDEN void gw_physical_unmap(struct gw_region *r);     // every mapped piece: unmap and release
 HIDDEN CUresult gw_piece_map(struct gw_region *r, struct gw_piece *p);
 HIDDEN void gw_piece_unmap(struct gw_piece *p);
 HIDDEN struct gw_region *gw_regions(void);              // the list, lock held
-HIDDEN void gw_release_empty_chunks(void);              // lock held
+HIDDEN void gw_regions_reset(void);
 // A region's physical memory comes in pieces of at most 1 GiB, so that a swap-out moves only as much as needed.
 #ifndef GW_PIECE_MAX
 #define GW_PIECE_MAX (1ull << 30)
@@ -128,6 +189,20 @@ struct gw_region {
 	uint64_t *bitmap;
 	struct gw_region *next;
 };
+
+// suballoc.c: small allocations, in slots of chunks (regions of one size class each)
+#define GW_SMALL_MAX (1u << 20) // larger requests get a region of their own
+#define GW_SMALL_MIN_SHIFT 8    // the smallest class: 256 bytes, CUDA's alignment
+HIDDEN CUresult gw_alloc_small(CUdeviceptr *dptr, size_t size, CUdevice dev, CUcontext ctx); // lock held
+HIDDEN void gw_free_small(struct gw_region *chunk, CUdeviceptr ptr, CUdevice dev);          // lock held
+HIDDEN void gw_release_empty_chunks(void);              // lock held
+HIDDEN void gw_chunk_forget(struct gw_region *r);       // a region going away: no longer a chunk to use
+HIDDEN void gw_suballoc_reset(void);
+
+// own_vmm.c: the program's own cuMemCreate memory, counted until released and unmapped
+HIDDEN void gw_own_vmm_reset(void);
+
+// info.c: what the process is told about memory (sizes within its quota, address ranges): entry points only
 
 // ---- swap.c
 HIDDEN int gw_pause(void);

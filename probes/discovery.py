@@ -31,14 +31,27 @@ class AttachedLibrary:
 
 
 def resolve_targets(bpf: Any, path: str) -> dict[Group, list[Target]]:
-    """Each probed function's file offset, once per (offset, direction): aliases share an address."""
+    """Each probed function's file offset, once per (offset, direction): aliases share an address.
+    A function the library does not export is logged: a warning when every supported driver exports it,
+    else at debug with the reason symbols.py gives."""
+    offsets: dict[str, int] = {}
+    for spec in PROBES:
+        try:
+            offsets[spec.symbol] = bpf._check_path_symbol(path.encode(), spec.symbol.encode(), None, -1)[1]
+        except Exception:
+            pass
     targets: dict[Group, list[Target]] = {g: [] for g in Group}
     seen: set[tuple[int, bool]] = set()
     for spec in PROBES:
-        try:
-            _, offset = bpf._check_path_symbol(path.encode(), spec.symbol.encode(), None, -1)
-        except Exception:
-            continue  # this driver version does not export it (symbols.py says why each may be missing)
+        offset = offsets.get(spec.symbol)
+        if offset is None:
+            if not offsets:
+                continue  # it exports none of them: no driver, and the caller says it skips it
+            if spec.missing is None:
+                log.warning("%s: entry point is not exported: %s; %s", path, spec.symbol, spec.lost)
+            else:
+                log.debug("%s does not export %s (%s)", path, spec.symbol, spec.missing)
+            continue
         for handler, is_return in ((spec.entry, False), (spec.ret, True)):
             if handler and (offset, is_return) not in seen:
                 seen.add((offset, is_return))

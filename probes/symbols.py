@@ -17,10 +17,37 @@ class ProbeSpec:
     entry: str | None
     ret: str | None
     group: Group
+    missing: str | None = None  # None: every supported driver exports it; else why a driver may not
+
+    @property
+    def lost(self) -> str:
+        """What goes uncounted when a library does not export it."""
+        return LOST_WITHOUT[self.group]
 
 
-def _specs(group: Group, entry: str | None, ret: str | None, *symbols: str) -> list[ProbeSpec]:
-    return [ProbeSpec(s, entry, ret, group) for s in symbols]
+# Why an entry point may be absent from a libcuda (discovery logs it at debug, not as a warning).
+PER_THREAD = "per-thread default stream variant (_ptsz/_ptds): only in drivers built with it"
+STREAM_ORDERED = "stream-ordered allocator: CUDA 11.2+ drivers only"
+PER_THREAD_STREAM_ORDERED = "per-thread default stream variant of a CUDA 11.2+ call"
+CTX_CREATE_V3 = "cuCtxCreate with execution affinity: CUDA 11.4+ drivers only"
+CTX_CREATE_V4 = "cuCtxCreate with CUctxCreateParams: CUDA 12.5+ drivers only"
+UUID_V2 = "cuDeviceGetUuid that also fills MIG instances' UUIDs: CUDA 11.4+ drivers only"
+LAUNCH_EX = "launch with attributes (clusters): CUDA 11.8+ drivers only"
+PER_THREAD_LAUNCH_EX = "per-thread default stream variant of a CUDA 11.8+ call"
+
+# What a missing entry point costs, by group (a warning names it when every supported driver has it).
+LOST_WITHOUT: dict[Group, str] = {
+    Group.MEMORY: "allocations or frees through it are not counted",
+    Group.CONTEXT: "GPU attribution through it is lost",
+    Group.WORK: "work submitted through it is not counted",
+}
+
+Symbol = str | tuple[str, str]  # a name, or (name, why it may be missing)
+
+
+def _specs(group: Group, entry: str | None, ret: str | None, *symbols: Symbol) -> list[ProbeSpec]:
+    named = [(s, None) if isinstance(s, str) else s for s in symbols]
+    return [ProbeSpec(name, entry, ret, group, missing) for name, missing in named]
 
 
 M, C, W = Group.MEMORY, Group.CONTEXT, Group.WORK
@@ -28,34 +55,37 @@ M, C, W = Group.MEMORY, Group.CONTEXT, Group.WORK
 PROBES: list[ProbeSpec] = [
     *_specs(M, "alloc_device", "alloc_return", "cuMemAlloc_v2"),
     *_specs(M, "alloc_pitch", "alloc_return", "cuMemAllocPitch_v2"),
-    *_specs(M, "alloc_async", "alloc_return", "cuMemAllocAsync", "cuMemAllocAsync_ptsz",
-            "cuMemAllocFromPoolAsync", "cuMemAllocFromPoolAsync_ptsz"),
+    *_specs(M, "alloc_async", "alloc_return", ("cuMemAllocAsync", STREAM_ORDERED),
+            ("cuMemAllocAsync_ptsz", PER_THREAD_STREAM_ORDERED), ("cuMemAllocFromPoolAsync", STREAM_ORDERED),
+            ("cuMemAllocFromPoolAsync_ptsz", PER_THREAD_STREAM_ORDERED)),
     *_specs(M, "alloc_managed", "alloc_return", "cuMemAllocManaged"),
     *_specs(M, "alloc_host", "alloc_return", "cuMemHostAlloc", "cuMemAllocHost_v2"),
-    *_specs(M, "park_arg1", "free_return", "cuMemFree_v2", "cuMemFreeAsync", "cuMemFreeAsync_ptsz",
-            "cuMemFreeHost"),
+    *_specs(M, "park_arg1", "free_return", "cuMemFree_v2", ("cuMemFreeAsync", STREAM_ORDERED),
+            ("cuMemFreeAsync_ptsz", PER_THREAD_STREAM_ORDERED), "cuMemFreeHost"),
     *_specs(M, "vmm_create", "vmm_create_return", "cuMemCreate"),
     *_specs(M, "park_arg1", "vmm_release_return", "cuMemRelease"),
     *_specs(M, "vmm_map", "vmm_map_return", "cuMemMap"),
     *_specs(M, "vmm_unmap", "vmm_unmap_return", "cuMemUnmap"),
     *_specs(C, "ctx_retain", "ctx_retain_return", "cuDevicePrimaryCtxRetain"),
     *_specs(C, "ctx_create_v2", "ctx_create_return", "cuCtxCreate_v2"),
-    *_specs(C, "ctx_create_v3", "ctx_create_return", "cuCtxCreate_v3"),
-    *_specs(C, "ctx_create_v4", "ctx_create_return", "cuCtxCreate_v4"),
+    *_specs(C, "ctx_create_v3", "ctx_create_return", ("cuCtxCreate_v3", CTX_CREATE_V3)),
+    *_specs(C, "ctx_create_v4", "ctx_create_return", ("cuCtxCreate_v4", CTX_CREATE_V4)),
     *_specs(C, "park_arg1", "ctx_set_return", "cuCtxSetCurrent"),
     *_specs(C, "park_arg1", "ctx_push_return", "cuCtxPushCurrent_v2"),
     *_specs(C, None, "ctx_pop_return", "cuCtxPopCurrent_v2"),
-    *_specs(C, "uuid_enter", "uuid_return", "cuDeviceGetUuid", "cuDeviceGetUuid_v2"),
-    *_specs(W, "launch", None, "cuLaunchKernel", "cuLaunchKernel_ptsz", "cuLaunchKernelEx",
-            "cuLaunchKernelEx_ptsz", "cuLaunchCooperativeKernel", "cuLaunchCooperativeKernel_ptsz"),
-    *_specs(W, "graph_launch", None, "cuGraphLaunch", "cuGraphLaunch_ptsz"),
-    *_specs(W, "copy_h2d", None, "cuMemcpyHtoD_v2", "cuMemcpyHtoDAsync_v2", "cuMemcpyHtoD_v2_ptds",
-            "cuMemcpyHtoDAsync_v2_ptsz"),
-    *_specs(W, "copy_d2h", None, "cuMemcpyDtoH_v2", "cuMemcpyDtoHAsync_v2", "cuMemcpyDtoH_v2_ptds",
-            "cuMemcpyDtoHAsync_v2_ptsz"),
-    *_specs(W, "copy_d2d", None, "cuMemcpyDtoD_v2", "cuMemcpyDtoDAsync_v2", "cuMemcpyDtoD_v2_ptds",
-            "cuMemcpyDtoDAsync_v2_ptsz"),
-    *_specs(W, "copy_any", None, "cuMemcpy", "cuMemcpyAsync", "cuMemcpy_ptds", "cuMemcpyAsync_ptsz"),
+    *_specs(C, "uuid_enter", "uuid_return", "cuDeviceGetUuid", ("cuDeviceGetUuid_v2", UUID_V2)),
+    *_specs(W, "launch", None, "cuLaunchKernel", ("cuLaunchKernel_ptsz", PER_THREAD), ("cuLaunchKernelEx", LAUNCH_EX),
+            ("cuLaunchKernelEx_ptsz", PER_THREAD_LAUNCH_EX), "cuLaunchCooperativeKernel",
+            ("cuLaunchCooperativeKernel_ptsz", PER_THREAD)),
+    *_specs(W, "graph_launch", None, "cuGraphLaunch", ("cuGraphLaunch_ptsz", PER_THREAD)),
+    *_specs(W, "copy_h2d", None, "cuMemcpyHtoD_v2", "cuMemcpyHtoDAsync_v2", ("cuMemcpyHtoD_v2_ptds", PER_THREAD),
+            ("cuMemcpyHtoDAsync_v2_ptsz", PER_THREAD)),
+    *_specs(W, "copy_d2h", None, "cuMemcpyDtoH_v2", "cuMemcpyDtoHAsync_v2", ("cuMemcpyDtoH_v2_ptds", PER_THREAD),
+            ("cuMemcpyDtoHAsync_v2_ptsz", PER_THREAD)),
+    *_specs(W, "copy_d2d", None, "cuMemcpyDtoD_v2", "cuMemcpyDtoDAsync_v2", ("cuMemcpyDtoD_v2_ptds", PER_THREAD),
+            ("cuMemcpyDtoDAsync_v2_ptsz", PER_THREAD)),
+    *_specs(W, "copy_any", None, "cuMemcpy", "cuMemcpyAsync", ("cuMemcpy_ptds", PER_THREAD),
+            ("cuMemcpyAsync_ptsz", PER_THREAD)),
 ]
 
 BPF_SOURCES = ["context.c", "memory.c", "vmm.c", "work.c", "lifecycle.c"]

@@ -100,7 +100,7 @@ def test_trace_streams_events_for_one_process(daemon, progs):
     trace = subprocess.Popen([*GPUWATCH, "--socket", daemon.socket, "trace", "--json", "--pid", str(p.pid)],
                              stdout=subprocess.PIPE, text=True)
     try:
-        time.sleep(0.5)  # the subscription is made when the daemon reads the request
+        wait_for(lambda: daemon.status()["trace_streams"] == 1, 5, "the daemon to serve the trace stream")
         p.ok("alloc a 2M")
         assert p.send("alloc big 100G") == "err 2"
         p.ok("free a")
@@ -122,7 +122,7 @@ def test_trace_human_output_has_one_line_per_event(daemon, progs):
                              stdout=subprocess.PIPE, text=True)
     try:
         assert trace.stdout.readline().split()[:3] == ["TIME(s)", "PID", "TID"]
-        time.sleep(0.5)
+        wait_for(lambda: daemon.status()["trace_streams"] == 1, 5, "the daemon to serve the trace stream")
         p.ok("alloc a 1M")
         line = trace.stdout.readline().split()
     finally:
