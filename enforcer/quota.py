@@ -2,7 +2,7 @@
 
 A quota group (one process, or every process of a cgroup subtree) may hold SIZE device bytes per GPU. The
 probes reserve each allocation's bytes in the group at the call's entry and, when that would cross the
-limit, stop the process with SIGSTOP before the call runs (probes/bpf/gpuwatch.h). This enforcer, driven
+limit, stop the process with SIGSTOP before the call runs (probes/bpf/quota.h and maps.h). This enforcer, driven
 by the daemon through on_event() and tick(), sees the stop (the event, or quota_stops at the next tick),
 kills the process if its group says so, and otherwise continues it as soon as the allocation fits again:
 first granting the bytes (so no other member's allocation can take them meanwhile), then clearing the stop

@@ -1,7 +1,7 @@
 """The BPF quota maps, for gpuwatch.enforcer.quota, which decides.
 
 Only BPF writes quota_used; only this module writes quota_base and quota_granted, so that neither side's
-read-modify-write loses the other's update (probes/bpf/gpuwatch.h names each map's writers)."""
+read-modify-write loses the other's update (probes/bpf/maps.h names each map's writers)."""
 from __future__ import annotations
 
 import threading
