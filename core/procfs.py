@@ -162,3 +162,50 @@ def alive(pid: int) -> bool:
 
 def pids() -> list[int]:
     return [int(name) for name in os.listdir("/proc") if name.isdigit()]
+
+
+@dataclass(frozen=True)
+class ProcessRecord:
+    """Everything a rule may look at, read at one moment."""
+    comm: str
+    state: str
+    flags: int
+    start_time: int
+    uid: int | None
+    cgroup_text: str
+    exe: str          # empty: not readable
+    cmdline: str      # arguments joined with spaces
+
+
+def read_record(pid: int) -> ProcessRecord | None:
+    """None when the process is gone (or a zombie): a vanishing process is never an error."""
+    base = Path(f"/proc/{pid}")
+    try:
+        stat = (base / "stat").read_text()
+        comm = stat[stat.index("(") + 1:stat.rindex(")")]
+        fields = _after_comm(stat)
+        if fields[0] in "ZX":
+            return None
+        uid = real_uid(pid, (base / "status").read_text())
+        try:
+            cgroup_text = (base / "cgroup").read_text()
+        except FileNotFoundError:
+            raise
+        except OSError:
+            cgroup_text = ""
+        cmdline = (base / "cmdline").read_bytes()
+    except (OSError, ValueError, IndexError):
+        return None
+    try:
+        exe = os.readlink(base / "exe").removesuffix(" (deleted)")
+    except OSError:
+        exe = ""
+    return ProcessRecord(comm, fields[0], int(fields[6]), int(fields[19]), uid, cgroup_text, exe,
+                         cmdline.rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace"))
+
+
+def maps_text(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return None

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import select
 import socket
 import socketserver
 import struct
@@ -30,6 +31,9 @@ class Command:
     root_only: bool = False
     stream: bool = False
     takeover: bool = False
+
+
+HANGUP_POLL_S = 0.5
 
 
 def peer_of(sock: socket.socket) -> Peer:
@@ -72,6 +76,26 @@ class ControlServer:
         except FileNotFoundError:
             pass
 
+    def _watch_hangup(self, sock: socket.socket) -> threading.Event:
+        """An event set when the server closes or the client hangs up: a stream with nothing to send still
+        ends with its client."""
+        ended = threading.Event()
+
+        def watch() -> None:
+            try:
+                while not ended.is_set() and not self._closing.is_set():
+                    readable, _, _ = select.select([sock], [], [], HANGUP_POLL_S)
+                    if readable and not sock.recv(1, socket.MSG_PEEK):
+                        break
+                    if readable:
+                        ended.wait(HANGUP_POLL_S)  # it sent more: nothing to read in a stream; look again later
+            except OSError:
+                pass
+            ended.set()
+
+        threading.Thread(target=watch, name="gpuwatch-stream-hangup", daemon=True).start()
+        return ended
+
     def _serve(self, sock: socket.socket, rfile, wfile) -> None:
         peer = peer_of(sock)
         while not self._closing.is_set():
@@ -94,8 +118,12 @@ class ControlServer:
                     command.handler(peer, request, Connection(sock, rfile, wfile, self._closing))
                     return
                 if command.stream:
-                    for item in command.handler(peer, request, self._closing):
-                        send_message(wfile, {"ok": True, "event": item})
+                    ended = self._watch_hangup(sock)
+                    try:
+                        for item in command.handler(peer, request, ended):
+                            send_message(wfile, {"ok": True, "event": item})
+                    finally:
+                        ended.set()
                     return
                 send_message(wfile, {"ok": True, "result": command.handler(peer, request)})
             except (BrokenPipeError, ConnectionResetError):

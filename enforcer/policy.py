@@ -51,10 +51,6 @@ class PolicyState:
 
     # the policy
 
-    @property
-    def policy(self) -> Policy:
-        return self._policy
-
     def set_policy(self, policy: Policy) -> None:
         """A new policy; apply_all() re-resolves every process against it."""
         with self._lock:

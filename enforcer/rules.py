@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-import os
 import pwd
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from ..core.procfs import PF_KTHREAD, cgroup_of, container_of, real_uid
+from ..core.procfs import PF_KTHREAD, cgroup_of, container_of, read_record
 from ..core.vocabulary import ACTIONS, PRIORITY_NAMES, Priority, SizeError, parse_size
 
 log = logging.getLogger(__name__)
@@ -56,37 +54,12 @@ class ProcessFacts:
     @classmethod
     def read(cls, pid: int) -> ProcessFacts | None:
         """None when the process is gone (or a zombie): a vanishing process is never an error."""
-        base = Path(f"/proc/{pid}")
-        try:
-            stat = (base / "stat").read_text()
-            comm = stat[stat.index("(") + 1:stat.rindex(")")]
-            fields = stat[stat.rindex(")") + 2:].split()
-            if fields[0] in "ZX":
-                return None
-            flags, start = int(fields[6]), int(fields[19])
-            uid = real_uid(pid, (base / "status").read_text())
-            cgroup_text = _read(base / "cgroup")
-            cmdline = (base / "cmdline").read_bytes()
-        except (OSError, ValueError, IndexError):
+        r = read_record(pid)
+        if r is None:
             return None
-        try:
-            exe = os.readlink(base / "exe").removesuffix(" (deleted)")
-        except OSError:
-            exe = ""
-        cgroup = cgroup_of(cgroup_text)
-        container, pod = container_of(cgroup_text)
-        return cls(pid, start, uid, cgroup, container, pod, exe,
-                   cmdline.rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace"), comm,
-                   bool(flags & PF_KTHREAD))
-
-
-def _read(path: Path) -> str:
-    try:
-        return path.read_text()
-    except FileNotFoundError:
-        raise
-    except OSError:
-        return ""
+        container, pod = container_of(r.cgroup_text)
+        return cls(pid, r.start_time, r.uid, cgroup_of(r.cgroup_text), container, pod, r.exe, r.cmdline, r.comm,
+                   bool(r.flags & PF_KTHREAD))
 
 
 # ------------------------------------------------------------------------------------------------ rules

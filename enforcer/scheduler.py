@@ -134,10 +134,6 @@ class Scheduler:
                 out[c.pid] = Decision(Verdict.PAUSE)
         return out
 
-    def running_for(self, pid: int, now: float) -> float:
-        h = self._seen.get(pid)
-        return 0.0 if h is None or h.running_since is None else now - h.running_since
-
 
 @dataclass
 class SwitchCost:

@@ -5,7 +5,8 @@ import glob
 import os
 import subprocess
 from dataclasses import dataclass
-from pathlib import Path
+
+from ..core.procfs import maps_text
 
 DRIVER_DIRS = [
     "/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib",
@@ -57,9 +58,8 @@ def host_libraries() -> list[Library]:
 
 def process_libraries(pid: int) -> list[Library]:
     """Driver libraries mapped by one process, opened through its root (works across mount namespaces)."""
-    try:
-        text = Path(f"/proc/{pid}/maps").read_text()
-    except (OSError, ProcessLookupError):
+    text = maps_text(pid)
+    if text is None:
         return []
     root = "" if _shares_our_root(pid) else f"/proc/{pid}/root"
     paths = set()
