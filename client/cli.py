@@ -25,7 +25,7 @@ PS_COLUMNS = [("PID", "pid", ">7"), ("COMM", "comm", "<16"), ("GPU", "gpu", ">3"
               ("DEVICE", "device_bytes", ">10"), ("QUOTA", "quota_bytes", ">10"), ("MANAGED", "managed_bytes", ">10"),
               ("PINNED", "host_pinned_bytes", ">10"), ("NVML", "nvml_bytes", ">10"),
               ("UNTRACKED", "untracked_bytes", ">10"), ("ALLOCS", "allocs", ">8"), ("FAILED", "failed_allocs", ">6"),
-              ("LAUNCHES", "launches", ">10"), ("GRAPHS", "graph_launches", ">7")]
+              ("LAUNCHES", "launches", ">10"), ("GRAPHS", "graph_launches", ">7"), ("REASON", "reason", "<32")]
 
 
 def format_ps(rows: list[dict[str, Any]]) -> str:

@@ -47,6 +47,7 @@ class ProcessGpu:
     priority: str | None = None   # low, normal or high: the priority the scheduler uses
     quota_bytes: int | None = None
     state: str = "running"        # one of vocabulary.STATES ("unknown" for a page value this version does not know)
+    reason: str | None = None     # why it does not run now: "paused by hand", "slice of pid 12", ...
     swapped_bytes: int = 0        # device memory now held in host memory
     swappable_bytes: int = 0      # device memory the interposer can move to host memory
     unswappable_bytes: int = 0

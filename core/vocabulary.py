@@ -54,6 +54,22 @@ RUNNING = "running"
 STATES = (*INTERPOSER_STATES, STOPPED)
 UNKNOWN = "unknown"  # a page value this version does not know
 
+# Why a process does not run: `ps` says it in words (with pids), metrics by kind, a bounded label set.
+PAUSED_BY_HAND = "paused by hand"
+QUOTA_STOP = "quota"
+WAITING_FOR_DEVICE_MEMORY = "waiting for device memory"
+WAITING_FOR_HOST_MEMORY = "waiting for host memory"
+REASON_KINDS = {"paused by hand": "paused_by_hand", "quota": "quota",
+                "waiting for device memory": "waiting_for_device_memory",
+                "waiting for host memory": "waiting_for_host_memory", "preempted by": "preempted",
+                "slice of": "slice", "exclusive use by": "exclusive"}
+
+
+def reason_kind(reason: str) -> str:
+    """The metric label of a reason: its words without the pid."""
+    return next((kind for prefix, kind in REASON_KINDS.items() if reason.startswith(prefix)), "other")
+
+
 # ------------------------------------------------------------------------------------------------ actions
 
 ACTIONS = ("pause", "kill")  # what happens at a quota to a process not under the interposer

@@ -74,6 +74,7 @@ class Daemon:
             facts=self.tracer.facts(), pages=pages, stopped=self.ledger.stopped(), quotas=self.quota.enforcement(),
             scheduling=self.enforcer.scheduling() if self.enforcer else {},
             summary=self.enforcer.summary() if self.enforcer else None, priority_of=self.policy.priority_of,
+            reasons=self.enforcer.reasons if self.enforcer else {},
             resolve=self._devices.resolve, describe=self._describe, alive=procfs.alive)
         return build_view(sources), pages
 

@@ -79,7 +79,8 @@ class Enforcer:
         self._waits = SchedulingStats()         # every wait of every process, for the histogram
         self._schedulers: dict[int, Scheduler] = {}
         self._bounded: set[int] = set()        # told to bound their launch queues
-        self._wanting: dict[int, float] = {}   # since when a process allowed to run still waits for room
+        self._wanting: dict[int, float] = {}   # since when a process waits for room that is not its turn
+        self.reasons: dict[int, str] = {}      # why each process the scheduler holds back does not run
         self.switch_cost = SwitchCost()
         self._stop = threading.Event()
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="gpuwatch-enforce")
@@ -125,28 +126,36 @@ class Enforcer:
         snap, pages = self.view()
         decisions: dict[int, list[Decision]] = {}
         leaving = self.interposed.detached_within(LEAVING_S) - set(pages)
+        # paused by hand or stopped at a quota: planned around, never resumed or stopped by the scheduler
+        held = {pid for pid, by in self.pauser.ledger.stopped().items() if by - {SCHEDULER}}
+        unplaceable: set[int] = set()
         for gpu in snap.gpus:
             capacity = self._capacity(gpu.memory_total)
-            clients = self._clients(snap, gpu.index, pages, leaving)
+            clients = self._clients(snap, gpu.index, pages, leaving, held)
             if capacity is None or not clients:
                 self._schedulers.pop(gpu.index, None)
                 continue
             scheduler = self._schedulers.setdefault(gpu.index, Scheduler(capacity))
-            usable = max(capacity - self._leaving_bytes(snap, gpu.index, leaving), 0)
+            usable = max(capacity - self._fixed_bytes(snap, gpu.index, pages, leaving, held), 0)
             switch = self.switch_cost.switch_seconds(sum(c.need_bytes for c in clients) - usable)
             scheduler.capacity, scheduler.idle, scheduler.switch_cost = usable, self.settings.idle_s, switch
             scheduler.quantum, scheduler.slack = self.quantum(switch), capacity // SLACK_DIVISOR
             for pid, d in scheduler.decide(clients, now).items():
                 decisions.setdefault(pid, []).append(d)
             for c in clients:
-                if c.need_bytes > capacity and pages.get(c.pid) and pages[c.pid].wanted_bytes:
+                if not (pages.get(c.pid) and pages[c.pid].wanted_bytes):
+                    continue
+                if c.need_bytes > capacity:
                     self._deny(c.pid)  # it cannot fit even alone: its allocation fails as the driver said
+                elif not scheduler.placeable(c, clients):
+                    unplaceable.add(c.pid)  # what cannot move holds the room: it waits, bounded
         self._bound_queues(snap, pages)
         combined = {pid: _strictest(ds) for pid, ds in decisions.items()}
-        self._room_patience(combined, pages, now)
+        self._room_patience(combined, pages, now, unplaceable)
         for pid, page in pages.items():
-            if page.wanted_bytes and pid not in combined:
+            if page.wanted_bytes and pid not in combined and pid not in held:
                 self._deny(pid)  # on no GPU the scheduler can plan (no NVML): nobody will make room
+        self.reasons = {pid: d.reason for pid, d in combined.items() if d.verdict is not Verdict.RUN and d.reason}
         self._account(combined, pages, now)
         self._apply(combined, pages)
         return combined
@@ -184,20 +193,28 @@ class Enforcer:
             return chosen
         return Priority.parse(page.priority) if page and page.priority in PRIORITY_NAMES else Priority.NORMAL
 
-    def _room_patience(self, decisions: dict[int, Decision], pages: Mapping[int, Enforcement], now: float) -> None:
-        """The plan says a process may run, yet its allocation still finds the device full (memory the plan
-        cannot see, fragmentation): after room_wait_s it fails as the driver said, rather than wait forever."""
+    def _room_patience(self, decisions: dict[int, Decision], pages: Mapping[int, Enforcement], now: float,
+                       unplaceable: set[int]) -> None:
+        """A process waits for room at most room_wait_s where waiting is not a turn: the plan says it may run
+        yet its allocation still finds the device full (memory the plan cannot see, fragmentation), or what
+        cannot move (processes without the interposer, unswappable memory) leaves it no room. Then its
+        allocation fails as the driver said, and everyone else runs on."""
+        def waits(pid: int) -> bool:
+            page = pages.get(pid)
+            run = decisions.get(pid, Decision(Verdict.PAUSE)).verdict is Verdict.RUN
+            return page is not None and bool(page.wanted_bytes) and (run or pid in unplaceable)
+
         for pid in list(self._wanting):
-            page = pages.get(pid)
-            if page is None or not page.wanted_bytes or decisions.get(pid, Decision(Verdict.PAUSE)).verdict is not Verdict.RUN:
+            if not waits(pid):
                 del self._wanting[pid]
-        for pid, d in decisions.items():
+        for pid in decisions:
             page = pages.get(pid)
-            if d.verdict is Verdict.RUN and page is not None and page.wanted_bytes:
+            if waits(pid) and page is not None:
                 since = self._wanting.setdefault(pid, now)
                 if now - since >= self.settings.room_wait_s:
-                    log.warning("pid %d: %d bytes found no room for %.0f s while it could run: its allocation fails",
-                                pid, page.wanted_bytes, now - since)
+                    why = "what cannot move holds the device" if pid in unplaceable else "it could run"
+                    log.warning("pid %d: %d bytes found no room for %.0f s (%s): its allocation fails",
+                                pid, page.wanted_bytes, now - since, why)
                     self._deny(pid)
                     del self._wanting[pid]
 
@@ -212,14 +229,30 @@ class Enforcer:
     def _capacity(self, total: int | None) -> int | None:
         return None if total is None else max(total - self.settings.reserve_bytes, 0)
 
-    def _leaving_bytes(self, snap: Snapshot, gpu: int, leaving: set[int]) -> int:
-        return sum(row.nvml_bytes if row.nvml_bytes is not None else row.device_bytes
-                   for row in snap.processes if row.gpu == gpu and row.pid in leaving)
+    def _fixed_bytes(self, snap: Snapshot, gpu: int, pages: Mapping[int, Enforcement], leaving: set[int],
+                     held: set[int]) -> int:
+        """Device memory the plan cannot touch: processes on their way out, and those held by hand or at their
+        quota (what they have resident)."""
+        total = 0
+        for row in snap.processes:
+            if row.gpu != gpu:
+                continue
+            if row.pid in leaving:
+                total += row.nvml_bytes if row.nvml_bytes is not None else row.device_bytes
+            elif row.pid in held:
+                page = pages.get(row.pid)
+                if page is not None:
+                    total += _swappable(page, row) - row.swapped_bytes + row.unswappable_bytes + self._context(row)
+                else:
+                    total += row.nvml_bytes if row.nvml_bytes is not None else \
+                        row.device_bytes + self.settings.context_bytes
+        return total
 
-    def _clients(self, snap: Snapshot, gpu: int, pages: Mapping[int, Enforcement], leaving: set[int]) -> list[Client]:
+    def _clients(self, snap: Snapshot, gpu: int, pages: Mapping[int, Enforcement], leaving: set[int],
+                 held: set[int]) -> list[Client]:
         clients = []
         for row in snap.processes:
-            if row.gpu != gpu or (row.pid in leaving and row.pid not in pages):
+            if row.gpu != gpu or (row.pid in leaving and row.pid not in pages) or row.pid in held:
                 continue
             page = pages.get(row.pid)
             priority = self._priority(row.pid, page)
@@ -318,7 +351,7 @@ def _strictest(decisions: list[Decision]) -> Decision:
     """A process on several GPUs runs only if every GPU lets it; its swap is the largest asked for."""
     order = [Verdict.RUN, Verdict.PAUSE, Verdict.SWAP, Verdict.STOP]
     worst = max(decisions, key=lambda d: order.index(d.verdict))
-    return Decision(worst.verdict, max(d.swap_bytes for d in decisions))
+    return Decision(worst.verdict, max(d.swap_bytes for d in decisions), worst.reason)
 
 
 def _swappable(page: Enforcement, row: ProcessGpu) -> int:

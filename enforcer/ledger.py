@@ -26,6 +26,7 @@ VERSION = 2
 class _Held:
     start_time: int          # tells the process from a later one with its pid
     by: set[str] = field(default_factory=set)
+    signalled: bool = True   # stopped with SIGSTOP; False: its interposer's gate holds it (the lease ends that)
 
 
 class Ledger:
@@ -46,6 +47,8 @@ class Ledger:
                 pid, start = int(entry["pid"]), int(entry["start_time"])
             except (KeyError, TypeError, ValueError):
                 continue
+            if entry.get("signalled", True) is False:
+                continue  # an interposed process: its lease lapsed and it resumed by itself
             stat = proc_stat(pid)
             if stat is not None and stat.start_time == start and stat.state in "Tt":
                 if _signal(pid, signal.SIGCONT):
@@ -62,18 +65,20 @@ class Ledger:
             held, self._held = self._held, {}
             for pid, h in held.items():
                 stat = proc_stat(pid)
-                if stat is not None and stat.start_time == h.start_time and _signal(pid, signal.SIGCONT):
+                if h.signalled and stat is not None and stat.start_time == h.start_time and \
+                        _signal(pid, signal.SIGCONT):
                     log.info("pid %d continued (SIGCONT): the daemon is stopping", pid)
             self.save()
 
     # the record
 
-    def hold(self, pid: int, start_time: int, by: str) -> None:
-        """Record that `by` stopped the process (the caller sent or will send SIGSTOP)."""
+    def hold(self, pid: int, start_time: int, by: str, signalled: bool = True) -> None:
+        """Record that `by` stopped the process: with SIGSTOP (the caller sent or will send it), or through its
+        interposer's gate (`signalled` False)."""
         with self._lock:
             h = self._held.get(pid)
             if h is None or h.start_time != start_time:
-                h = self._held[pid] = _Held(start_time)
+                h = self._held[pid] = _Held(start_time, signalled=signalled)
             h.by.add(by)
             self.save()
 
@@ -148,7 +153,7 @@ class Ledger:
             return
         with self._lock:
             data = {"version": VERSION,
-                    "stopped": [{"pid": pid, "start_time": h.start_time, "by": sorted(h.by)}
+                    "stopped": [{"pid": pid, "start_time": h.start_time, "by": sorted(h.by), "signalled": h.signalled}
                                 for pid, h in sorted(self._held.items())],
                     "quotas": self._quotas}
             try:

@@ -31,7 +31,15 @@ class Pauser:
     def pause(self, pid: int, swap: bool = False, nbytes: int = 0, by: str = HAND) -> dict[str, Any]:
         process = self.interposed.get(pid)
         if process is not None:
-            reply = process.requests.swap_out(nbytes) if swap else process.requests.pause()
+            stat = proc_stat(pid)
+            if by == HAND and stat is not None:  # held until `gpuwatch resume` or exit: the scheduler plans around it
+                self.ledger.hold(pid, stat.start_time, HAND, signalled=False)
+            try:
+                reply = process.requests.swap_out(nbytes) if swap else process.requests.pause()
+            except ControlError:
+                if by == HAND:
+                    self.ledger.release(pid, HAND)
+                raise
             result: dict[str, Any] = {"pid": pid, "interposed": True, "state": reply.state}
             if swap:
                 result["bytes"] = reply.moved_bytes
@@ -54,6 +62,8 @@ class Pauser:
         stopped."""
         process = self.interposed.get(pid)
         if process is not None:
+            if by is None:
+                self.ledger.release(pid, HAND)
             return {"pid": pid, "interposed": True, "state": process.requests.resume().state}
         holders = self.ledger.holders(pid) - {QUOTA}
         if by is not None:

@@ -35,6 +35,7 @@ class Client:
 class Decision:
     verdict: Verdict
     swap_bytes: int = 0
+    reason: str | None = field(default=None, compare=False)  # why it does not run, in words (`ps` shows it)
 
 
 @dataclass
@@ -68,7 +69,7 @@ class Scheduler:
                 h.launches = c.launches
         run = self._choose(clients, now)
         self._account(clients, run, now)
-        return self._verdicts(clients, run)
+        return self._verdicts(clients, run, now)
 
     def busy(self, c: Client, now: float) -> bool:
         patience = max(self.idle, self.switch_cost) if self.contended else self.idle
@@ -83,12 +84,27 @@ class Scheduler:
         fits = sum(c.need_bytes for c in clients) <= self.capacity and not any(c.exclusive for c in clients)
         self.contended = not fits
         if fits:  # no contention for memory: all run, but a busy higher class pushes lower ones aside
-            return {c.pid for c in clients if top is None or c.priority >= top}
+            return {c.pid for c in clients if top is None or c.priority >= top or self._stopped_long_enough(c, now)}
         run: set[int] = set()
         for c in sorted(clients, key=lambda c: self._rank(c, top, now)):
             if self._feasible(clients, run | {c.pid}):
                 run.add(c.pid)
+        # A process without the interposer is never stopped to make memory room: its memory stays on the
+        # device, so stopping it helps nobody. Only an exclusive rule keeps it out.
+        for c in clients:
+            if not c.interposed and c.pid not in run and self._feasible(clients, run | {c.pid}, memory=False):
+                run.add(c.pid)
         return run
+
+    def _stopped_long_enough(self, c: Client, now: float) -> bool:
+        """A process without the interposer is stopped for a priority at most one quantum at a time, then runs
+        for at least `idle`: stopping is never open-ended."""
+        if c.interposed:
+            return False
+        h = self._seen[c.pid]
+        if h.running_since is not None:
+            return now - h.running_since < self.idle
+        return now - h.last_ran >= self.quantum if h.last_ran > float("-inf") else False
 
     def _rank(self, c: Client, top: Priority | None, now: float) -> tuple:
         h = self._seen[c.pid]
@@ -99,11 +115,17 @@ class Scheduler:
         outranked = top is not None and c.priority < top
         return (outranked, not self.wants(c, now), -c.priority, not holding, recency, c.pid)
 
-    def _feasible(self, clients: list[Client], run: set[int]) -> bool:
+    def _feasible(self, clients: list[Client], run: set[int], memory: bool = True) -> bool:
         if len(run) > 1 and any(c.exclusive for c in clients if c.pid in run):
             return False
         resident = sum(c.need_bytes if c.pid in run else c.need_bytes - c.movable_bytes for c in clients)
-        return resident <= self.capacity
+        return not memory or resident <= self.capacity
+
+    def placeable(self, c: Client, clients: list[Client]) -> bool:
+        """Whether it could run at all beside what cannot move (processes without the interposer, memory
+        that cannot be swapped): if not, it waits for others to exit or free memory, not for a turn."""
+        fixed = sum(o.need_bytes - o.movable_bytes for o in clients if o.pid != c.pid)
+        return fixed + c.need_bytes <= self.capacity
 
     def _account(self, clients: list[Client], run: set[int], now: float) -> None:
         for c in clients:
@@ -115,7 +137,7 @@ class Scheduler:
                 h.running_since = None
                 h.last_ran = now
 
-    def _verdicts(self, clients: list[Client], run: set[int]) -> dict[int, Decision]:
+    def _verdicts(self, clients: list[Client], run: set[int], now: float) -> dict[int, Decision]:
         # Room is made only for a running set: with nobody able to run (memory still being freed), nothing moves.
         excess = sum(c.need_bytes for c in clients) - self.capacity if run else 0
         excess += self.slack if excess > 0 else 0
@@ -124,15 +146,30 @@ class Scheduler:
         for c in sorted(clients, key=lambda c: self._seen[c.pid].last_ran):
             if c.pid in run:
                 out[c.pid] = Decision(Verdict.RUN)
-            elif not c.interposed:
-                out[c.pid] = Decision(Verdict.STOP)
+                continue
+            reason = self._reason(c, clients, run, now)
+            if not c.interposed:
+                out[c.pid] = Decision(Verdict.STOP, reason=reason)
             elif excess > 0 and c.movable_bytes > 0:
                 moved = min(excess, c.movable_bytes)
                 excess -= moved
-                out[c.pid] = Decision(Verdict.SWAP, moved)
+                out[c.pid] = Decision(Verdict.SWAP, moved, reason)
             else:
-                out[c.pid] = Decision(Verdict.PAUSE)
+                out[c.pid] = Decision(Verdict.PAUSE, reason=reason)
         return out
+
+    def _reason(self, c: Client, clients: list[Client], run: set[int], now: float) -> str:
+        running = [o for o in clients if o.pid in run]
+        exclusive = next((o for o in running if o.exclusive), None)
+        if exclusive is not None or (c.exclusive and running):
+            return f"exclusive use by pid {(exclusive or running[0]).pid}"
+        higher = [o for o in running if o.priority > c.priority and self.wants(o, now)]
+        if higher:
+            return f"preempted by pid {higher[0].pid}"
+        if not self.placeable(c, clients):
+            return "waiting for device memory"
+        holders = [o for o in running if o.interposed] or running
+        return f"slice of pid {holders[0].pid}" if holders else "waiting for device memory"
 
 
 @dataclass

@@ -10,8 +10,9 @@ from dataclasses import dataclass, field, replace
 
 from ..core.procfs import ProcInfo
 from ..core.view import Gpu, ProcessGpu, SchedulerSummary, Snapshot
-from ..core.vocabulary import STOPPED, Priority
+from ..core.vocabulary import PAUSED_BY_HAND, QUOTA_STOP, STOPPED, Priority
 from ..probes.model import ProbeFacts
+from .ledger import HAND, QUOTA
 from .records import DeviceEnforcement, Enforcement
 
 Resolve = Callable[[int, int, list[Gpu], dict[tuple[int, int], str]], tuple[int | None, str | None]]
@@ -29,7 +30,8 @@ class ViewSources:
     """Everything build_view merges. The functions are the only way it learns about /proc."""
     facts: ProbeFacts
     pages: Mapping[int, Enforcement] = field(default_factory=dict)      # interposed processes, read once
-    stopped: Mapping[int, str] = field(default_factory=dict)            # the ledger: pid -> who stopped it
+    stopped: Mapping[int, set[str]] = field(default_factory=dict)       # the ledger: pid -> who holds it
+    reasons: Mapping[int, str] = field(default_factory=dict)            # the scheduler's: why it waits
     quotas: Mapping[int, Enforcement] = field(default_factory=dict)     # quota members and quota stops
     scheduling: Mapping[int, SchedulingFigures] = field(default_factory=dict)
     summary: SchedulerSummary | None = None
@@ -45,6 +47,8 @@ def enforcement_records(sources: ViewSources) -> dict[int, Enforcement]:
     scheduler did to each."""
     merged = dict(sources.quotas)
     for pid in sources.stopped:
+        if pid in sources.pages:
+            continue  # paused by hand through its interposer: its page says its state
         merged[pid] = replace(merged[pid], state=STOPPED) if pid in merged else \
             Enforcement(pid=pid, interposed=False, state=STOPPED)
     for pid, page in sources.pages.items():
@@ -104,8 +108,18 @@ def build_view(sources: ViewSources) -> Snapshot:
     for r in live:  # the priority the scheduler uses: set with `gpuwatch priority`, its rule's, or its own
         if (chosen := sources.priority_of(r.pid)) is not None:
             r.priority = chosen.label
+        r.reason = _reason(r, sources)
     live.sort(key=lambda r: (r.pid, -1 if r.gpu is None else r.gpu))
     return Snapshot(live, gpus, facts.health, sources.summary)
+
+
+def _reason(row: ProcessGpu, sources: ViewSources) -> str | None:
+    by = sources.stopped.get(row.pid, set())
+    if HAND in by:
+        return PAUSED_BY_HAND
+    if QUOTA in by or (row.state == STOPPED and row.quota_bytes is not None and not by):
+        return QUOTA_STOP
+    return sources.reasons.get(row.pid)
 
 
 def _add_enforcement(rows: dict[tuple[int, int | None], ProcessGpu], enforcement: dict[int, Enforcement],

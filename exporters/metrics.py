@@ -16,7 +16,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.utils import floatToGoString
 
 from ..core.view import ProcessGpu, Snapshot
-from ..core.vocabulary import COPY_DIRECTIONS, STATES
+from ..core.vocabulary import COPY_DIRECTIONS, STATES, reason_kind
 
 PROCESS_LABELS = ["pid", "comm", "gpu", "gpu_uuid", "container_id", "pod_uid"]
 GPU_LABELS = ["gpu", "gpu_uuid", "name"]
@@ -64,6 +64,9 @@ LABELLED_METRICS: list[tuple[str, str, str, str, Callable[[ProcessGpu], list[tup
     ("gpuwatch_process_state", "What the process is doing (1 for the current state): paused and swap states under "
      "the interposer, stopped when paused with SIGSTOP", "gauge", "state",
      lambda r: [(s, 1 if s == r.state else 0) for s in STATES]),
+    ("gpuwatch_process_waiting", "1 while the process does not run, labelled with why (on each of its rows): "
+     "paused_by_hand, quota, waiting_for_device_memory, waiting_for_host_memory, preempted, slice, exclusive",
+     "gauge", "reason", lambda r: [(reason_kind(r.reason), 1)] if r.reason else []),
 ]
 
 

@@ -233,6 +233,7 @@ ENFORCEMENT_COLUMNS = [
     Column("WAIT", 7, 9, lambda r: f"{r.raw.get('wait_seconds', 0.0):.0f}s"),
     Column("PREEMPT", 7, 9, lambda r: str(r.raw.get("preemptions", 0))),
     Column("QSTOPS", 6, 9, lambda r: str(r.raw.get("quota_pauses", 0))),
+    Column("REASON", 24, 10, lambda r: r.raw.get("reason") or "-", "<"),
 ]
 
 

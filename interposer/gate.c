@@ -83,6 +83,8 @@ HIDDEN struct gw_slot *gw_gate_wait(struct gw_slot *s, uint32_t *bits)
 	return s;
 }
 
+static _Atomic uint32_t room_denied_seq; // room_seq as the last denial left it
+
 HIDDEN bool gw_wait_for_room(struct gw_slot *s, uint64_t bytes)
 {
 	if (!(atomic_load(&gw->flags) & GW_FLAG_ROOM))
@@ -97,16 +99,21 @@ HIDDEN bool gw_wait_for_room(struct gw_slot *s, uint64_t bytes)
 		futex(&gw->room_seq, FUTEX_WAIT, seq, &tick);
 	atomic_fetch_sub(&gw->waiting, 1);
 	atomic_fetch_sub(&gw->wanted_bytes, bytes);
+	// A denial since this wait began wins over a later "retry" (a resume that comes while this thread is
+	// still held at the closed gate): the allocation fails as the driver said.
+	bool denied = (int32_t)(atomic_load(&room_denied_seq) - seq) > 0;
 	uint32_t bits;
 	struct gw_slot *again = gw_gate_enter(&bits); // the same slot: this thread's
 	(void)again;
-	return atomic_load(&gw->room_seq) != seq && atomic_load(&gw->room_verdict) == 0;
+	return atomic_load(&gw->room_seq) != seq && !denied;
 }
 
 HIDDEN void gw_room_answer(bool granted)
 {
 	atomic_store(&gw->room_verdict, granted ? 0 : 1);
-	atomic_fetch_add(&gw->room_seq, 1);
+	uint32_t seq = atomic_fetch_add(&gw->room_seq, 1) + 1;
+	if (!granted)
+		atomic_store(&room_denied_seq, seq);
 	futex(&gw->room_seq, FUTEX_WAKE, INT_MAX, NULL);
 }
 

@@ -1,0 +1,161 @@
+"""Safe sharing under the mixes users make (real eBPF, the real daemon, scheduler and interposer, a test-double
+GPU of CAPACITY bytes): a pause by hand holds while the scheduler runs; a process without the interposer is
+never stopped to make memory room, and the process that needs the room waits, bounded, then gets the
+driver's out-of-memory answer; every process that does not run says why."""
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, Daemon, Prog, wait_for
+from interposer_fixtures import IProg, MiB
+
+CAPACITY = 96 * MiB
+TICK_MS, ROOM_WAIT_MS = 50, 1500
+pytestmark = pytest.mark.root
+
+
+@pytest.fixture(scope="module")
+def gpu(tmp_path_factory) -> tuple[Path, Path]:
+    out = tmp_path_factory.mktemp("fakenvml")
+    subprocess.run(["make", "-s", "-C", str(ROOT / "tests" / "fakenvml"), f"OUT={out}"], check=True)
+    (out / "state").write_text(f"gpu 0 GPU-11111111-2222-3333-4444-555555555555 {CAPACITY} 0 Fake GPU\n")
+    return out, out / "state"
+
+
+@pytest.fixture(scope="module")
+def sdaemon(gpu: tuple[Path, Path]) -> Iterator[Daemon]:
+    workdir = Path(tempfile.mkdtemp(prefix="gpuwatch-safe-"))
+    workdir.chmod(0o755)
+    config = workdir / "gpuwatch.toml"
+    config.write_text(f"[scheduler]\nquantum_ms = 1000\nidle_ms = 300\nreserve_mib = 0\ncontext_mib = 0\n"
+                      f"tick_ms = {TICK_MS}\nroom_wait_ms = {ROOM_WAIT_MS}\n")
+    lib_dir, state = gpu
+    os.environ["LD_LIBRARY_PATH"], os.environ["FAKENVML_STATE"] = str(lib_dir), str(state)
+    try:
+        d = Daemon(workdir, "--config", str(config), "--launches", "all", nvml=True)
+    finally:
+        del os.environ["LD_LIBRARY_PATH"], os.environ["FAKENVML_STATE"]
+    yield d
+    d.stop()
+
+
+def gpu_env(fakecuda: Path, shared: Path) -> dict[str, str]:
+    return {"GPUWATCH_REAL_LIBCUDA": str(fakecuda / "libcuda.so.1"), "FAKECUDA_SHARED_STATE": str(shared),
+            "FAKECUDA_MEM_BYTES": str(CAPACITY), "FAKECUDA_DEVICES": "1"}
+
+
+def interposed(fakecuda: Path, interposer: Path, daemon: Daemon, shared: Path) -> IProg:
+    p = IProg([str(fakecuda / "cudaprog")], {**gpu_env(fakecuda, shared), "LD_PRELOAD": str(interposer),
+                                             "GPUWATCH_SOCKET": daemon.socket})
+    p.timeout = 30
+    p.ok(f"load {fakecuda / 'libcuda.so.1'}")
+    p.ok("ctx 0")
+    wait_for(lambda: p.pid in {r["pid"] for r in daemon.ps() if r["interposed"]}, 10, "the daemon to see it")
+    return p
+
+
+def plain(fakecuda: Path, daemon: Daemon, shared: Path) -> Prog:
+    p = Prog([str(fakecuda / "cudaprog")], gpu_env(fakecuda, shared))
+    p.ok(f"load {fakecuda / 'libcuda.so.1'}")
+    wait_for(lambda: daemon.watching(fakecuda / "libcuda.so.1"), 5, "the daemon to watch the test double")
+    p.ok("ctx 0")
+    return p
+
+
+def row(daemon: Daemon, pid: int) -> dict:
+    return next(r for r in daemon.ps(pid) if r["gpu"] == 0)
+
+
+def proc_state(pid: int) -> str:
+    text = Path(f"/proc/{pid}/stat").read_text()
+    return text[text.rindex(")") + 2]
+
+
+def test_a_pause_by_hand_holds_while_the_scheduler_runs(fakecuda: Path, interposer: Path, sdaemon: Daemon,
+                                                          tmp_path: Path) -> None:
+    a = interposed(fakecuda, interposer, sdaemon, tmp_path / "gpu")
+    try:
+        a.ok("alloc a1 33554432")
+        a.ok("fill a1 11")
+        assert sdaemon.cli("pause", str(a.pid), "--swap").returncode == 0
+        held_since = time.monotonic()
+        seen = []
+        while time.monotonic() - held_since < 25 * TICK_MS / 1000 + 0.5:  # at least 25 scheduler ticks
+            r = row(sdaemon, a.pid)
+            seen.append((r["state"], r["reason"], r["swapped_bytes"]))
+            time.sleep(TICK_MS / 1000)
+        assert set(seen) == {("swapped", "paused by hand", 32 * MiB)}, seen
+        assert sdaemon.cli("resume", str(a.pid)).returncode == 0
+        wait_for(lambda: row(sdaemon, a.pid)["state"] == "running", 5, "it to run again")
+        assert row(sdaemon, a.pid)["reason"] is None
+        a.ok("check a1 11")  # every byte as it wrote it
+    finally:
+        a.close()
+
+
+def test_a_plain_holder_keeps_running_and_the_newcomer_gets_out_of_memory_in_time(
+        fakecuda: Path, interposer: Path, sdaemon: Daemon, tmp_path: Path) -> None:
+    shared = tmp_path / "gpu"
+    holder = plain(fakecuda, sdaemon, shared)
+    b = interposed(fakecuda, interposer, sdaemon, shared)
+    try:
+        holder.ok("alloc h 67108864")
+        holder.ok("fill h 7")
+        holder.ok("spin s launch -")
+        wait_for(lambda: row(sdaemon, holder.pid)["device_bytes"] == 64 * MiB, 5, "the daemon to count the holder")
+        states: list[str] = []
+        reasons: list[str | None] = []
+        done = threading.Event()
+
+        def watch() -> None:
+            while not done.is_set():
+                states.append(proc_state(holder.pid))
+                reasons.append(row(sdaemon, b.pid)["reason"])
+                time.sleep(0.05)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        try:
+            started = time.monotonic()
+            assert b.err("alloc b1 50331648") == 2  # 64 + 48 MiB > 96 MiB: it cannot be placed
+            waited = time.monotonic() - started
+        finally:
+            done.set()
+            watcher.join()
+        assert ROOM_WAIT_MS / 1000 - 0.1 <= waited <= ROOM_WAIT_MS / 1000 + 2.0, waited
+        assert "T" not in states and "t" not in states, "the plain holder was stopped"
+        assert "waiting for device memory" in reasons, reasons
+        assert row(sdaemon, holder.pid)["state"] == "running"
+        b.ok("alloc b2 16777216")  # what fits still works: the process goes on
+        iterations, errors, _ = map(int, holder.ok("spinstop s"))
+        assert iterations > 0 and errors == 0
+        holder.ok("check h 7")
+    finally:
+        b.close()
+        holder.close()
+
+
+def test_a_plain_process_paused_by_hand_says_so_and_stays_stopped(fakecuda: Path, sdaemon: Daemon,
+                                                                   tmp_path: Path) -> None:
+    p = plain(fakecuda, sdaemon, tmp_path / "gpu")
+    try:
+        p.ok("alloc x 8388608")
+        wait_for(lambda: row(sdaemon, p.pid)["device_bytes"] == 8 * MiB, 5, "the daemon to count it")
+        assert sdaemon.cli("pause", str(p.pid)).returncode == 0
+        time.sleep(25 * TICK_MS / 1000)
+        r = row(sdaemon, p.pid)
+        assert (r["state"], r["reason"], proc_state(p.pid)) == ("stopped", "paused by hand", "T")
+        assert "paused by hand" in sdaemon.cli("ps").stdout
+        assert sdaemon.cli("resume", str(p.pid)).returncode == 0
+        p.ok("alloc y 1048576")
+        assert row(sdaemon, p.pid)["reason"] is None
+    finally:
+        p.close()
