@@ -188,6 +188,12 @@ def cmd_status(args: argparse.Namespace) -> int:
           f"{h['events_lost']}   NVML: {'yes' if h['nvml'] else 'no'}   processes: {status['processes']}   "
           f"interposed: {status.get('interposed', 0)}")
     print("libraries: " + (", ".join(h["libraries"]) or "none yet (waiting for a process to load libcuda)"))
+    if (host := status.get("host")) is not None:
+        cap = f", cap {human_bytes(host['limit_bytes'])}" if host["limit_bytes"] is not None else ""
+        print(f"host memory for swapping: {human_bytes(host['pinned_bytes'])} pinned "
+              f"({human_bytes(host['swapped_bytes'])} swapped out), {human_bytes(host['spare_bytes'])} spare of "
+              f"{human_bytes(host['available_bytes'])} "
+              f"available (reserve {human_bytes(host['reserve_bytes'])}{cap})")
     for g in status["gpus"]:
         print(f"gpu {g['index']}: {g['name']} {g['uuid']} {human_bytes(g['memory_used'])} / "
               f"{human_bytes(g['memory_total'])} used, {g['utilization']}% busy")
@@ -290,7 +296,8 @@ def parser() -> argparse.ArgumentParser:
                          description="Runs COMMAND with libgpuwatch.so preloaded. SIZE: 512MiB, 20GiB, 1.5GiB, 8GB, "
                                      "2G (binary), or bytes.")
     exe.add_argument("--mem-limit", type=size_argument, metavar="SIZE", help="device memory quota, per GPU")
-    exe.add_argument("--priority", choices=PRIORITY_NAMES, default="normal", help="scheduling priority (default: normal)")
+    exe.add_argument("--priority", choices=PRIORITY_NAMES, default="normal",
+                     help="scheduling priority (default: normal)")
     exe.add_argument("--no-swap", action="store_true",
                      help="do not back allocations for swapping (the quota still holds; nothing can be swapped out)")
     exe.add_argument("command", nargs=argparse.REMAINDER, help="the command and its arguments")

@@ -55,4 +55,5 @@ class Event:
 
     @staticmethod
     def header() -> str:
-        return f"{'TIME(s)':>14s} {'PID':>7s} {'TID':>7s} {'COMM':16s} {'GPU':>3s} {'EVENT':10s} KIND{'BYTES':>19s} ADDR"
+        return (f"{'TIME(s)':>14s} {'PID':>7s} {'TID':>7s} {'COMM':16s} {'GPU':>3s} {'EVENT':10s} "
+                f"KIND{'BYTES':>19s} ADDR")

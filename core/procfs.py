@@ -27,10 +27,10 @@ def container_of(cgroup_text: str) -> tuple[str, str]:
     container = pod = ""
     for line in cgroup_text.splitlines():
         path = line.split(":", 2)[-1]
-        if not container and (m := _CONTAINER.findall(path)):
-            container = m[-1]
-        if not pod and (m := _POD.search(path)):
-            pod = m.group(1).replace("_", "-")
+        if not container and (ids := _CONTAINER.findall(path)):
+            container = ids[-1]
+        if not pod and (found := _POD.search(path)):
+            pod = found.group(1).replace("_", "-")
     return container, pod
 
 
@@ -209,3 +209,38 @@ def maps_text(pid: int) -> str | None:
         return Path(f"/proc/{pid}/maps").read_text()
     except OSError:
         return None
+
+
+def meminfo() -> dict[str, int]:
+    """/proc/meminfo in bytes: MemTotal, MemAvailable, ..."""
+    out: dict[str, int] = {}
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            fields = rest.split()
+            if fields and fields[0].isdigit():
+                out[key] = int(fields[0]) * (1024 if fields[1:] == ["kB"] else 1)
+    except OSError:
+        pass
+    return out
+
+
+def cgroup_memory_headroom(pid: int) -> tuple[int, int] | None:
+    """(bytes the process's memory cgroup and every cgroup above it can still charge, the tightest limit):
+    pinned memory is charged to the cgroup of the process that pins it. None: no limit anywhere (or no
+    cgroup v2)."""
+    root, path = cgroup2_root(), process_cgroup(pid)
+    if root is None or path is None:
+        return None
+    best: tuple[int, int] | None = None
+    parts = [p for p in path.split("/") if p]
+    for depth in range(len(parts), 0, -1):
+        directory = root.joinpath(*parts[:depth])
+        try:
+            limit = (directory / "memory.max").read_text().strip()
+            current = int((directory / "memory.current").read_text())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and (best is None or int(limit) - current < best[0]):
+            best = (max(int(limit) - current, 0), int(limit))
+    return best

@@ -54,6 +54,7 @@ class ProcessGpu:
     # process-wide figures: on the row of the process's first GPU only, so that sums over rows stay right
     swap_out_bytes_total: int = 0
     swap_in_bytes_total: int = 0
+    swap_pinned_bytes: int = 0    # pinned host memory its interposer holds for swapping (data and kept buffers)
     waiting_threads: int = 0      # threads held at the interposer's closed gate: the process wants to run
     quota_pauses: int = 0         # times it was stopped at its quota (`gpuwatch quota set`)
     slice_seconds: float = 0.0    # time it ran while the scheduler sliced its GPU
@@ -84,12 +85,25 @@ class SchedulerSummary:
     wait_sum: float
 
 
+@dataclass(frozen=True)
+class HostMemory:
+    """Host memory for swapped-out memory (pinned: the kernel cannot reclaim it)."""
+    total_bytes: int
+    available_bytes: int          # MemAvailable
+    reserve_bytes: int            # never used for swapped-out memory
+    limit_bytes: int | None       # the configured cap
+    pinned_bytes: int             # held by interposed processes for swapping (data and kept buffers)
+    swapped_bytes: int            # of that, device memory swapped out now
+    spare_bytes: int              # what more may be pinned: the budget left
+
+
 @dataclass
 class Snapshot:
     processes: list[ProcessGpu]
     gpus: list[Gpu]
     health: TracerHealth
     scheduler: SchedulerSummary | None = None
+    host: HostMemory | None = None
     taken_at: float = field(default_factory=time.time)
 
     def to_json(self) -> dict[str, Any]:

@@ -102,7 +102,8 @@ def parse_size(text: str) -> int:
     if size <= 0:
         raise SizeError(f"{text!r} is not above zero bytes")
     if size > MAX_SIZE:
-        raise SizeError(f"{text!r} is more than 16 EiB" if size >> 64 else f"{text!r} is more than 8 EiB, the largest size")
+        raise SizeError(f"{text!r} is more than 16 EiB" if size >> 64 else
+                        f"{text!r} is more than 8 EiB, the largest size")
     return size
 
 

@@ -25,8 +25,8 @@ def commands(daemon: Daemon) -> dict[str, Command]:
     return {
         "ps": Command(c.ps),
         "status": Command(c.status),
-        "trace": Command(c.trace, stream=True),
-        "interposer_attach": Command(daemon.interposed.attach, takeover=True),
+        "trace": Command(stream=c.trace),
+        "interposer_attach": Command(takeover=daemon.interposed.attach),
         "pause": Command(c.pause, root_only=True),
         "resume": Command(c.resume, root_only=True),
         "quota_set": Command(c.quota_set, root_only=True),
@@ -47,7 +47,8 @@ class _Commands:
 
     def status(self, _peer: Peer, _request: dict[str, Any]) -> dict[str, Any]:
         view = self.d.view().to_json()
-        return {"health": view["health"], "gpus": view["gpus"], "processes": len(view["processes"]),
+        return {"health": view["health"], "gpus": view["gpus"], "host": view["host"],
+                "processes": len(view["processes"]),
                 "interposed": len(self.d.interposed.pids()), "trace_streams": self._streams}
 
     def trace(self, _peer: Peer, request: dict[str, Any], closing: threading.Event) -> Iterator[dict[str, Any]]:

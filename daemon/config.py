@@ -67,13 +67,18 @@ class InterposerSection:
 @dataclass(frozen=True)
 class SchedulerSection:
     enabled: bool = _key(True, None, "time-slice and oversubscribe each GPU between the processes that share it")
-    quantum_ms: int = _key(0, _at_least(0), "a slice's length; 0: 20 times the cost of a switch at the measured swap rate, at least 1 s")
+    quantum_ms: int = _key(0, _at_least(0), "a slice's length; 0: 20 times the cost of a switch at the measured "
+                                            "swap rate, at least 1 s")
     idle_ms: int = _key(500, positive_problem, "a holder without launches this long gives up the rest of its slice")
     reserve_mib: int = _key(1024, _at_least(0), "device memory left out of every plan")
     context_mib: int = _key(512, _at_least(0), "a process's own context memory, where NVML cannot tell")
     tick_ms: int = _key(50, positive_problem, "how often the scheduler decides")
-    room_wait_ms: int = _key(30000, positive_problem, "an allocation waiting for room while its process may run fails "
-                                               "after this long (the device is full for reasons the plan missed)")
+    room_wait_ms: int = _key(30000, positive_problem, "an allocation waiting for room that is not its turn fails "
+                                               "after this long (what cannot move holds the device, or host memory "
+                                               "is short)")
+    host_reserve_mib: int = _key(-1, _at_least(-1), "host memory never used for swapped-out memory; -1: the larger "
+                                                    "of 4096 and 5 % of RAM")
+    host_limit_mib: int = _key(0, _at_least(0), "at most this much host memory for swapped-out memory; 0: no cap")
 
 
 @dataclass(frozen=True)

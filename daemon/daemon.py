@@ -16,6 +16,7 @@ from ..core import procfs
 from ..core.view import Snapshot
 from ..core.vocabulary import STATE_FILE_NAME
 from ..enforcer.enforcer import Enforcer, SchedulerSettings
+from ..enforcer.hostmemory import HostBudget, HostSettings
 from ..enforcer.interposed import InterposedRegistry
 from ..enforcer.ledger import Ledger
 from ..enforcer.pause import Pauser
@@ -56,9 +57,10 @@ class Daemon:
         self.policy = PolicyState(Policy(config.rules if config else ()), self.interposed, self.quota)
         self.interposed.on_attach = self.policy.attached
         self.procevents = ProcEvents(self.policy.apply, self._process_exit, on_lost=self.policy.apply_all)
+        self.host = HostBudget(HostSettings.from_config(scheduler))
         self.enforcer = Enforcer(self.view_and_pages, self.interposed, self.pauser,
                                  SchedulerSettings.from_config(scheduler), priority_of=self.policy.priority_of,
-                                 exclusive=self.policy.exclusive) if scheduler.enabled else None
+                                 exclusive=self.policy.exclusive, host=self.host) if scheduler.enabled else None
         self.interposed.room = self.enforcer is not None
         self._devices = DeviceResolver()
         self._described: dict[int, procfs.ProcInfo] = {}
@@ -75,7 +77,7 @@ class Daemon:
             scheduling=self.enforcer.scheduling() if self.enforcer else {},
             summary=self.enforcer.summary() if self.enforcer else None, priority_of=self.policy.priority_of,
             reasons=self.enforcer.reasons if self.enforcer else {},
-            resolve=self._devices.resolve, describe=self._describe, alive=procfs.alive)
+            resolve=self._devices.resolve, describe=self._describe, alive=procfs.alive, host=self.host.reading(pages))
         return build_view(sources), pages
 
     def view(self) -> Snapshot:
@@ -165,6 +167,7 @@ class Daemon:
         self.interposed.request_timeout = new.interposer.request_timeout_ms / 1000
         self.interposed.lease_ns, self.interposed.renew_every = new.interposer.lease_ms * 1_000_000, \
             new.interposer.lease_ms / 5000
+        self.host.settings = HostSettings.from_config(new.scheduler)
         if self.enforcer is not None:
             self.enforcer.settings = SchedulerSettings.from_config(new.scheduler)
         matched = self.policy.apply_all()

@@ -27,10 +27,11 @@ TakeoverHandler = Callable[[Peer, dict[str, Any], Connection], None]
 
 @dataclass
 class Command:
-    handler: Handler | StreamHandler | TakeoverHandler
+    """One of: `handler` answers once, `stream` yields events, `takeover` owns the connection."""
+    handler: Handler | None = None
     root_only: bool = False
-    stream: bool = False
-    takeover: bool = False
+    stream: StreamHandler | None = None
+    takeover: TakeoverHandler | None = None
 
 
 HANGUP_POLL_S = 0.5
@@ -114,17 +115,18 @@ class ControlServer:
                     raise ControlError(f"unknown command {request['cmd']!r}; known: {', '.join(sorted(self.commands))}")
                 if command.root_only and not peer.is_root:
                     raise ControlError(f"{request['cmd']} needs root; uid {peer.uid} may only read")
-                if command.takeover:
-                    command.handler(peer, request, Connection(sock, rfile, wfile, self._closing))
+                if command.takeover is not None:
+                    command.takeover(peer, request, Connection(sock, rfile, wfile, self._closing))
                     return
-                if command.stream:
+                if command.stream is not None:
                     ended = self._watch_hangup(sock)
                     try:
-                        for item in command.handler(peer, request, ended):
+                        for item in command.stream(peer, request, ended):
                             send_message(wfile, {"ok": True, "event": item})
                     finally:
                         ended.set()
                     return
+                assert command.handler is not None
                 send_message(wfile, {"ok": True, "result": command.handler(peer, request)})
             except (BrokenPipeError, ConnectionResetError):
                 return

@@ -11,12 +11,13 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..core.protocol import ControlError
 from ..core.view import ProcessGpu, SchedulerSummary, Snapshot
-from ..core.vocabulary import MiB, PRIORITY_NAMES, STOPPED, Priority
+from ..core.vocabulary import MiB, PRIORITY_NAMES, STOPPED, WAITING_FOR_HOST_MEMORY, Priority
+from .hostmemory import HostBudget
 from .interposed import InterposedRegistry
 from .ledger import SCHEDULER
 from .pause import Pauser
@@ -71,9 +72,11 @@ class Enforcer:
     def __init__(self, view: Callable[[], tuple[Snapshot, Mapping[int, Enforcement]]], interposed: InterposedRegistry,
                  pauser: Pauser, settings: SchedulerSettings = SchedulerSettings(),
                  priority_of: Callable[[int], Priority | None] = lambda pid: None,
-                 exclusive: Callable[[int], bool] = lambda pid: False) -> None:
-        """view: the one view and the interposers' pages it was built from."""
+                 exclusive: Callable[[int], bool] = lambda pid: False, host: HostBudget | None = None) -> None:
+        """view: the one view and the interposers' pages it was built from; host: the host memory budget
+        (None: swap-outs are not held to one)."""
         self.view, self.interposed, self.pauser, self.settings = view, interposed, pauser, settings
+        self.host = host
         self.priority_of, self.exclusive = priority_of, exclusive
         self.stats: dict[int, SchedulingStats] = {}
         self._waits = SchedulingStats()         # every wait of every process, for the histogram
@@ -81,6 +84,7 @@ class Enforcer:
         self._bounded: set[int] = set()        # told to bound their launch queues
         self._wanting: dict[int, float] = {}   # since when a process waits for room that is not its turn
         self.reasons: dict[int, str] = {}      # why each process the scheduler holds back does not run
+        self._dropping: set[int] = set()        # asked to give back kept pinned memory; the answer is pending
         self.switch_cost = SwitchCost()
         self._stop = threading.Event()
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="gpuwatch-enforce")
@@ -156,9 +160,70 @@ class Enforcer:
             if page.wanted_bytes and pid not in combined and pid not in held:
                 self._deny(pid)  # on no GPU the scheduler can plan (no NVML): nobody will make room
         self.reasons = {pid: d.reason for pid, d in combined.items() if d.verdict is not Verdict.RUN and d.reason}
+        combined = self._within_host_budget(combined, pages)
         self._account(combined, pages, now)
         self._apply(combined, pages)
+        self._give_back_pinned(snap, pages, combined)
         return combined
+
+    def _within_host_budget(self, decisions: dict[int, Decision], pages: Mapping[int, Enforcement]
+                            ) -> dict[int, Decision]:
+        """Swap-outs whose new pinned memory the host cannot spare are not carried out (those processes only
+        pause), first giving back buffers that hold nothing; the processes that waited for that room wait on
+        and, after room_wait_ms, get out-of-memory. Nobody's memory moves for them."""
+        if self.host is None:
+            return decisions
+        host = self.host.reading(pages)
+        wanted = {pid: _new_pinned(pages[pid], d.swap_bytes) for pid, d in decisions.items()
+                  if d.verdict is Verdict.SWAP and pid in pages}
+        if sum(wanted.values()) > host.spare_bytes:
+            self._drop_kept_buffers(pages, exclude=set(wanted))
+            host = self.host.reading(self.interposed.enforcement())
+        out, spare, refused = dict(decisions), host.spare_bytes, []
+        for pid, new in sorted(wanted.items(), key=lambda item: item[1]):
+            why = self.host.room_for(pid, new, replace(host, spare_bytes=spare))
+            if why is None:
+                spare -= new
+                continue
+            refused.append(pid)
+            log.warning("pid %d is not swapped out: %s", pid, why)
+            out[pid] = Decision(Verdict.PAUSE, reason=decisions[pid].reason)
+        if refused:
+            for pid, d in decisions.items():
+                page = pages.get(pid)
+                if d.verdict is Verdict.RUN and page is not None and page.wanted_bytes:
+                    self.reasons[pid] = WAITING_FOR_HOST_MEMORY
+        return out
+
+    def _drop_kept_buffers(self, pages: Mapping[int, Enforcement], exclude: set[int]) -> None:
+        """Pinned buffers kept by processes with nothing swapped out go back to the host, largest first."""
+        idle = [pid for pid, p in pages.items() if pid not in exclude and p.pinned_bytes
+                and not any(d.swapped_bytes for d in p.devices)]
+        for future in [self._pool.submit(self._drop, pid) for pid in idle]:
+            future.result()
+
+    def _give_back_pinned(self, snap: Snapshot, pages: Mapping[int, Enforcement],
+                          decisions: dict[int, Decision]) -> None:
+        """A process whose memory is all back on a GPU nobody contends keeps no pinned buffers: they are kept
+        only while switches may come again."""
+        contended = {gpu for gpu, s in self._schedulers.items() if s.contended}
+        for pid, page in pages.items():
+            gpus = {row.gpu for row in snap.processes if row.pid == pid}
+            if (page.pinned_bytes and not any(d.swapped_bytes for d in page.devices) and not gpus & contended
+                    and decisions.get(pid, Decision(Verdict.RUN)).verdict is Verdict.RUN and pid not in self._dropping):
+                self._dropping.add(pid)
+                self._pool.submit(self._drop, pid)
+
+    def _drop(self, pid: int) -> None:
+        process = self.interposed.get(pid)
+        try:
+            if process is not None:
+                freed = process.requests.drop_host().moved_bytes
+                log.info("pid %d gave back %s bytes of pinned host memory", pid, freed)
+        except ControlError as exc:
+            self._failed(pid, "could not give back pinned memory", exc)
+        finally:
+            self._dropping.discard(pid)
 
     def _context(self, row: ProcessGpu) -> int:
         """The memory a process holds beyond what it allocated: its context, as NVML sees it."""
@@ -352,6 +417,12 @@ def _strictest(decisions: list[Decision]) -> Decision:
     order = [Verdict.RUN, Verdict.PAUSE, Verdict.SWAP, Verdict.STOP]
     worst = max(decisions, key=lambda d: order.index(d.verdict))
     return Decision(worst.verdict, max(d.swap_bytes for d in decisions), worst.reason)
+
+
+def _new_pinned(page: Enforcement, swap_bytes: int) -> int:
+    """Pinned memory a swap-out of `swap_bytes` must add: its kept buffers hold what they can."""
+    swapped = sum(d.swapped_bytes for d in page.devices)
+    return max(swap_bytes - swapped - max(page.pinned_bytes - swapped, 0), 0)
 
 
 def _swappable(page: Enforcement, row: ProcessGpu) -> int:

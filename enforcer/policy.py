@@ -26,6 +26,7 @@ class _Interposed(Protocol):  # interposed.InterposedRegistry
 
 class _Quotas(Protocol):  # quota.QuotaEnforcer
     def set_pid(self, pid: int, nbytes: int, action: str = "pause") -> dict[str, Any]: ...
+    def set_backstop(self, pid: int, quota: int, action: str = "pause") -> dict[str, Any]: ...
 
 
 @dataclass

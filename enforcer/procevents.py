@@ -45,8 +45,8 @@ def _ended(tgid: int) -> bool:
 
 
 class ProcEvents:
-    def __init__(self, on_exec: Callable[[int], None], on_exit: Callable[[int], None],
-                 on_lost: Callable[[], None] | None = None, mode: str | None = None) -> None:
+    def __init__(self, on_exec: Callable[[int], object], on_exit: Callable[[int], object],
+                 on_lost: Callable[[], object] | None = None, mode: str | None = None) -> None:
         """on_lost: events were dropped (the socket's buffer overflowed): everything should be re-read.
         mode: "auto" (netlink, else the scan), "netlink" or "scan"; default $GPUWATCH_PROC_EVENTS or auto."""
         self.on_exec, self.on_exit, self.on_lost = on_exec, on_exit, on_lost
@@ -99,7 +99,7 @@ class ProcEvents:
                 pass
         self._wake_r = self._wake_w = -1
 
-    def _call(self, callback: Callable[..., None] | None, *args: int) -> None:
+    def _call(self, callback: Callable[..., object] | None, *args: int) -> None:
         if callback is None:
             return
         try:
@@ -157,10 +157,10 @@ class ProcEvents:
             timeout = None
             if self._ending:
                 timeout = max(0.0, min(t for t, _ in self._ending.values()) - time.monotonic())
-            readable, _, _ = select.select([raw, self._wake_r], [], [], timeout)
+            readable, _, _ = select.select([raw.fileno(), self._wake_r], [], [], timeout)
             if self._stop.is_set():
                 return
-            if raw in readable:
+            if raw.fileno() in readable:
                 try:
                     data = raw.recv(1 << 16)
                 except OSError as exc:

@@ -378,7 +378,7 @@ class QuotaEnforcer:
     def _rescan(self) -> None:
         """Cgroup members from cgroup.procs of every cgroup below a rule's; pid rules whose process exited."""
         for g in [g for g in self._groups.values() if g.pid is not None]:
-            stat = proc_stat(g.pid)
+            stat = proc_stat(g.pid) if g.pid is not None else None
             if stat is None or stat.start_time != g.start_time:
                 self._drop(g)
         cgroups = [g for g in self._groups.values() if g.cgroup is not None]
@@ -415,12 +415,12 @@ class QuotaEnforcer:
     def _exited(self, pid: int) -> None:
         if self._stopped.pop(pid, None) is not None:
             self.ledger.forget(pid)
-        for g in [g for g in self._grants if g.pid == pid]:
-            self._release(g)
-        for g in list(self._groups.values()):
-            g.members.pop(pid, None)
-            if g.pid == pid:
-                self._drop(g)
+        for grant in [g for g in self._grants if g.pid == pid]:
+            self._release(grant)
+        for group in list(self._groups.values()):
+            group.members.pop(pid, None)
+            if group.pid == pid:
+                self._drop(group)
         self._pauses.pop(pid, None)
 
     def _group_of(self, pid: int) -> int | None:

@@ -28,6 +28,7 @@ class Enforcement:
     devices: tuple[DeviceEnforcement, ...] = ()
     swap_out_bytes_total: int = 0
     swap_in_bytes_total: int = 0
+    pinned_bytes: int = 0         # pinned host memory its interposer holds for swapping
     waiting_threads: int = 0
     wanted_bytes: int = 0         # device memory its allocations wait for (the device was full)
     launches: int | None = None   # exact counts from the page (None: not known)

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from ..core.vocabulary import STATES, U64_MAX
 
 
-class Channel(Protocol):
-    """What carries the lines: InterposedProcess.call."""
-
-    def __call__(self, request_id_line: Callable[[int], str], op: str, timeout: float) -> dict[str, Any]: ...
+# What carries the lines (InterposedProcess.call): the line made from the request's id, the op (for
+# messages), the timeout in seconds; returns the answer.
+Channel = Callable[[Callable[[int], str], str, float], dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -63,6 +62,10 @@ class InterposerRequests:
     def bound_queue(self, on: bool) -> Reply:
         """Keep its launch queue short (a higher priority shares its GPU), or stop doing so."""
         return self._ask("bound", "running", int(on))
+
+    def drop_host(self) -> Reply:
+        """Give back the pinned host memory that holds no swapped-out data (`moved_bytes`: what was freed)."""
+        return self._ask("drop_host", "running")
 
     def deny_room(self) -> Reply:
         """Allocations waiting for room fail now, as the driver said (out of memory)."""

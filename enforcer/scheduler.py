@@ -109,7 +109,7 @@ class Scheduler:
     def _rank(self, c: Client, top: Priority | None, now: float) -> tuple:
         h = self._seen[c.pid]
         running = h.running_since is not None
-        holding = running and now - h.running_since < self.quantum
+        holding = h.running_since is not None and now - h.running_since < self.quantum
         # Least recently run first; a holder past its quantum counts as running now, so waiters go before it.
         recency = now if running else h.last_ran
         outranked = top is not None and c.priority < top

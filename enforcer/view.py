@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
 from ..core.procfs import ProcInfo
-from ..core.view import Gpu, ProcessGpu, SchedulerSummary, Snapshot
+from ..core.view import Gpu, HostMemory, ProcessGpu, SchedulerSummary, Snapshot
 from ..core.vocabulary import PAUSED_BY_HAND, QUOTA_STOP, STOPPED, Priority
 from ..probes.model import ProbeFacts
 from .ledger import HAND, QUOTA
@@ -35,6 +35,7 @@ class ViewSources:
     quotas: Mapping[int, Enforcement] = field(default_factory=dict)     # quota members and quota stops
     scheduling: Mapping[int, SchedulingFigures] = field(default_factory=dict)
     summary: SchedulerSummary | None = None
+    host: HostMemory | None = None
     priority_of: Callable[[int], Priority | None] = lambda pid: None    # the policy's word, if it has one
     resolve: Resolve = lambda pid, ordinal, gpus, uuids: (ordinal if ordinal >= 0 else None, None)
     describe: Callable[[int], ProcInfo | None] = lambda pid: None
@@ -110,7 +111,7 @@ def build_view(sources: ViewSources) -> Snapshot:
             r.priority = chosen.label
         r.reason = _reason(r, sources)
     live.sort(key=lambda r: (r.pid, -1 if r.gpu is None else r.gpu))
-    return Snapshot(live, gpus, facts.health, sources.summary)
+    return Snapshot(live, gpus, facts.health, sources.summary, sources.host)
 
 
 def _reason(row: ProcessGpu, sources: ViewSources) -> str | None:
@@ -123,7 +124,8 @@ def _reason(row: ProcessGpu, sources: ViewSources) -> str | None:
 
 
 def _add_enforcement(rows: dict[tuple[int, int | None], ProcessGpu], enforcement: dict[int, Enforcement],
-                     row: Callable[[int, int], ProcessGpu], new_row: Callable[[int, int | None, str | None], ProcessGpu],
+                     row: Callable[[int, int], ProcessGpu],
+                     new_row: Callable[[int, int | None, str | None], ProcessGpu],
                      sources: ViewSources, exact_launches: bool) -> None:
     """Interposed and stopped processes get rows even where the probes saw nothing yet."""
     gpus, uuids = sources.facts.nvml_gpus, sources.facts.uuids
@@ -141,15 +143,16 @@ def _add_enforcement(rows: dict[tuple[int, int | None], ProcessGpu], enforcement
         if not mine:
             mine.append(rows.setdefault((pid, None), new_row(pid, None, None)))
         for r in mine:
-            d = records.get(r.gpu)
+            record = records.get(r.gpu)
             r.interposed, r.state, r.priority = e.interposed, e.state, e.priority
-            r.quota_bytes = d.quota_bytes if d and d.quota_bytes else e.mem_limit
+            r.quota_bytes = record.quota_bytes if record and record.quota_bytes else e.mem_limit
             r.swapped_bytes, r.swappable_bytes, r.unswappable_bytes = (
-                (d.swapped_bytes, d.swappable_bytes, d.unswappable_bytes) if d else (0, 0, 0))
+                (record.swapped_bytes, record.swappable_bytes, record.unswappable_bytes) if record else (0, 0, 0))
         # process-wide counters go on one row, so that sums over rows stay right: its first GPU's
         on_gpus = sorted((r for r in mine if r.gpu is not None), key=lambda r: r.gpu or 0)
         main = on_gpus[0] if on_gpus else mine[0]
         main.swap_out_bytes_total, main.swap_in_bytes_total = e.swap_out_bytes_total, e.swap_in_bytes_total
+        main.swap_pinned_bytes = e.pinned_bytes
         main.waiting_threads = e.waiting_threads
         main.quota_pauses = e.quota_pauses
         main.slice_seconds, main.wait_seconds, main.preemptions = e.slice_seconds, e.wait_seconds, e.preemptions

@@ -45,6 +45,8 @@ PROCESS_METRICS: list[tuple[str, str, str, Callable[[ProcessGpu], float | None]]
      else None),
     ("gpuwatch_process_swapped_bytes", "Device memory of a process under the interposer now held in host memory",
      "gauge", lambda r: r.swapped_bytes if r.interposed else None),
+    ("gpuwatch_process_swap_pinned_bytes", "Pinned host memory the process's interposer holds for swapping (on its "
+     "first GPU's row)", "gauge", lambda r: r.swap_pinned_bytes if r.interposed else None),
     ("gpuwatch_process_slice_seconds", "Time the process ran while the scheduler sliced its GPU (on its first GPU's "
      "row)", "counter", lambda r: r.slice_seconds if r.interposed or r.slice_seconds else None),
     ("gpuwatch_process_wait_seconds", "Time the process waited for its turn on the GPU (on its first GPU's row)",
@@ -110,9 +112,19 @@ def _non_process_families(snap: Snapshot) -> Iterator[Metric]:
 
     if snap.scheduler is not None:
         waits = snap.scheduler
+        buckets = [*((floatToGoString(b), n) for b, n in waits.wait_buckets), ("+Inf", waits.wait_count)]
         yield HistogramMetricFamily("gpuwatch_scheduler_wait_seconds", "How long processes waited for their turn "
-                                    "on a sliced GPU", buckets=[*((floatToGoString(b), n) for b, n in waits.wait_buckets),
-                                                                ("+Inf", waits.wait_count)], sum_value=waits.wait_sum)
+                                    "on a sliced GPU", buckets=buckets, sum_value=waits.wait_sum)
+
+    if (host := snap.host) is not None:
+        yield GaugeMetricFamily("gpuwatch_host_memory_available_bytes", "Host memory the kernel says is available "
+                                "(MemAvailable)", value=host.available_bytes)
+        yield GaugeMetricFamily("gpuwatch_host_memory_reserve_bytes", "Host memory never used for swapped-out "
+                                "memory", value=host.reserve_bytes)
+        yield GaugeMetricFamily("gpuwatch_host_swap_pinned_bytes", "Pinned host memory interposed processes hold for "
+                                "swapping (swapped-out memory and kept buffers)", value=host.pinned_bytes)
+        yield GaugeMetricFamily("gpuwatch_host_swap_spare_bytes", "Pinned host memory swapping may still take (the "
+                                "budget left)", value=host.spare_bytes)
 
     h = snap.health
     yield CounterMetricFamily("gpuwatch_events_lost", "Events dropped because the ring buffer was full "

@@ -16,10 +16,18 @@ import urwid
 
 from ..core.protocol import Client, ControlError, DaemonUnavailable
 from ..core.vocabulary import socket_path
-from .topview import (clip, COLUMNS, columns_for, container_label, filter_rows, fit_columns, format_row, LaunchRates, Line, make_row, plain, row_line, Segment, SORT_BY_KEY, sort_rows, SORTS, Fetch, FETCH_TIMEOUT, Row, CommandLines, Column, title_line)
-from .topheader import (error_lines, footer_line, gpu_lines, gpu_summaries, GpuSummary, memory_bar, next_interval, ViewState, state_line, describe)
+from .topheader import (
+    describe, error_lines, footer_line, gpu_lines, gpu_summaries, GpuSummary, memory_bar, next_interval, state_line,
+    ViewState)
+from .topview import (
+    clip, Column, COLUMNS, columns_for, CommandLines, container_label, Fetch, FETCH_TIMEOUT, filter_rows,
+    fit_columns, format_row, LaunchRates, Line, make_row, plain, Row, row_line, Segment, SORT_BY_KEY, sort_rows,
+    SORTS, title_line)
 
-__all__ = ["plain", "filter_rows", "sort_rows", "next_interval", "fit_columns", "container_label", "memory_bar", "gpu_summaries", "gpu_lines", "ViewState", "Top", "LaunchRates", "GpuSummary", "make_row", "columns_for", "row_line", "format_row", "footer_line", "error_lines", "COLUMNS", "TopApp", "main", "parser"]
+__all__ = [
+    "plain", "filter_rows", "sort_rows", "next_interval", "fit_columns", "container_label", "memory_bar",
+    "gpu_summaries", "gpu_lines", "ViewState", "Top", "LaunchRates", "GpuSummary", "make_row", "columns_for",
+    "row_line", "format_row", "footer_line", "error_lines", "COLUMNS", "TopApp", "main", "parser"]
 
 
 class Top:
@@ -159,9 +167,14 @@ class WidthLines(urwid.Widget):
     def rows(self, size: tuple[int], focus: bool = False) -> int:
         return max(1, len(self._make(size[0])))
 
-    def render(self, size: tuple[int], focus: bool = False) -> Any:
-        lines = [clip(line, size[0]) for line in self._make(size[0])]
-        return urwid.Text(markup(lines), wrap=urwid.WrapMode.CLIP).render(size, focus)
+    def render(self, size: tuple[()] | tuple[int] | tuple[int, int], focus: bool = False) -> Any:
+        width = size[0] if size else 80
+        lines = [clip(line, width) for line in self._make(width)]
+        return urwid.Text(markup(lines), wrap=urwid.WrapMode.CLIP).render((width,), focus)
+
+
+def _row_lines(row: Row, columns: list[Column]) -> Callable[[int], list[Line]]:
+    return lambda width: [[row_line(row, width, columns)]]
 
 
 class TopApp:
@@ -169,8 +182,9 @@ class TopApp:
         self.top = top
         self.header = WidthLines(top.header_lines)
         self.keys = WidthLines(lambda width: [footer_line(width)])
-        self.walker = urwid.SimpleListWalker([])
-        self.frame = urwid.Frame(urwid.ListBox(self.walker), header=self.header, footer=self.keys)
+        # urwid's generic types cannot say "a footer that is sometimes a prompt": these two stay untyped
+        self.walker: Any = urwid.SimpleListWalker([])
+        self.frame: Any = urwid.Frame(urwid.ListBox(self.walker), header=self.header, footer=self.keys)
         self.prompt: urwid.Edit | None = None
         self.loop: urwid.MainLoop | None = None
         self._alarm: Any = None
@@ -197,13 +211,16 @@ class TopApp:
         self.header.changed()
         rows = self.top.visible()
         columns = self.top.columns()
+        widgets: list[urwid.Widget]
         if rows:
-            widgets = [WidthLines(lambda w, row=row: [[row_line(row, w, columns)]]) for row in rows]
+            widgets = [WidthLines(_row_lines(row, columns)) for row in rows]
         else:
             widgets = [urwid.Text(self.top.placeholder(), wrap=urwid.WrapMode.CLIP)]
         self.walker[:] = widgets
 
-    def on_key(self, key: str) -> bool:
+    def on_key(self, key: str | tuple[str, int, int, int]) -> bool:
+        if not isinstance(key, str):
+            return False  # a mouse event: none are handled
         if self.prompt is not None:
             return self._on_prompt_key(key)
         if key in ("q", "Q", "esc"):

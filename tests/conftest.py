@@ -18,6 +18,34 @@ ROOT = Path(__file__).resolve().parent.parent
 FAKECUDA_SRC = ROOT / "tests" / "fakecuda"
 GPUWATCH = [sys.executable, "-m", "gpuwatch.client.cli"]
 
+# Fixture modules: their fixtures reach every test module without an import (no test module imports another).
+pytest_plugins = ["interposer_fixtures"]
+
+# A test that uses one of these needs root, eBPF or the built test doubles: it gets the `root` marker, and
+# `pytest -m "not root"` runs the rest (pure: parsing, the scheduler, the view, top's data shaping, exec's
+# environment, the architecture) as any user in seconds. A test that needs root without one of these says so
+# itself with @pytest.mark.root.
+ROOT_FIXTURES = frozenset({
+    # here
+    "fakecuda", "daemon", "sole_daemon_slot", "progs", "library_copy",
+    # interposer_fixtures.py
+    "interposer", "iprogs", "fake_daemons",
+    # test modules' own
+    "idaemon", "fakes", "libgpuwatch",  # test_interposed_daemon.py
+    "fakenvml", "mdaemon", "prometheus", "mprogs",  # test_metrics.py
+    "gpu", "sdaemon",  # test_oversubscribe.py
+    "pdaemon", "cgroup_sleeper",  # test_policy.py
+    "trace", "cgroup",  # test_quota.py
+    "attached",  # test_request_lines.py
+    "small_big",  # test_top.py
+})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if ROOT_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.root)
+
 
 def wait_for(predicate: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> object:
     deadline = time.monotonic() + timeout
@@ -46,7 +74,12 @@ class Daemon:
             args = ("--no-nvml", *args)
         self.proc = subprocess.Popen([*GPUWATCH, "--socket", self.socket, "run", *args],
                                      stdout=self.log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-        wait_for(lambda: self.proc.poll() is not None or self.answers(), 60, "daemon to answer")
+        try:
+            wait_for(lambda: self.proc.poll() is not None or self.answers(), 60, "daemon to answer")
+        except AssertionError:
+            self.proc.kill()  # a daemon that never answered is not left behind for later tests
+            self.proc.wait()
+            raise AssertionError(f"the daemon did not answer in 60 s: {self.log.read_text()[-2000:]}") from None
         assert self.proc.poll() is None, self.log.read_text()
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -84,15 +117,53 @@ class Daemon:
         return self.proc.wait(timeout=10)
 
 
-@pytest.fixture(scope="module")
-def daemon() -> Iterator[Daemon]:
-    """One daemon per module. Tests that need to be the only daemon (it would attach to their libraries
-    too) come before the first test that uses this fixture in their module."""
-    workdir = Path(tempfile.mkdtemp(prefix="gpuwatch-test-"))
-    workdir.chmod(0o755)  # other users reach the socket (tests of unprivileged reads)
-    d = Daemon(workdir, "--launches", "all")
-    yield d
-    d.stop()
+class SharedDaemon:
+    """The daemon that tests share (the `daemon` fixture): started when a test first asks for it, stopped
+    for a test that must be the only daemon (`sole_daemon_slot`) and at the end of each module, so that each
+    module starts with a fresh one; the next test that asks starts it again. Test order does not matter."""
+
+    def __init__(self) -> None:
+        self.current: Daemon | None = None
+
+    def get(self) -> Daemon:
+        if self.current is not None and self.current.proc.poll() is not None:
+            dead, self.current = self.current, None  # the next test gets a new one; this one says why
+            pytest.fail(f"the shared daemon exited ({dead.proc.returncode}) after an earlier test; its log ends:\n"
+                        + dead.log.read_text()[-3000:])
+        if self.current is None:
+            workdir = Path(tempfile.mkdtemp(prefix="gpuwatch-test-"))
+            workdir.chmod(0o755)  # other users reach the socket (tests of unprivileged reads)
+            self.current = Daemon(workdir, "--launches", "all")
+        return self.current
+
+    def stop(self) -> None:
+        if self.current is not None:
+            d, self.current = self.current, None
+            d.stop()
+
+
+SHARED_DAEMON = SharedDaemon()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _shared_daemon_per_module() -> Iterator[None]:
+    yield
+    SHARED_DAEMON.stop()
+
+
+@pytest.fixture
+def daemon(request: pytest.FixtureRequest) -> Daemon:
+    """The shared daemon (`--launches all`), running."""
+    if "sole_daemon_slot" in request.fixturenames:
+        pytest.fail("a test uses either daemon or sole_daemon_slot, not both")
+    return SHARED_DAEMON.get()
+
+
+@pytest.fixture
+def sole_daemon_slot() -> None:
+    """For a test that must be the only daemon (another would attach to its libraries too, or keep a
+    uprobe registered): stops the shared daemon; the next test that uses `daemon` starts it again."""
+    SHARED_DAEMON.stop()
 
 
 class Prog:

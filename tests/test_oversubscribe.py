@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, Daemon, wait_for
-from interposer_fixtures import IProg, MiB, driver_used, interposer  # noqa: F401
+from interposer_fixtures import IProg, MiB, driver_used
 
 CAPACITY = 96 * MiB
 
@@ -43,7 +43,7 @@ def sdaemon(gpu: tuple[Path, Path]) -> Iterator[Daemon]:
     d.stop()
 
 
-def start(fakecuda: Path, interposer: Path, daemon: Daemon, shared: Path) -> IProg:  # noqa: F811
+def start(fakecuda: Path, interposer: Path, daemon: Daemon, shared: Path) -> IProg:
     lib = fakecuda / "libcuda.so.1"
     p = IProg([str(fakecuda / "cudaprog")], {
         "LD_PRELOAD": str(interposer), "GPUWATCH_REAL_LIBCUDA": str(lib), "GPUWATCH_SOCKET": daemon.socket,
@@ -59,7 +59,7 @@ def states(daemon: Daemon, *pids: int) -> dict[int, str]:
     return {r["pid"]: r["state"] for r in daemon.ps() if r["pid"] in pids}
 
 
-def test_two_programs_larger_than_the_gpu_both_complete_with_their_data(fakecuda: Path, interposer: Path,  # noqa: F811
+def test_two_programs_larger_than_the_gpu_both_complete_with_their_data(fakecuda: Path, interposer: Path,
                                                                          sdaemon: Daemon, tmp_path: Path) -> None:
     shared = tmp_path / "fakecuda-state"
     a = start(fakecuda, interposer, sdaemon, shared)
@@ -73,6 +73,9 @@ def test_two_programs_larger_than_the_gpu_both_complete_with_their_data(fakecuda
         try:
             b.ok("alloc b1 33554432")
             assert driver_used(shared) == CAPACITY  # the device is full now
+            # b's first slice (quantum_ms = 1000) ends: when b asks for more, a is the busy one and holds the
+            # GPU for a slice before they change places (a timer in the daemon, not a condition to poll)
+            time.sleep(1.1)
             # b's second allocation cannot fit: it waits while the daemon makes room by swapping a out
             b.ok("alloc b2 33554432")
             b.ok("fill b1 21")
@@ -99,7 +102,7 @@ def test_two_programs_larger_than_the_gpu_both_complete_with_their_data(fakecuda
         a.close()
 
 
-def test_everything_fits_no_gating(fakecuda: Path, interposer: Path, sdaemon: Daemon,  # noqa: F811
+def test_everything_fits_no_gating(fakecuda: Path, interposer: Path, sdaemon: Daemon,
                                    tmp_path: Path) -> None:
     shared = tmp_path / "fakecuda-state"
     a, b = start(fakecuda, interposer, sdaemon, shared), start(fakecuda, interposer, sdaemon, shared)
@@ -127,7 +130,7 @@ def test_scheduler_can_be_switched_off(tmp_path: Path) -> None:
         config.parse("[scheduler]\nquantum_ms = -1\n")
 
 
-def test_allocation_that_finds_no_room_although_the_plan_fits_fails_in_time(fakecuda: Path, interposer: Path,  # noqa: F811
+def test_allocation_that_finds_no_room_although_the_plan_fits_fails_in_time(fakecuda: Path, interposer: Path,
                                                                               tmp_path: Path) -> None:
     """NVML says the GPU is larger than the device really is: the plan fits, the allocation does not. After
     room_wait_ms it fails with the driver's out-of-memory error instead of waiting forever."""
