@@ -2,15 +2,46 @@
 # Sets gpuwatch up on a Debian or Ubuntu machine, as root. Safe to run again.
 #   ./install.sh           bcc, kernel headers, tracefs, gpuwatch in /opt/gpuwatch/venv, /usr/local/bin/gpuwatch,
 #                          the interposer in /opt/gpuwatch/lib/libgpuwatch.so
-#   ./install.sh --test    the same plus test tools, then runs the test suite from this checkout
+#   ./install.sh --test    the same plus test tools (pytest, ruff, mypy), then ruff and mypy, then the test suite
+#                          from this checkout
+#   ./install.sh --lint    only ruff and mypy, from the venv that --test installed (any user)
 set -euo pipefail
 cd "$(dirname "$(readlink -f "$0")")"
 PREFIX=/opt/gpuwatch
 VENV=$PREFIX/venv
 mode=${1:-install}
-case "$mode" in install|--test) ;; *) echo "usage: $0 [--test]" >&2; exit 2 ;; esac
-[ "$(id -u)" = 0 ] || { echo "install.sh: run as root (sudo $0 $*)" >&2; exit 1; }
+case "$mode" in install|--test|--lint) ;; *) echo "usage: $0 [--test|--lint]" >&2; exit 2 ;; esac
 say() { echo "install.sh: $*"; }
+
+# ruff over everything; mypy over the packages. pyproject maps gpuwatch.X to the folder X/, which mypy cannot
+# follow: it reads them through build/mypy/gpuwatch/, links laid out as they are imported.
+lint() {
+  for tool in ruff mypy; do
+    [ -x "$VENV/bin/$tool" ] || { echo "install.sh: no $tool in $VENV: run ./install.sh --test" >&2; return 1; }
+  done
+  "$VENV/bin/python" - <<'PY'
+import os, re
+section = re.search(r"^\[tool\.setuptools\.package-dir\]\n(.*?)(?:^\[|\Z)", open("pyproject.toml").read(), re.M | re.S)
+os.makedirs("build/mypy", exist_ok=True)
+for package, folder in re.findall(r'^"([\w.]+)"\s*=\s*"([^"]+)"', section.group(1), re.M):
+    link = os.path.join("build/mypy", *package.split("."))
+    target = os.path.join(folder, "__init__.py") if package == "gpuwatch" else folder
+    if package == "gpuwatch":
+        os.makedirs(link, exist_ok=True)
+        link = os.path.join(link, "__init__.py")
+    if os.path.lexists(link):
+        os.remove(link)
+    os.symlink(os.path.relpath(target, os.path.dirname(link)), link)
+PY
+  say "ruff check"
+  "$VENV/bin/ruff" check --output-format concise . || { echo "install.sh: ruff found problems (above)" >&2; return 1; }
+  say "mypy"
+  "$VENV/bin/mypy" | sed -e 's#^build/mypy/gpuwatch/__init__\.py#gpuwatch/__init__.py#' -e 's#^build/mypy/gpuwatch/##' ||
+    { echo "install.sh: mypy found problems (above)" >&2; return 1; }
+}
+if [ "$mode" = --lint ]; then lint; exit; fi
+
+[ "$(id -u)" = 0 ] || { echo "install.sh: run as root (sudo $0 $*)" >&2; exit 1; }
 export DEBIAN_FRONTEND=noninteractive
 
 packages=(python3 python3-venv python3-pip python3-bpfcc gcc make libc6-dev)
@@ -63,5 +94,6 @@ install -D -m 0755 interposer/libgpuwatch.so "$PREFIX/lib/libgpuwatch.so"
 say "gpuwatch installed: $(command -v gpuwatch)"
 
 if [ "$mode" = --test ]; then
+  lint
   exec "$VENV/bin/python" -m pytest -ra -p no:cacheprovider tests
 fi

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from interposer_common import (GiB, ROOT, Interposer, child_env, child_main, emit, gpt2, out_dir,  # noqa: E402
+from interposer_common import (GiB, ROOT, Interposer, child_env, child_main, emit, gpt2,  # noqa: E402
                                progress, run_child, train_step, write_json)
 
 # name -> extra CFLAGS of the interposer build
@@ -75,8 +75,9 @@ def main() -> int:
         subprocess.run(["make", "-s", "-B", "-C", str(ROOT / "interposer"), f"OUT={d}", f"CFLAGS=-O2 -g {flags}"],
                        check=True)
         libs[name] = d / "libgpuwatch.so"
-    variants: list[tuple[str, dict]] = [("plain", child_env(False)),
-                                        ("plain-expandable", child_env(False, PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True"))]
+    variants: list[tuple[str, dict]] = [
+        ("plain", child_env(False)),
+        ("plain-expandable", child_env(False, PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True"))]
     for name, lib in libs.items():
         env = child_env(True)
         env["LD_PRELOAD"] = str(lib)
@@ -85,7 +86,8 @@ def main() -> int:
     for rnd in range(2):
         for name, env in variants if rnd == 0 else [v for v in variants if v[0] in ("plain", "lib-default")]:
             r = run_child(__file__, "run", env, 300, [buffer_gib, steps], name=f"{name}-{rnd}")
-            results[f"{name}-{rnd}"] = {k: r.get(k) for k in ("fresh", "after_swap", "swap_rc", "rc", "wall_s", "error")}
+            results[f"{name}-{rnd}"] = {k: r.get(k)
+                                        for k in ("fresh", "after_swap", "swap_rc", "rc", "wall_s", "error")}
             print(f"{name}-{rnd}: {results[f'{name}-{rnd}']}", flush=True)
     write_json("buffer_read.json", {"buffer_gib": buffer_gib, "steps": steps, "results": results})
     return 0

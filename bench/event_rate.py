@@ -20,7 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SOCK = "/tmp/gw-rate.sock"
-GPUWATCH = [sys.executable, "-m", "gpuwatch.client.cli", "--socket", SOCK]
+GPUWATCH = [sys.executable, "-P", "-m", "gpuwatch.client.cli", "--socket", SOCK]
 
 
 def status() -> dict:
@@ -34,7 +34,7 @@ def cpu_seconds(pid: int) -> float:
 
 
 def peak_rss(pid: int) -> int:
-    return next(int(l.split()[1]) * 1024 for l in open(f"/proc/{pid}/status") if l.startswith("VmHWM:"))
+    return next(int(line.split()[1]) * 1024 for line in open(f"/proc/{pid}/status") if line.startswith("VmHWM:"))
 
 
 def main() -> int:

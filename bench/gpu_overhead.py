@@ -19,7 +19,7 @@ import sys
 import time
 
 SOCK = "/tmp/gw-bench.sock"
-GPUWATCH = [sys.executable, "-m", "gpuwatch.client.cli", "--socket", SOCK]
+GPUWATCH = [sys.executable, "-P", "-m", "gpuwatch.client.cli", "--socket", SOCK]
 MODES = ["none", "off", "sample", "all"]
 
 

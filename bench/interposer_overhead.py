@@ -44,7 +44,8 @@ def worker(kind: str) -> None:
     x = torch.zeros(1, device="cuda")
     if kind == "main":
         model, opt = gpt2(torch)
-        tokens = torch.randint(0, 50257, (8, 512), device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))
+        tokens = torch.randint(0, 50257, (8, 512), device="cuda",
+                               generator=torch.Generator(device="cuda").manual_seed(0))
         for _ in range(5):
             train_step(torch, model, opt, tokens)
     for _ in range(WARM):
@@ -228,7 +229,8 @@ def main() -> int:
               "wall_s": time.time() - t0}
     write_json("interposer_overhead.json", report)
     goals = {"launch_us": 1.0, "gpt2_step_ms": 0.5}
-    print(f"\n{'metric':18s} {'without':>10s} {'with':>10s} {'added':>10s} {'overhead':>9s} {'pair-diff quartiles':>28s}  goal")
+    print(f"\n{'metric':18s} {'without':>10s} {'with':>10s} {'added':>10s} {'overhead':>9s} "
+          f"{'pair-diff quartiles':>28s}  goal")
     for name, s in result.items():
         q = s["diff_quartiles"]
         goal = ""
@@ -236,7 +238,8 @@ def main() -> int:
             goal = f"<{goals[name]}% {'met' if s['overhead_pct'] < goals[name] else 'NOT met'}"
         print(f"{name:18s} {s['without']:10.3f} {s['with']:10.3f} {s['added']:+10.3f} {s['overhead_pct']:+8.2f}% "
               f"{q[0]:+9.3f} {q[1]:+9.3f} {q[2]:+9.3f}  {goal}")
-    print(f"launches counted in the interposed workers' shared pages: {launches_counted}; total {report['wall_s']:.0f}s")
+    print(f"launches counted in the interposed workers' shared pages: {launches_counted}; "
+          f"total {report['wall_s']:.0f}s")
     return 0
 
 

@@ -93,7 +93,7 @@ def main() -> int:
     tracer.stop()
     w.stdin.close()
     w.wait()
-    q = lambda v: statistics.quantiles(v, n=4)
+    q = lambda v: statistics.quantiles(v, n=4)  # noqa: E731
     per_launch = statistics.median(probe_diffs)
     per_cycle = statistics.median(cycle_diffs)
     base = statistics.median(off)

@@ -47,4 +47,5 @@ if __name__ == "__main__":
         child()
     else:
         ensure_library()
-        sys.exit(subprocess.run([sys.executable, __file__, "child"], env=child_env(True, QUOTA), timeout=300).returncode)
+        sys.exit(subprocess.run([sys.executable, __file__, "child"], env=child_env(True, QUOTA),
+                                timeout=300).returncode)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SOCK = "/tmp/gw-scrape.sock"
-GPUWATCH = [sys.executable, "-m", "gpuwatch.client.cli", "--socket", SOCK]
+GPUWATCH = [sys.executable, "-P", "-m", "gpuwatch.client.cli", "--socket", SOCK]
 
 
 def main() -> int:
@@ -69,9 +69,11 @@ def main() -> int:
             subprocess.run([*GPUWATCH, "ps", "--json"], capture_output=True, check=True)
             ps_ms.append((time.perf_counter() - t) * 1e3)
         series = sum(1 for line in body.decode().splitlines() if line.startswith("gpuwatch_process_device_memory"))
-        rss = next(int(l.split()[1]) * 1024 for l in open(f"/proc/{daemon.pid}/status") if l.startswith("VmHWM:"))
+        rss = next(int(line.split()[1]) * 1024 for line in open(f"/proc/{daemon.pid}/status")
+                   if line.startswith("VmHWM:"))
         print(f"processes {n}, device-memory series {series}, exposition {len(body)} bytes")
-        print(f"scrape: median {statistics.median(scrape_ms):.1f} ms (min {min(scrape_ms):.1f}, max {max(scrape_ms):.1f})")
+        print(f"scrape: median {statistics.median(scrape_ms):.1f} ms "
+              f"(min {min(scrape_ms):.1f}, max {max(scrape_ms):.1f})")
         print(f"gpuwatch ps --json: median {statistics.median(ps_ms):.1f} ms (includes the client's start)")
         print(f"daemon peak RSS: {rss / 2**20:.1f} MiB")
     finally:

@@ -85,13 +85,15 @@ def bench(gib: str = "16", rounds: str = "6") -> None:
         for what in (("raw", "swap") if r % 2 == 0 else ("swap", "raw")):
             if what == "raw":
                 d2h, h2d = raw_copy(torch, host, dev, True), raw_copy(torch, host, dev, False)
-                row.update(raw_d2h_s=d2h, raw_h2d_s=h2d, raw_d2h_GBps=nbytes / d2h / 1e9, raw_h2d_GBps=nbytes / h2d / 1e9)
+                row.update(raw_d2h_s=d2h, raw_h2d_s=h2d, raw_d2h_GBps=nbytes / d2h / 1e9,
+                           raw_h2d_GBps=nbytes / h2d / 1e9)
             else:
                 row.update(swap_cycle(ip))
         row["checksum_ok"] = int_checksum(torch, dev) == checksum
         rows.append(row)
         progress(f"round {r + 1}: raw D2H {row['raw_d2h_GBps']:.1f} H2D {row['raw_h2d_GBps']:.1f} GB/s; swap out "
-                 f"{row['out_GBps']:.1f} in {row['in_GBps']:.1f} GB/s; checksum {'ok' if row['checksum_ok'] else 'WRONG'}")
+                 f"{row['out_GBps']:.1f} in {row['in_GBps']:.1f} GB/s; "
+                 f"checksum {'ok' if row['checksum_ok'] else 'WRONG'}")
         emit(rounds=rows)
     med = {k: statistics.median(r[k] for r in rows) for k in
            ("raw_d2h_GBps", "raw_h2d_GBps", "out_GBps", "in_GBps", "out_s", "in_s", "raw_d2h_s", "raw_h2d_s")}

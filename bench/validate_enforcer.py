@@ -29,7 +29,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 JOB = [sys.executable, str(ROOT / "bench" / "enforcer_job.py")]
 SOCKET = "/tmp/gw-enforcer.sock"
-GPUWATCH = [sys.executable, "-m", "gpuwatch.client.cli", "--socket", SOCKET]
+GPUWATCH = [sys.executable, "-P", "-m", "gpuwatch.client.cli", "--socket", SOCKET]
 OUT = Path(os.environ.get("OUT", "/tmp"))
 GiB = 1 << 30
 TRAIN_STEPS = int(os.environ.get("GW_TRAIN_STEPS", "900"))
@@ -87,7 +87,7 @@ class Job:
 
     def error(self) -> str:
         self.err.flush()
-        lines = [l for l in Path(self.err.name).read_text(errors="replace").splitlines() if "Error" in l]
+        lines = [line for line in Path(self.err.name).read_text(errors="replace").splitlines() if "Error" in line]
         return lines[-1][:300] if lines else ""
 
 
@@ -142,7 +142,8 @@ def alone_run() -> dict[str, Any]:
         first, second = runs
         results["alone"] = {"rc": [r["rc"] for r in runs], "losses": first["losses"],
                             "same_losses": first["losses"] == second["losses"],
-                            "wall_s": (first["wall_s"] + second["wall_s"]) / 2 if first["wall_s"] and second["wall_s"] else None,
+                            "wall_s": ((first["wall_s"] + second["wall_s"]) / 2
+                                       if first["wall_s"] and second["wall_s"] else None),
                             "sequential_from_launch_s": second["end"] - launched if second["end"] else None,
                             "runs": [{k: v for k, v in r.items() if k != "losses"} for r in runs]}
         log(f"  one after the other: {results['alone']['sequential_from_launch_s']} s from the first launch")
@@ -208,7 +209,7 @@ def gpuwatch_pair(alone: dict[str, Any], attempt: int) -> dict[str, Any]:
         try:
             rows = ps()
             peak_swapped = max(peak_swapped, sum(rows[j.pid]["swapped_bytes"] for j in jobs if j.pid in rows))
-            mem = dict(l.split(":", 1) for l in Path("/proc/meminfo").read_text().splitlines()[:3])
+            mem = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines()[:3])
             timeline.append((round(time.time() - t0, 1), [rows.get(j.pid, {}).get('state') for j in jobs]))
             log(f"  states {[rows.get(j.pid, {}).get('state') for j in jobs]} swapped "
                 f"{[round(rows.get(j.pid, {}).get('swapped_bytes', 0) / GiB, 1) for j in jobs]} GiB; host "
@@ -225,7 +226,8 @@ def gpuwatch_pair(alone: dict[str, Any], attempt: int) -> dict[str, Any]:
         "makespan_s": makespan, "sequential_s": 2 * alone["wall_s"] if alone["wall_s"] else None,
         "ratio": makespan / (2 * alone["wall_s"]) if makespan and alone["wall_s"] else None,
         "sequential_from_launch_s": alone["sequential_from_launch_s"],
-        "ratio_from_launch": makespan / alone["sequential_from_launch_s"] if makespan and alone["sequential_from_launch_s"] else None,
+        "ratio_from_launch": (makespan / alone["sequential_from_launch_s"]
+                              if makespan and alone["sequential_from_launch_s"] else None),
         "peak_swapped_bytes": peak_swapped, "errors": [j.error() for j in jobs], "timeline": timeline,
         "progress": [progress(j, t0) for j in jobs], "alloc_retries": [d and d.get("alloc_retries") for d in dones]}
     log(f"  gpuwatch: rcs {rcs}, losses equal {same}, buffers intact {out['buffers_intact']}, makespan {makespan}, "
@@ -287,7 +289,7 @@ def priority() -> None:
 
 def quota() -> None:
     log("quota for a process not under the interposer ...")
-    mounts = [l.split()[1] for l in Path("/proc/mounts").read_text().splitlines() if l.split()[2] == "cgroup2"]
+    mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines() if line.split()[2] == "cgroup2"]
     cg = Path(mounts[0] if mounts else "/sys/fs/cgroup") / "gwvalidate"
     cg.mkdir(exist_ok=True)
     holder = Job("quota-holder", ["hold", "4"], stdin=True)
@@ -356,8 +358,9 @@ def main() -> int:
     finally:
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(30)
-        log("uprobe_events after the daemon stopped: " + repr(Path("/sys/kernel/tracing/uprobe_events").read_text()
-                                                             if Path("/sys/kernel/tracing/uprobe_events").exists() else ""))
+        uprobe_events = Path("/sys/kernel/tracing/uprobe_events")
+        log("uprobe_events after the daemon stopped: "
+            + repr(uprobe_events.read_text() if uprobe_events.exists() else ""))
     summary = {k: {kk: vv for kk, vv in v.items() if kk not in ("losses",)} if isinstance(v, dict) else v
                for k, v in results.items()}
     summary.get("alone", {}).pop("losses", None)

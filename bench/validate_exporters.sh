@@ -5,9 +5,9 @@
 set -euo pipefail
 OUT=${OUT:-/tmp}
 sock=/tmp/gw-exporters.sock
-python3 -m gpuwatch.client.cli --socket $sock run --launches all --listen 127.0.0.1:9445 >"$OUT/daemon.log" 2>&1 &
+python3 -P -m gpuwatch.client.cli --socket $sock run --launches all --listen 127.0.0.1:9445 >"$OUT/daemon.log" 2>&1 &
 daemon=$!
-until python3 -m gpuwatch.client.cli --socket $sock status >/dev/null 2>&1; do sleep 0.2; done
+until python3 -P -m gpuwatch.client.cli --socket $sock status >/dev/null 2>&1; do sleep 0.2; done
 worker() {  # GiB to hold, seconds to run
   python3 - "$1" "$2" <<'PY'
 import sys, time, torch
@@ -24,19 +24,19 @@ PY
 worker 2 25 >"$OUT/worker_small.txt" & small=$!
 worker 12 25 >"$OUT/worker_large.txt" & large=$!
 sleep 15
-python3 -m gpuwatch.client.cli --socket $sock ps >"$OUT/ps.txt"
-python3 -m gpuwatch.client.cli --socket $sock ps --json >"$OUT/ps.json"
+python3 -P -m gpuwatch.client.cli --socket $sock ps >"$OUT/ps.txt"
+python3 -P -m gpuwatch.client.cli --socket $sock ps --json >"$OUT/ps.json"
 nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader,nounits >"$OUT/nvidia_smi.csv"
 python3 -c "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:9445/metrics').read().decode())" \
   | grep -E '^gpuwatch_(process_(device|nvml|untracked)_memory_bytes|gpu_|process_launches_total)' >"$OUT/metrics.txt"
 if command -v tmux >/dev/null; then
-  tmux -L gwval new-session -d -s top -x 120 -y 24 "python3 -m gpuwatch.client.cli --socket $sock top --interval 1"
+  tmux -L gwval new-session -d -s top -x 120 -y 24 "python3 -P -m gpuwatch.client.cli --socket $sock top --interval 1"
   sleep 4; tmux -L gwval capture-pane -p -t top >"$OUT/top_120.txt"
   tmux -L gwval resize-window -t top -x 80 -y 24; sleep 3; tmux -L gwval capture-pane -p -t top >"$OUT/top_80.txt"
   tmux -L gwval send-keys -t top q; sleep 1; tmux -L gwval kill-server 2>/dev/null || true
 else  # no tmux here: render the lines top draws, from the same code, at both widths
   for w in 120 80; do
-    python3 - "$sock" "$w" >"$OUT/top_$w.txt" <<'PY'
+    python3 -P - "$sock" "$w" >"$OUT/top_$w.txt" <<'PY'
 import sys, time
 from gpuwatch.core.protocol import Client
 from gpuwatch.exporters.top import Top, ViewState, plain, row_line

@@ -422,11 +422,13 @@ def compare_swap(results: dict[str, dict]) -> dict[str, Any]:
     sw = a.get("swap", {})
 
     def first_diff(x: list, y: list) -> int | None:
-        return next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), None if len(x) == len(y) else min(len(x), len(y)))
+        return next((i for i, (p, q) in enumerate(zip(x, y)) if p != q),
+                    None if len(x) == len(y) else min(len(x), len(y)))
 
     checks = {"a_ok": bool(a.get("ok")), "b_ok": bool(b.get("ok")), "a_complete": len(la) == SWAP_STEPS,
               "losses_a_eq_b_bitwise": bool(la) and la == lb,
-              "same_buffer_a_b": a.get("checksum_before") is not None and a.get("checksum_before") == b.get("checksum_before"),
+              "same_buffer_a_b": (a.get("checksum_before") is not None
+                                  and a.get("checksum_before") == b.get("checksum_before")),
               "swapped_ge_20GiB": sw.get("swapped_bytes", 0) >= SWAP_BUFFER_GIB * GiB}
     nvml_b, nvml_d = sw.get("before", {}).get("nvml", {}), sw.get("during", {}).get("nvml", {})
     mb, md = sw.get("mem_get_info_before"), sw.get("mem_get_info_during")

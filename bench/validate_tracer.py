@@ -16,7 +16,7 @@ import sys
 import time
 
 MiB = 1 << 20
-GPUWATCH = [sys.executable, "-m", "gpuwatch.client.cli", "--socket", "/tmp/gw-validate.sock"]
+GPUWATCH = [sys.executable, "-P", "-m", "gpuwatch.client.cli", "--socket", "/tmp/gw-validate.sock"]
 
 
 # ---- scenarios: run in a child process; each yields checkpoints {name: truth...} and waits between them
@@ -165,7 +165,8 @@ def summarize(results: list[dict]) -> None:
         truth = {k: v for k, v in r.items() if k not in ("scenario", "stage", "pid", "rows")}
         for row in r.get("rows") or [{}]:
             print(f"{r['scenario']:18s} {r['stage']:16s} {str(row.get('gpu', '-')):>3s} "
-                  f"{row.get('device_bytes', '-')!s:>13s} {json.dumps(truth)[:28]:>28s} {row.get('nvml_bytes', '-')!s:>13s} "
+                  f"{row.get('device_bytes', '-')!s:>13s} {json.dumps(truth)[:28]:>28s} "
+                  f"{row.get('nvml_bytes', '-')!s:>13s} "
                   f"{row.get('untracked_bytes', '-')!s:>11s} {row.get('allocs', '-')!s:>7s} "
                   f"{row.get('launches', '-')!s:>9s} {row.get('graph_launches', '-')!s:>7s}")
 

@@ -104,6 +104,7 @@ class Attacher:
         offsets = (ctypes.c_uint64 * n)(*(t.offset for t in targets))
         cookies = (ctypes.c_uint64 * n)(*(COOKIE[t.handler] for t in targets))
         attr = (ctypes.c_uint8 * 64)()
+        assert self._dispatch_fd is not None  # loaded in __init__ where multi links are used
         ctypes.c_uint32.from_buffer(attr, 0).value = self._dispatch_fd
         ctypes.c_uint32.from_buffer(attr, 8).value = BPF_TRACE_UPROBE_MULTI
         ctypes.c_uint64.from_buffer(attr, 16).value = ctypes.addressof(c_path)

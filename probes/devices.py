@@ -18,8 +18,7 @@ class DeviceResolver:
         A UUID the process itself asked the driver for wins; then its CUDA_VISIBLE_DEVICES at exec."""
         uuid = (uuids or {}).get((pid, ordinal))
         if uuid is not None:
-            index = next((g.index for g in gpus if g.uuid == uuid), None if gpus else ordinal)
-            return index, uuid
+            return next((g.index for g in gpus if g.uuid == uuid), None if gpus else ordinal), uuid
         if ordinal < 0:
             return (0, gpus[0].uuid) if len(gpus) == 1 else (None, None)
         if pid not in self._visible:

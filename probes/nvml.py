@@ -43,7 +43,7 @@ class Nvml:
 
     def process_bytes(self) -> dict[tuple[int, int], int]:
         """(pid, GPU index) -> used device memory, as NVML sees it."""
-        nv, out = self._nv, {}
+        nv, out = self._nv, dict[tuple[int, int], int]()
         for index, h in enumerate(self._handles):
             for query in (nv.nvmlDeviceGetComputeRunningProcesses, nv.nvmlDeviceGetGraphicsRunningProcesses):
                 try:

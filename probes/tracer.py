@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable
 from enum import Enum
+from typing import Any
 
 from ..core.view import TracerHealth
 from ..core.vocabulary import COPY_DIRECTIONS, is_power_of_two
@@ -54,7 +55,7 @@ class Tracer:
         self._use_nvml = use_nvml
         self._rescan_seconds = rescan_seconds
         self._sample_window, self._sample_period = sample_window, sample_period
-        self._bpf = None
+        self._bpf: Any = None
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -70,10 +71,10 @@ class Tracer:
 
     def start(self) -> None:
         bcc = preflight.check_all()
-        self._bpf = bcc.BPF(text=program.bpf_source(), cflags=program.cflags(self._ring_pages))
-        self.libraries.load(self._bpf, Attacher(self._bpf, multi=os.environ.get("GPUWATCH_UPROBE_MULTI", "1") != "0"))
+        self._bpf = bpf = bcc.BPF(text=program.bpf_source(), cflags=program.cflags(self._ring_pages))
+        self.libraries.load(bpf, Attacher(bpf, multi=os.environ.get("GPUWATCH_UPROBE_MULTI", "1") != "0"))
         try:
-            self._bpf["events"].open_ring_buffer(self._on_event)
+            bpf["events"].open_ring_buffer(self._on_event)
             if self._use_nvml and (nvml := Nvml.open()) is not None:
                 self._nvml = NvmlSampler(nvml)
                 self._nvml.start()

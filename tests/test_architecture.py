@@ -7,7 +7,6 @@ import ast
 import re
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 from conftest import ROOT
@@ -33,8 +32,12 @@ REASON = "Over 400 lines:"
 
 
 def package_dirs() -> dict[str, Path]:
-    """Module prefix -> folder, as pyproject.toml maps them (`import gpuwatch.core` is core/)."""
-    dirs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    """Module prefix -> folder, as pyproject.toml maps them (`import gpuwatch.core` is core/). Read with a
+    regex: tomllib is not in Python 3.10."""
+    text = (ROOT / "pyproject.toml").read_text()
+    section = re.search(r"^\[tool\.setuptools\.package-dir\]\n(.*?)(?:^\[|\Z)", text, re.M | re.S)
+    assert section, "pyproject.toml: no [tool.setuptools.package-dir]"
+    dirs = dict(re.findall(r'^"([\w.]+)"\s*=\s*"([^"]+)"', section.group(1), re.M))
     return {name: ROOT / folder for name, folder in dirs.items()}
 
 
@@ -134,7 +137,7 @@ def test_relative_imports_resolve_to_absolute_modules(tmp_path):
 
 def test_no_module_is_over_400_lines_without_saying_why():
     long = []
-    for name, path in modules().items():
+    for path in modules().values():
         text = path.read_text()
         lines = text.count("\n") + (not text.endswith("\n") and bool(text))
         if lines <= MAX_LINES:
@@ -155,7 +158,7 @@ def c_source(name: str) -> str:
     return path.read_text()
 
 
-def found(pattern: str, text: str, where: str, what: str) -> re.Match[str]:
+def c_match(pattern: str, text: str, where: str, what: str) -> re.Match[str]:
     m = re.search(pattern, text, re.S)
     assert m, f"interposer/{where}: {what} not found (the pattern {pattern!r}): was it renamed or rewritten?"
     return m
@@ -166,35 +169,36 @@ def c_strings(text: str) -> list[str]:
 
 
 def test_the_page_states_in_shm_h_are_the_vocabularys():
-    body = found(r"enum\s+gw_state\s*\{(.*?)\}", c_source("shm.h"), "shm.h", "enum gw_state { ... }").group(1)
+    body = c_match(r"enum\s+gw_state\s*\{(.*?)\}", c_source("shm.h"), "shm.h", "enum gw_state { ... }").group(1)
     names = [n.strip() for n in body.split(",") if n.strip()]
     assert all(re.fullmatch(r"GW_[A-Z_]+", n) for n in names), f"shm.h: enum gw_state has values set by hand: {names}"
     assert tuple(n.removeprefix("GW_").lower() for n in names) == INTERPOSER_STATES
 
 
 def test_the_state_names_in_control_c_are_the_vocabularys():
-    body = found(r"state_name\s*\([^)]*\)\s*\{.*?names\s*\[\s*\]\s*=\s*\{(.*?)\}", c_source("control.c"),
-                 "control.c", "the names[] array of state_name()").group(1)
+    body = c_match(r"state_name\s*\([^)]*\)\s*\{.*?names\s*\[\s*\]\s*=\s*\{(.*?)\}", c_source("control.c"),
+                   "control.c", "the names[] array of state_name()").group(1)
     assert tuple(c_strings(body)) == INTERPOSER_STATES
 
 
 def test_the_default_socket_in_control_c_is_the_vocabularys():
-    m = found(r'#define\s+DEFAULT_SOCKET\s+"([^"]*)"', c_source("control.c"), "control.c", "#define DEFAULT_SOCKET")
+    m = c_match(r'#define\s+DEFAULT_SOCKET\s+"([^"]*)"', c_source("control.c"), "control.c", "#define DEFAULT_SOCKET")
     assert m.group(1) == DEFAULT_SOCKET
 
 
 def test_the_priorities_control_c_parses_are_the_vocabularys():
     text = c_source("control.c")
-    expr = found(r'getenv\("GPUWATCH_PRIORITY"\)+\s*gw_cfg\.priority\s*=\s*([^;]*);', text, "control.c",
-                 'gw_cfg.priority = ... from getenv("GPUWATCH_PRIORITY")').group(1)
+    expr = c_match(r'getenv\("GPUWATCH_PRIORITY"\)+\s*gw_cfg\.priority\s*=\s*([^;]*);', text, "control.c",
+                   'gw_cfg.priority = ... from getenv("GPUWATCH_PRIORITY")').group(1)
     parsed = {name: int(n) for name, n in re.findall(r'!strcmp\(\s*\w+\s*,\s*"(\w+)"\s*\)\s*\?\s*(\d+)', expr)}
-    default = found(r":\s*(\d+)\s*$", expr, "control.c", "the default of gw_cfg.priority").group(1)
+    default = c_match(r":\s*(\d+)\s*$", expr, "control.c", "the default of gw_cfg.priority").group(1)
     assert parsed, f"control.c: no !strcmp(s, \"name\") ? N in {expr!r}"
-    assert {name: PRIORITIES_BY_VALUE[n] for name, n in parsed.items()} == {name: name for name in parsed}
-    assert PRIORITIES_BY_VALUE[int(default)] == "normal", "anything else is normal"
-    assert {*parsed, "normal"} == set(PRIORITIES_BY_VALUE)
-    names = found(r'\(const char \*\[\]\)\s*\{([^}]*)\}\s*\[\s*gw_cfg\.priority\s*\]', text, "control.c",
-                  "the priority names of the attach line").group(1)
+    expected = {name: value for value, name in enumerate(PRIORITIES_BY_VALUE)}
+    assert {**parsed, "normal": int(default)} == expected, (
+        f"control.c reads GPUWATCH_PRIORITY as {parsed}, anything else as {default} (normal); the page's numbers "
+        f"are PRIORITIES_BY_VALUE's indices: {expected}")
+    names = c_match(r'\(const char \*\[\]\)\s*\{([^}]*)\}\s*\[\s*gw_cfg\.priority\s*\]', text, "control.c",
+                    "the priority names of the attach line").group(1)
     assert tuple(c_strings(names)) == PRIORITIES_BY_VALUE
 
 

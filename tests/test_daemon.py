@@ -7,12 +7,14 @@ import signal
 import subprocess
 import time
 
+import pytest
+
 from conftest import GPUWATCH, Daemon, Prog, first_code_byte, uprobe_events, wait_for
 
 MiB = 1 << 20
 
 
-def test_waits_for_a_driver_then_attaches_when_one_is_loaded(tmp_path, fakecuda, library_copy):
+def test_waits_for_a_driver_then_attaches_when_one_is_loaded(tmp_path, fakecuda, library_copy, sole_daemon_slot):
     d = Daemon(tmp_path, "--launches", "off")
     try:
         health = d.status()["health"]
@@ -29,7 +31,8 @@ def test_waits_for_a_driver_then_attaches_when_one_is_loaded(tmp_path, fakecuda,
         d.stop()
 
 
-def test_process_that_loaded_the_driver_before_the_daemon_is_found_at_start(tmp_path, fakecuda, library_copy):
+def test_process_that_loaded_the_driver_before_the_daemon_is_found_at_start(tmp_path, fakecuda, library_copy,
+                                                                            sole_daemon_slot):
     p = Prog([str(fakecuda / "cudaprog")])
     p.ok(f"load {library_copy}")
     p.ok("ctx 0")
@@ -47,7 +50,8 @@ def test_process_that_loaded_the_driver_before_the_daemon_is_found_at_start(tmp_
         d.stop()
 
 
-def test_perf_event_fallback_for_kernels_without_uprobe_multi(tmp_path, fakecuda, library_copy, monkeypatch):
+def test_perf_event_fallback_for_kernels_without_uprobe_multi(tmp_path, fakecuda, library_copy, monkeypatch,
+                                                              sole_daemon_slot):
     monkeypatch.setenv("GPUWATCH_UPROBE_MULTI", "0")
     d = Daemon(tmp_path, "--launches", "all")
     p = Prog([str(fakecuda / "cudaprog")])
@@ -67,7 +71,7 @@ def test_perf_event_fallback_for_kernels_without_uprobe_multi(tmp_path, fakecuda
     assert first_code_byte(library_copy, "cuMemAlloc_v2") != 0xCC
 
 
-def test_sigterm_detaches_every_probe_and_removes_the_socket(tmp_path, fakecuda, library_copy):
+def test_sigterm_detaches_every_probe_and_removes_the_socket(tmp_path, fakecuda, library_copy, sole_daemon_slot):
     d = Daemon(tmp_path, "--launches", "all")
     p = Prog([str(fakecuda / "cudaprog")])
     p.ok(f"load {library_copy}")
@@ -83,7 +87,7 @@ def test_sigterm_detaches_every_probe_and_removes_the_socket(tmp_path, fakecuda,
     p.close()
 
 
-def test_sigkill_leaves_no_uprobe_registered(tmp_path, fakecuda, library_copy):
+def test_sigkill_leaves_no_uprobe_registered(tmp_path, fakecuda, library_copy, sole_daemon_slot):
     d = Daemon(tmp_path, "--launches", "all")
     p = Prog([str(fakecuda / "cudaprog")])
     p.ok(f"load {library_copy}")
@@ -137,6 +141,7 @@ def test_ps_without_a_daemon_says_how_to_start_one(tmp_path):
     assert r.stderr.count("\n") == 1 and "sudo gpuwatch run" in r.stderr
 
 
+@pytest.mark.root
 def test_run_without_privileges_is_one_clear_line(tmp_path):
     r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *GPUWATCH, "--socket",
                         str(tmp_path / "s.sock"), "run"], capture_output=True, text=True, timeout=30)

@@ -10,8 +10,7 @@ import time
 import pytest
 
 from conftest import wait_for
-from interposer_fixtures import (FLAG_ATTACHED, FLAG_SWAP, MiB, IProg, driver_used, fake_daemons,  # noqa: F401
-                                 interposer, iprogs)
+from interposer_fixtures import FLAG_ATTACHED, FLAG_SWAP, MiB, IProg, driver_used
 
 GiB = 1 << 30
 QUOTA = 64 * MiB

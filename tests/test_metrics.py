@@ -34,7 +34,8 @@ def fakenvml(tmp_path_factory) -> tuple[Path, Path]:
     out = tmp_path_factory.mktemp("fakenvml")
     subprocess.run(["make", "-s", "-C", str(ROOT / "tests" / "fakenvml"), f"OUT={out}"], check=True)
     state = out / "state"
-    write_atomically(state, f"gpu 0 {GPU0_UUID} {80 << 30} 37 Fake H200\ngpu 1 GPU-99999999-8888-7777-6666-555555555555 "
+    write_atomically(state, f"gpu 0 {GPU0_UUID} {80 << 30} 37 Fake H200\n"
+                     "gpu 1 GPU-99999999-8888-7777-6666-555555555555 "
                      f"{80 << 30} 0 Fake H200\n")
     return out, state
 
@@ -135,7 +136,7 @@ def test_prometheus_sees_exact_bytes_that_ps_shows(mdaemon, prometheus, mprogs, 
     b.ok("hostalloc h 3M")
     assert b.send("alloc huge 100G") == "err 2"
     set_nvml(fakenvml, {a.pid: 12 * MiB + 500 * MiB, b.pid: 300 * MiB + 500 * MiB})
-    sel = lambda p: f'{{pid="{p.pid}",gpu="0",gpu_uuid="{GPU0_UUID}"}}'
+    sel = lambda p: f'{{pid="{p.pid}",gpu="0",gpu_uuid="{GPU0_UUID}"}}'  # noqa: E731
     expected = {f"gpuwatch_process_device_memory_bytes{sel(a)}": 12 * MiB,
                 f"gpuwatch_process_device_memory_bytes{sel(b)}": 300 * MiB,
                 f"gpuwatch_process_managed_memory_bytes{sel(b)}": 5 * MiB,
@@ -202,6 +203,7 @@ def test_sigterm_with_metrics_on_stops_within_two_seconds(tmp_path, fakenvml):
         d.scrape()
 
 
+@pytest.mark.root
 @pytest.mark.parametrize("text, message", [
     ("[daemon]\nlaunches = 'most'\n", "daemon.launches: must be one of all, sample, off, not 'most'"),
     ("[metrics]\nlisten = 'localhost'\n", "metrics.listen: must be HOST:PORT"),
@@ -223,6 +225,7 @@ def test_bad_configuration_stops_start_up_with_one_line(tmp_path, text, message)
     assert not os.path.exists(tmp_path / "s.sock")
 
 
+@pytest.mark.root
 def test_configuration_file_is_applied_and_options_win(tmp_path):
     port = free_port()
     cfg = tmp_path / "gpuwatch.toml"

@@ -18,11 +18,12 @@ from pathlib import Path
 import pytest
 
 from conftest import GPUWATCH, ROOT, Daemon, Prog, wait_for
-from interposer_fixtures import DEVICE, IProg, Page, interposer  # noqa: F401 (fixture)
+from interposer_fixtures import DEVICE, IProg, Page
 
 from gpuwatch.daemon import config as configuration
 from gpuwatch.enforcer.rules import Match, Policy, ProcessFacts, Rule
 from gpuwatch.enforcer.procevents import ProcEvents
+from gpuwatch.enforcer.requests import InterposerRequests
 from gpuwatch.core.vocabulary import Priority
 
 MiB, GiB = 1 << 20, 1 << 30
@@ -49,27 +50,27 @@ def stop(*procs: subprocess.Popen) -> None:
 # ------------------------------------------------------------------------------------------------ parsing
 
 
-GOOD = f"""
+GOOD = """
 [daemon]
 launches = "off"
 
 [[rule]]
 name = "training"
-match = {{ user = "root", exe = "/usr/bin/python3*", cmdline = 'train\\.py', cgroup = "/kubepods.slice/", container = "4F3C", pod = "0b6a7f2e_91c4_4d38_a1e2_5f6b7c8d9e0f" }}
+match = { user = "root", exe = "/usr/bin/python3*", cmdline = 'train\\.py', cgroup = "/kubepods.slice/", container = "4F3C", pod = "0b6a7f2e_91c4_4d38_a1e2_5f6b7c8d9e0f" }
 quota = "20GiB"
 priority = "high"
 action = "kill"
 exclusive = true
 
 [[rule]]
-match = {{ user = 65534 }}
+match = { user = 65534 }
 quota = 1073741824
 
 [[rule]]
 name = "everyone else"
-match = {{}}
+match = {}
 priority = "low"
-"""
+"""  # noqa: E501 (a rule with every match key is one TOML line)
 
 
 def test_a_good_file_gives_every_setting_of_every_rule():
@@ -90,7 +91,8 @@ def test_a_good_file_gives_every_setting_of_every_rule():
     ('[[rule]]\nmatch = {}\nquota = "20XB"',
      "rule 1: quota: '20XB' is not a size (like 512MiB, 20GiB, 1.5GiB, 8GB or 4096 bytes)"),
     ('[[rule]]\nmatch = {}\nquota = 0', "rule 1: quota: must be above 0 bytes, not 0"),
-    ('[[rule]]\nmatch = {}\nquota = true', 'rule 1: quota: must be a size (str, like "20GiB") or bytes (int), not bool True'),
+    ('[[rule]]\nmatch = {}\nquota = true',
+     'rule 1: quota: must be a size (str, like "20GiB") or bytes (int), not bool True'),
     ('[[rule]]\nname = "a"\nmatch = {}\n[[rule]]\nname = "b"\nmatch = { cmdline = "train(" }',
      "rule 2 (b): match.cmdline: not a valid regular expression: missing ), unterminated subpattern at position 5"),
     ('[[rule]]\nname = "a"\nmatch = { colour = "red" }',
@@ -102,7 +104,8 @@ def test_a_good_file_gives_every_setting_of_every_rule():
     ('[[rule]]\nmatch = {}\naction = "stop"', "rule 1: action: must be one of pause, kill, not 'stop'"),
     ('[[rule]]\nmatch = {}\nexclusive = "yes"', "rule 1: exclusive: must be bool, not str 'yes'"),
     ('[[rule]]\nname = 5\nmatch = {}', "rule 1: name: must be str, not int 5"),
-    ('[[rule]]\nname = "a"\nmatch = {}\n[[rule]]\nname = "a"\nmatch = {}', "rule 2 (a): name: another rule is named 'a'"),
+    ('[[rule]]\nname = "a"\nmatch = {}\n[[rule]]\nname = "a"\nmatch = {}',
+     "rule 2 (a): name: another rule is named 'a'"),
     ('[[rule]]\nname = "a"', "rule 1 (a): match: missing (match = {} matches every process)"),
     ('[[rule]]\nmatch = "root"', "rule 1: match: must be a table, like match = { user = \"alice\" }, not str 'root'"),
     ('[[rule]]\nmatch = { user = "no-such-user-here" }', "rule 1: match.user: no user named 'no-such-user-here'"),
@@ -125,6 +128,7 @@ def test_a_bad_rule_is_one_line_naming_the_rule_and_the_key(text, error):
     assert str(caught.value) == f"/etc/gpuwatch/gpuwatch.toml: {error}"
 
 
+@pytest.mark.root
 def test_a_bad_rule_stops_start_up_with_one_line(tmp_path):
     cfg = tmp_path / "gpuwatch.toml"
     cfg.write_text('[[rule]]\nname = "big"\nmatch = {}\nquota = "lots"\n')
@@ -152,6 +156,7 @@ def rule(name: str, **match) -> Rule:
                                + ", ".join(f"{k} = {json.dumps(v)}" for k, v in match.items()) + " }", "x").rules[0]
 
 
+@pytest.mark.root
 def test_user_exe_and_command_line_match_real_processes():
     mine = named(f"{TOKEN}-train.py", "100", "3")
     theirs = named(f"{TOKEN}-eval.py", user=NOBODY)
@@ -234,10 +239,12 @@ class FakeAttached:
         self.attach = type("Attach", (), {"mem_limit": mem_limit, "priority": "normal"})()
         self.sent: list[int] = []
 
-    def request(self, op: str, timeout: float, **args) -> dict:
-        assert op == "quota"
-        self.sent.append(args["bytes"])
-        return {"ok": True}
+        def call(line_of, op: str, timeout: float) -> dict:
+            assert op == "quota"
+            self.sent.append(int(line_of(1).split()[2]))
+            return {"ok": True}
+
+        self.requests = InterposerRequests(call, lambda: 1.0)
 
 
 def test_policy_state_moves_a_quota_from_the_probes_to_the_interposer_and_back_off():
@@ -254,7 +261,8 @@ def test_policy_state_moves_a_quota_from_the_probes_to_the_interposer_and_back_o
                                     "quota = '2GiB'\naction = 'kill'\npriority = 'low'\n", "x").rules
         state = PolicyState(Policy(rules), interposed, quotas)
         assert state.apply(p.pid).name == "r"
-        assert (state.priority_of(p.pid), state.exclusive(p.pid), state.rule_of(p.pid).name) == (Priority.LOW, False, "r")
+        assert (state.priority_of(p.pid), state.exclusive(p.pid), state.rule_of(p.pid).name) == (
+            Priority.LOW, False, "r")
         assert calls == [(p.pid, 2 * GiB, "kill")]
         state.apply(p.pid)
         assert len(calls) == 1, "nothing changed: nothing sent"
@@ -279,7 +287,8 @@ def test_policy_state_moves_a_quota_from_the_probes_to_the_interposer_and_back_o
 # ------------------------------------------------------------------------------------------------ events
 
 
-@pytest.mark.parametrize("mode", ["netlink", "scan"])
+# netlink: listening to the process connector may need CAP_NET_ADMIN (the kernel decides)
+@pytest.mark.parametrize("mode", [pytest.param("netlink", marks=pytest.mark.root), "scan"])
 def test_process_events_report_exec_and_exit_and_close_leaves_no_thread(mode):
     execs, exits = [], []
     before = set(threading.enumerate())
@@ -325,7 +334,7 @@ def test_without_the_connector_one_line_says_so_and_proc_is_scanned(monkeypatch,
 FAKE = f"""
 import json, sys
 sys.path.insert(0, {str(ROOT / 'tests')!r})
-from test_interposed_daemon import FakeInterposer
+from interposer_fixtures import FakeInterposer
 f = FakeInterposer(sys.argv[1])
 print(json.dumps(f.attach(mem_limit=int(sys.argv[2]) or None)), flush=True)
 for _ in sys.stdin:
@@ -423,6 +432,7 @@ def test_a_rule_quota_goes_to_the_probes_for_a_plain_process_and_is_released_aft
     wait_for(lambda: p.pid not in quota_groups(pdaemon), 0.5, "the quota group to go at once")
 
 
+@pytest.mark.root
 def test_processes_running_before_the_daemon_get_their_rules_at_start(tmp_path):
     p = named(f"{TOKEN}-low")
     cfg = tmp_path / "gpuwatch.toml"
@@ -468,7 +478,7 @@ def test_an_interposed_process_gets_its_rule_quota_when_it_attaches(pdaemon, own
 
 
 def test_an_interposed_process_that_rewrites_its_quota_is_stopped_by_the_probes_past_the_backstop(
-        pdaemon, fakecuda, interposer, tmp_path):  # noqa: F811
+        pdaemon, fakecuda, interposer, tmp_path):
     """The shared page is the process's own memory: one that sets its quota there to none escapes its
     library's refusals, but the probes' backstop (the rule's 64 MiB + 64 MiB) stops it before the allocation
     that would cross 128 MiB, holding exactly 128 MiB."""
@@ -627,6 +637,7 @@ def test_a_reload_sends_the_new_quota_to_an_interposed_process_and_gives_its_own
         wait_for(lambda: len(log_lines(pdaemon, "configuration reloaded")) > count, 2, "the original rules")
 
 
+@pytest.mark.root
 def test_without_the_process_connector_the_daemon_scans_proc(tmp_path, monkeypatch):
     monkeypatch.setenv("GPUWATCH_PROC_EVENTS", "scan")
     cfg = tmp_path / "gpuwatch.toml"

@@ -39,5 +39,6 @@ def test_complete_kernel_passes(tmp_path):
 
 def test_missing_bcc_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "bcc", None)  # makes `import bcc` raise ImportError
-    with pytest.raises(PreflightError, match=r"bcc is not importable: run ./install.sh, or apt-get install python3-bpfcc"):
+    with pytest.raises(PreflightError,
+                       match=r"bcc is not importable: run ./install.sh, or apt-get install python3-bpfcc"):
         preflight.import_bcc()

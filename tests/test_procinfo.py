@@ -24,6 +24,7 @@ def test_container_and_pod_from_cgroup(cgroup, expected):
     assert container_of(cgroup) == expected
 
 
+@pytest.mark.root
 def test_this_process_reads_and_a_gone_one_is_none():
     me = read(os.getpid())
     assert me is not None and me.uid == os.getuid() and me.user == "root"

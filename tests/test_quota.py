@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 
 from conftest import GPUWATCH, Daemon, Prog, wait_for
-from interposer_fixtures import interposer, iprogs  # noqa: F401 (fixtures)
 
 from gpuwatch.core.procfs import proc_stat
 from gpuwatch.core.procfs import cgroup2_root
@@ -147,7 +146,7 @@ def quota_set(d: Daemon, *args: str) -> str:
     return d.cli("quota", "set", *args).stdout
 
 
-# first: it runs its own daemons, before the module's
+# tests that run daemons of their own: the shared one stops first (sole_daemon_slot)
 
 
 @dataclass
@@ -188,7 +187,7 @@ def own_daemon(fakecuda: Path) -> Iterator[OwnDaemon]:
             d.stop()
 
 
-def test_restarted_daemon_continues_what_a_killed_one_stopped(fakecuda):
+def test_restarted_daemon_continues_what_a_killed_one_stopped(fakecuda, sole_daemon_slot):
     with own_daemon(fakecuda) as own:
         p, first = own.program, own.first
         quota_set(first, "--pid", str(p.pid), "16MiB")
@@ -204,7 +203,7 @@ def test_restarted_daemon_continues_what_a_killed_one_stopped(fakecuda):
 
 
 @pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL])
-def test_a_quota_set_by_hand_survives_a_daemon_restart(fakecuda, cgroup, how):
+def test_a_quota_set_by_hand_survives_a_daemon_restart(fakecuda, cgroup, how, sole_daemon_slot):
     with own_daemon(fakecuda) as own:
         p, first = own.program, own.first
         quota_set(first, "--pid", str(p.pid), "16MiB")
@@ -230,7 +229,7 @@ def test_a_quota_set_by_hand_survives_a_daemon_restart(fakecuda, cgroup, how):
         assert json.loads(own.state_file.read_text())["quotas"] == []
 
 
-def test_daemon_stop_continues_what_it_stopped(fakecuda):
+def test_daemon_stop_continues_what_it_stopped(fakecuda, sole_daemon_slot):
     with own_daemon(fakecuda) as own:
         p = own.program
         quota_set(own.first, "--pid", str(p.pid), "1MiB")
@@ -240,7 +239,7 @@ def test_daemon_stop_continues_what_it_stopped(fakecuda):
         assert answer and answer.startswith("ok"), answer
 
 
-# the module's daemon
+# the shared daemon
 
 
 def test_process_stopped_before_the_allocation_past_its_quota_and_continued_when_raised(daemon, progs, trace):
@@ -400,7 +399,7 @@ def test_bad_pid_and_cgroup(daemon):
     assert r.returncode == 2 and "is not a size" in r.stderr
 
 
-def test_interposed_process_gets_its_quota_through_its_interposer(daemon, iprogs):  # noqa: F811
+def test_interposed_process_gets_its_quota_through_its_interposer(daemon, iprogs):
     p = iprogs(env={"GPUWATCH_SOCKET": daemon.socket})
     wait_for(lambda: any(r["interposed"] for r in daemon.ps(p.pid)), 10, "the interposer to attach")
     assert quota_set(daemon, "--pid", str(p.pid), "64MiB") == \

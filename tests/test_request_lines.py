@@ -8,8 +8,7 @@ import json
 import pytest
 
 from conftest import wait_for
-from interposer_fixtures import (FLAG_ATTACHED, FLAG_BOUNDED, MiB, FakeDaemon, IProg, fake_daemons,  # noqa: F401
-                                 interposer, iprogs)
+from interposer_fixtures import FLAG_ATTACHED, FLAG_BOUNDED, MiB, FakeDaemon, IProg
 
 QUOTA = 64 * MiB
 U64_MAX = (1 << 64) - 1

@@ -65,7 +65,8 @@ def test_gating_stops_when_a_process_leaves() -> None:
 
 
 def test_equal_processes_share_the_gpu_fairly_by_quantum() -> None:
-    sim = Sim(Scheduler(capacity=100 * GiB, quantum=2.0), [Client(1, 60 * GiB, 60 * GiB), Client(2, 60 * GiB, 60 * GiB)])
+    sim = Sim(Scheduler(capacity=100 * GiB, quantum=2.0),
+              [Client(1, 60 * GiB, 60 * GiB), Client(2, 60 * GiB, 60 * GiB)])
     sim.run(60)
     assert abs(sim.run_time[1] - sim.run_time[2]) <= 2.0 + 1e-9
     assert 25 <= sim.switches <= 31  # one switch per quantum, not more
@@ -111,7 +112,8 @@ def test_high_priority_preempts_at_once_and_low_runs_when_high_is_idle() -> None
 
 def test_busy_high_priority_pauses_lower_ones_even_when_memory_fits() -> None:
     s = Scheduler(capacity=100 * GiB, idle=0.5)
-    low, high = Client(1, 10 * GiB, 10 * GiB, priority=Priority.LOW), Client(2, 10 * GiB, 10 * GiB, priority=Priority.HIGH)
+    low, high = (Client(1, 10 * GiB, 10 * GiB, priority=Priority.LOW),
+                 Client(2, 10 * GiB, 10 * GiB, priority=Priority.HIGH))
     s.decide([low, high], 0.0)
     decisions = s.decide([low, replace(high, launches=5)], 0.1)
     assert decisions[1] == Decision(Verdict.PAUSE) and decisions[2].verdict is Verdict.RUN

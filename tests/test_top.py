@@ -202,6 +202,7 @@ def test_q_quits_with_exit_code_0(daemon, tmp_path):
         assert term.exit_code() == 0
 
 
+@pytest.mark.root
 def test_survives_the_daemon_going_away_and_coming_back(tmp_path):
     workdir = tmp_path / "own"
     workdir.mkdir()

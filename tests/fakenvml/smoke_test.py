@@ -107,7 +107,8 @@ def main() -> int:
         check("two GPUs, three processes", client.ask(), want)
         check("other entry points", client.ask("extras"), {
             "driver": "550.54.15", "index": [0, 1],
-            "memory_v2": [[0x02000028, 80 * GiB, 0, 80 * GiB - (GiB + 3 * GiB + (512 << 20)), GiB + 3 * GiB + (512 << 20)],
+            "memory_v2": [[0x02000028, 80 * GiB, 0, 80 * GiB - (GiB + 3 * GiB + (512 << 20)),
+                           GiB + 3 * GiB + (512 << 20)],
                           [0x02000028, 24 * GiB, 0, 23 * GiB - (7 << 20), GiB + (7 << 20)]],
             "compute_v2": [[[1001, 3 * GiB, 0xFFFFFFFF, 0xFFFFFFFF], [1002, 512 << 20, 0xFFFFFFFF, 0xFFFFFFFF]],
                            [[1003, 7 << 20, 0xFFFFFFFF, 0xFFFFFFFF]]],
