@@ -11,61 +11,25 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
-from typing import Any
+from dataclasses import replace
 
 from ..core.protocol import ControlError
 from ..core.view import ProcessGpu, SchedulerSummary, Snapshot
-from ..core.vocabulary import MiB, PRIORITY_NAMES, STOPPED, WAITING_FOR_HOST_MEMORY, Priority
-from .hostmemory import HostBudget
+from ..core.vocabulary import PRIORITY_NAMES, STOPPED, WAITING_FOR_HOST_MEMORY, Priority
+from .hostmemory import HostBudget, new_pinned_bytes
 from .interposed import InterposedRegistry
 from .ledger import SCHEDULER
 from .pause import Pauser
 from .records import Enforcement
 from .scheduler import Client, Decision, Scheduler, SwitchCost, Verdict, default_quantum
+from .settings import WAIT_BUCKETS, SchedulerSettings, SchedulingStats
 from .view import SchedulingFigures
 
 log = logging.getLogger(__name__)
-CONTEXT_BYTES = 512 * MiB  # a CUDA context's own memory, where NVML cannot tell us
-WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0)
 # A process whose interposer disconnected is almost always exiting, its driver freeing its memory: for this
 # long it is not scheduled (never stopped, nobody swapped out for it), its memory only counts as taken.
 LEAVING_S = 30.0
 SLACK_DIVISOR = 50  # a switch moves 1/50 of the device beyond the excess (Scheduler.slack)
-
-
-@dataclass
-class SchedulingStats:
-    """Per process, what the scheduler did to it: read by the snapshot, the metrics and top."""
-    slice_seconds: float = 0.0
-    wait_seconds: float = 0.0
-    wait_count: int = 0
-    wait_buckets: list[int] = field(default_factory=lambda: [0] * len(WAIT_BUCKETS))
-    preemptions: int = 0
-    waiting_since: float | None = None
-    running: bool = True
-
-    def waited(self, seconds: float) -> None:
-        self.wait_seconds += seconds
-        self.wait_count += 1
-        for i, bound in enumerate(WAIT_BUCKETS):
-            if seconds <= bound:
-                self.wait_buckets[i] += 1
-
-
-@dataclass(frozen=True)
-class SchedulerSettings:
-    quantum_s: float | None = None  # None: derived from the measured cost of a switch
-    idle_s: float = 0.5
-    reserve_bytes: int = 1 << 30     # device memory kept free of every process's needs
-    context_bytes: int = CONTEXT_BYTES
-    tick_s: float = 0.05
-    room_wait_s: float = 30.0
-
-    @classmethod
-    def from_config(cls, section: Any) -> SchedulerSettings:  # daemon.config.SchedulerSection
-        return cls(section.quantum_ms / 1000 or None, section.idle_ms / 1000, section.reserve_mib * MiB,
-                   section.context_mib * MiB, section.tick_ms / 1000, section.room_wait_ms / 1000)
 
 
 class Enforcer:
@@ -168,13 +132,13 @@ class Enforcer:
 
     def _within_host_budget(self, decisions: dict[int, Decision], pages: Mapping[int, Enforcement]
                             ) -> dict[int, Decision]:
-        """Swap-outs whose new pinned memory the host cannot spare are not carried out (those processes only
-        pause), first giving back buffers that hold nothing; the processes that waited for that room wait on
-        and, after room_wait_ms, get out-of-memory. Nobody's memory moves for them."""
+        """Swap-outs whose new pinned memory the host cannot spare are not carried out, first giving back
+        buffers that hold nothing: those processes run on, and the processes that waited for that room wait
+        on and, after room_wait_ms, get out-of-memory. Nobody's memory moves for them."""
         if self.host is None:
             return decisions
         host = self.host.reading(pages)
-        wanted = {pid: _new_pinned(pages[pid], d.swap_bytes) for pid, d in decisions.items()
+        wanted = {pid: new_pinned_bytes(pages[pid], d.swap_bytes) for pid, d in decisions.items()
                   if d.verdict is Verdict.SWAP and pid in pages}
         if sum(wanted.values()) > host.spare_bytes:
             self._drop_kept_buffers(pages, exclude=set(wanted))
@@ -187,7 +151,8 @@ class Enforcer:
                 continue
             refused.append(pid)
             log.warning("pid %d is not swapped out: %s", pid, why)
-            out[pid] = Decision(Verdict.PAUSE, reason=decisions[pid].reason)
+            out[pid] = Decision(Verdict.RUN)
+            self.reasons.pop(pid, None)
         if refused:
             for pid, d in decisions.items():
                 page = pages.get(pid)
@@ -325,7 +290,8 @@ class Enforcer:
                 need = _swappable(page, row) + row.unswappable_bytes + page.wanted_bytes + self._context(row)
                 clients.append(Client(row.pid, need, _swappable(page, row), page.launches or row.launches, priority,
                                       interposed=True, exclusive=self.exclusive(row.pid),
-                                      waiting=page.waiting_threads > 0))
+                                      waiting=page.waiting_threads > 0,
+                                      fixed_bytes=row.unswappable_bytes + self._context(row)))
             elif row.state != STOPPED or self.pauser.held(row.pid, SCHEDULER):
                 need = row.nvml_bytes if row.nvml_bytes is not None else row.device_bytes + self.settings.context_bytes
                 clients.append(Client(row.pid, need, 0, row.launches, priority, interposed=False,
@@ -417,12 +383,6 @@ def _strictest(decisions: list[Decision]) -> Decision:
     order = [Verdict.RUN, Verdict.PAUSE, Verdict.SWAP, Verdict.STOP]
     worst = max(decisions, key=lambda d: order.index(d.verdict))
     return Decision(worst.verdict, max(d.swap_bytes for d in decisions), worst.reason)
-
-
-def _new_pinned(page: Enforcement, swap_bytes: int) -> int:
-    """Pinned memory a swap-out of `swap_bytes` must add: its kept buffers hold what they can."""
-    swapped = sum(d.swapped_bytes for d in page.devices)
-    return max(swap_bytes - swapped - max(page.pinned_bytes - swapped, 0), 0)
 
 
 def _swappable(page: Enforcement, row: ProcessGpu) -> int:

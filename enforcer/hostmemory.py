@@ -65,3 +65,15 @@ class HostBudget:
             return (f"{new_bytes >> 20} MiB more pinned memory would not fit its memory cgroup "
                     f"({cgroup[0] >> 20} MiB left of {cgroup[1] >> 20} MiB)")
         return None
+
+
+PIECE_BYTES = 1 << 30  # the interposer moves whole pieces of at most this (interposer/backing.c)
+
+
+def new_pinned_bytes(page: Enforcement, swap_bytes: int) -> int:
+    """Pinned memory a swap-out to `swap_bytes` may add, at most: its kept buffers hold what they can, and the
+    interposer moves whole pieces, so the rest is rounded up to a piece (never past what it has resident)."""
+    swapped = sum(d.swapped_bytes for d in page.devices)
+    new = max(swap_bytes - swapped - max(page.pinned_bytes - swapped, 0), 0)
+    resident = sum(d.swappable_bytes for d in page.devices if d.in_use) - swapped
+    return min(-(-new // PIECE_BYTES) * PIECE_BYTES, max(resident, 0)) if new else 0

@@ -155,7 +155,7 @@ class InterposedProcess:
                            priority=h.priority if h.priority in PRIORITY_NAMES else self.attach.priority,
                            mem_limit=self.attach.mem_limit, devices=devices,
                            swap_out_bytes_total=h.swap_out_bytes_total, swap_in_bytes_total=h.swap_in_bytes_total,
-                           pinned_bytes=getattr(h, "pinned_bytes", 0),
+                           pinned_bytes=h.pinned_bytes,
                            waiting_threads=h.waiting, wanted_bytes=h.wanted_bytes, launches=reading.counts.launches,
                            graph_launches=reading.counts.graph_launches)
 

@@ -29,6 +29,12 @@ class Client:
     interposed: bool = True
     exclusive: bool = False  # a rule asks for the GPU to itself
     waiting: bool = True     # held at the gate wanting to run (unknown without an interposer: assumed)
+    fixed_bytes: int | None = None  # what stays on the device whatever happens to it (None: need - movable); an
+                                    # interposed process's allocations still waiting will be movable once made
+
+    @property
+    def fixed(self) -> int:
+        return self.need_bytes - self.movable_bytes if self.fixed_bytes is None else self.fixed_bytes
 
 
 @dataclass(frozen=True)
@@ -124,7 +130,7 @@ class Scheduler:
     def placeable(self, c: Client, clients: list[Client]) -> bool:
         """Whether it could run at all beside what cannot move (processes without the interposer, memory
         that cannot be swapped): if not, it waits for others to exit or free memory, not for a turn."""
-        fixed = sum(o.need_bytes - o.movable_bytes for o in clients if o.pid != c.pid)
+        fixed = sum(o.fixed for o in clients if o.pid != c.pid)
         return fixed + c.need_bytes <= self.capacity
 
     def _account(self, clients: list[Client], run: set[int], now: float) -> None:

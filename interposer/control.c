@@ -192,7 +192,7 @@ static int read_line(int s, struct line_reader *r, char *out, size_t cap, size_t
 
 #define REQUEST_MAX 80 // bytes in a request line, without its newline
 
-enum gw_op { GW_OP_PAUSE, GW_OP_RESUME, GW_OP_SWAP_OUT, GW_OP_QUOTA, GW_OP_BOUND, GW_OP_NO_ROOM };
+enum gw_op { GW_OP_PAUSE, GW_OP_RESUME, GW_OP_SWAP_OUT, GW_OP_QUOTA, GW_OP_BOUND, GW_OP_NO_ROOM, GW_OP_DROP_HOST };
 
 static const struct {
 	const char *name;
@@ -201,6 +201,7 @@ static const struct {
 	[GW_OP_PAUSE] = {"pause", false},      [GW_OP_RESUME] = {"resume", false},
 	[GW_OP_SWAP_OUT] = {"swap_out", true}, [GW_OP_QUOTA] = {"quota", true},
 	[GW_OP_BOUND] = {"bound", true},       [GW_OP_NO_ROOM] = {"no_room", false},
+	[GW_OP_DROP_HOST] = {"drop_host", false},
 };
 
 struct gw_request {
@@ -307,6 +308,9 @@ static void answer(int s, const char *line, size_t len)
 		break;
 	case GW_OP_NO_ROOM:
 		gw_room_answer(false);
+		break;
+	case GW_OP_DROP_HOST:
+		r = gw_drop_host(&moved);
 		break;
 	case GW_OP_QUOTA:
 		for (int d = 0; d < GW_MAX_DEVICES; d++)

@@ -209,3 +209,4 @@ HIDDEN int gw_pause(void);
 HIDDEN int gw_swap_out(uint64_t bytes, uint64_t *moved);
 HIDDEN int gw_resume(void);
 HIDDEN void gw_swap_forget(struct gw_piece *p, CUdevice dev); // a freed piece's host copy is no longer needed
+HIDDEN int gw_drop_host(uint64_t *freed); // frees all pinned host memory unless some holds swapped data

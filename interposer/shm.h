@@ -38,7 +38,9 @@ struct gw_shm {
 	_Atomic uint32_t room_seq;     // bumped by the library when the daemon answers a wait for room
 	_Atomic uint64_t wanted_bytes; // device memory that allocations wait for (the device was full)
 	_Atomic uint32_t room_verdict; // the last answer: 0 retry, 1 denied (the allocation fails)
-	uint8_t pad0[256 - 132];
+	uint32_t reserved0;
+	_Atomic uint64_t pinned_bytes; // pinned host memory the library holds (swap-out buffers, kept for reuse)
+	uint8_t pad0[256 - 144];
 	struct gw_device dev[GW_MAX_DEVICES];
 	uint8_t pad1[4096 - 256 - GW_MAX_DEVICES * 64];
 	struct gw_slot slots[GW_SLOTS];
@@ -49,6 +51,8 @@ _Static_assert(__builtin_offsetof(struct gw_shm, lease_deadline_ns) == 32, "layo
 _Static_assert(__builtin_offsetof(struct gw_shm, quota_refusals) == 104, "layout");
 _Static_assert(__builtin_offsetof(struct gw_shm, waiting) == 112, "layout");
 _Static_assert(__builtin_offsetof(struct gw_shm, wanted_bytes) == 120, "layout");
+_Static_assert(__builtin_offsetof(struct gw_shm, room_verdict) == 128, "layout");
+_Static_assert(__builtin_offsetof(struct gw_shm, pinned_bytes) == 136, "layout");
 _Static_assert(__builtin_offsetof(struct gw_shm, dev) == 256, "layout");
 _Static_assert(__builtin_offsetof(struct gw_shm, slots) == 4096, "layout");
 _Static_assert(sizeof(struct gw_shm) == GW_SHM_SIZE, "layout");

@@ -34,8 +34,9 @@ STATES = INTERPOSER_STATES         # by the page's number (shm.h enum gw_state)
 PRIORITIES = PRIORITIES_BY_VALUE   # by the page's number
 
 # magic, version, pid, max_devices, gate, state, priority, flags; the ten u64 from lease_deadline_ns; waiting,
-# room_seq, wanted_bytes
-_HEADER = struct.Struct("<IIiIIIII10QIIQ")
+# room_seq, wanted_bytes, room_verdict, 4 bytes of padding, pinned_bytes (offset 136)
+_HEADER = struct.Struct("<IIiIIIII10QIIQI4xQ")
+PINNED_BYTES_OFFSET = 136
 GATE_CLOSED, GATE_BOUNDED = 1, 2
 _DEVICE = struct.Struct("<5Q")  # quota, used, swappable, unswappable, swapped (3 reserved follow)
 
@@ -66,6 +67,8 @@ class Header:
     waiting: int  # threads blocked at the gate or waiting for room now: the process wants to run
     room_seq: int
     wanted_bytes: int  # device memory its allocations wait for: the device was full
+    room_verdict: int = 0  # the library's last answer to a wait for room: 0 retry, 1 denied
+    pinned_bytes: int = 0  # pinned host memory the library holds (swap-out buffers, kept until drop_host)
 
 
 @dataclass(frozen=True)
@@ -259,3 +262,6 @@ class SharedPage:
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
+
+
+assert _HEADER.size == PINNED_BYTES_OFFSET + 8, "docs/interposer.md, Shared page"

@@ -12,10 +12,13 @@
 #define MAX_STREAMS 64
 #define SWAP_IN_PATIENCE_NS 10000000000ull // retry a swap-in that finds the device full this long
 
-// Pinned host memory, allocated on first use and kept: a bump allocator, reset once everything is back.
+// Pinned host memory, allocated on first use and kept until the daemon asks for it back (drop_host): a bump
+// allocator, reset once everything is back. gw->pinned_bytes is always the sum of the segments' sizes.
 static struct segment {
 	char *base;
 	size_t size;
+	CUcontext ctx;   // current when it was pinned: freed with it current
+	bool registered; // mmap + cuMemHostRegister (else cuMemHostAlloc)
 } segments[MAX_SEGMENTS];
 static int nsegments, seg_cur;
 static size_t seg_off;
@@ -43,8 +46,9 @@ static void *touch_pages(void *arg)
 // registered with the driver. An H200 host pinned 8 GiB this way at 0.04 s/GiB, against 0.43 s/GiB for
 // cuMemHostAlloc, which faults and zeroes the pages in one thread (bench/pin_cost.c).
 #define TOUCH_THREADS 16
-static void *pinned_alloc(size_t size)
+static void *pinned_alloc(size_t size, bool *registered)
 {
+	*registered = true;
 	char *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 	if (p != MAP_FAILED) {
 		madvise(p, size, MADV_HUGEPAGE);
@@ -67,10 +71,42 @@ static void *pinned_alloc(size_t size)
 		munmap(p, size);
 	}
 	void *q;
+	*registered = false;
 	return real_cuMemHostAlloc(&q, size, 1 /* CU_MEMHOSTALLOC_PORTABLE: usable from every context */) ? NULL : q;
 }
 
-static void *host_space(size_t size, size_t still_needed)
+// Gives one segment back to the system, with the context it was pinned in current (if it still is one).
+static void pinned_free(struct segment *s)
+{
+	CUcontext popped;
+	bool pushed = s->ctx && !real_cuCtxPushCurrent_v2(s->ctx);
+	CUresult e;
+	if (s->registered) {
+		e = real_cuMemHostUnregister ? real_cuMemHostUnregister(s->base) : CUDA_SUCCESS;
+		munmap(s->base, s->size); // even if unregistering failed: the address range is ours to give back
+	} else {
+		e = real_cuMemFreeHost(s->base);
+	}
+	if (pushed)
+		real_cuCtxPopCurrent_v2(&popped);
+	if (e)
+		gw_log("freeing %zu bytes of pinned host memory returned CUDA error %d", s->size, e);
+	atomic_fetch_sub(&gw->pinned_bytes, s->size);
+	*s = (struct segment){NULL, 0, NULL, false};
+}
+
+// Frees segments[from..nsegments): lock held.
+static uint64_t segments_free_from(int from)
+{
+	uint64_t freed = 0;
+	while (nsegments > from) {
+		freed += segments[nsegments - 1].size;
+		pinned_free(&segments[--nsegments]);
+	}
+	return freed;
+}
+
+static void *host_space(size_t size, size_t still_needed, CUcontext ctx) // ctx current
 {
 	for (; seg_cur < nsegments; seg_cur++, seg_off = 0)
 		if (segments[seg_cur].size - seg_off >= size) {
@@ -84,10 +120,12 @@ static void *host_space(size_t size, size_t still_needed)
 	want = (want + SEGMENT_ROUND - 1) / SEGMENT_ROUND * SEGMENT_ROUND;
 	if (want < size)
 		want = size;
-	void *p = pinned_alloc(want);
+	bool registered;
+	void *p = pinned_alloc(want, &registered);
 	if (!p)
 		return NULL;
-	segments[nsegments++] = (struct segment){p, want};
+	segments[nsegments++] = (struct segment){p, want, ctx, registered};
+	atomic_fetch_add(&gw->pinned_bytes, want);
 	seg_cur = nsegments - 1;
 	seg_off = size;
 	return p;
@@ -152,6 +190,14 @@ static bool any_swapped(void)
 	return false;
 }
 
+static bool any_in_host_memory(void) // swapped out, or a copy in host memory still needed
+{
+	EACH_PIECE(r, p)
+		if (!p->handle || p->host)
+			return true;
+	return false;
+}
+
 HIDDEN int gw_pause(void)
 {
 	if (atomic_load(&gw->gate) & GATE_CLOSED)
@@ -166,17 +212,36 @@ HIDDEN int gw_pause(void)
 	return e;
 }
 
+// After a swap-out that failed: a process that ran before it runs again (nothing of it moved). Lock not held.
+static void run_again_if(bool was_running)
+{
+	gw_memory_lock();
+	bool run = was_running && !any_swapped();
+	if (run)
+		atomic_store(&gw->state, GW_RUNNING);
+	gw_memory_unlock();
+	if (run)
+		gw_gate_open();
+}
+
 // Moves at least `want` bytes (0: everything) to host memory, in whole pieces, largest regions first: they
-// are the long-lived ones (a model, a buffer), less likely to be freed soon than small ones.
+// are the long-lived ones (a model, a buffer), less likely to be freed soon than small ones. On failure
+// nothing moves: what was copied stays on the device, the host memory pinned for this call is given back,
+// and a process that was running before runs again.
 HIDDEN int gw_swap_out(uint64_t want, uint64_t *moved)
 {
 	*moved = 0;
 	uint64_t pause_start = gw_now_ns();
+	bool was_running = !(atomic_load(&gw->gate) & GATE_CLOSED);
 	CUresult e = gw_pause();
-	if (e)
+	if (e) {
+		run_again_if(was_running);
 		return e;
+	}
 	uint64_t start = gw_now_ns(), total = 0, queued = 0, pinning = 0;
 	gw_memory_lock();
+	int segments_before = nsegments, seg_cur_before = seg_cur;
+	size_t seg_off_before = seg_off;
 	atomic_store(&gw->state, GW_SWAPPING_OUT);
 	gw_release_empty_chunks();
 	EACH_PIECE(r, p)
@@ -200,7 +265,7 @@ HIDDEN int gw_swap_out(uint64_t want, uint64_t *moved)
 			CUcontext popped;
 			if (!(e = real_cuCtxPushCurrent_v2(largest->ctx))) {
 				uint64_t pin_start = gw_now_ns();
-				p->host = host_space(p->size, total - queued);
+				p->host = host_space(p->size, total - queued, largest->ctx);
 				pinning += gw_now_ns() - pin_start;
 				real_cuCtxPopCurrent_v2(&popped);
 			}
@@ -228,7 +293,13 @@ HIDDEN int gw_swap_out(uint64_t want, uint64_t *moved)
 		*moved += p->size;
 	}
 	if (e) {
-		gw_log("swap-out failed with CUDA error %d; nothing was moved", e);
+		// The copies are done (synchronized above): the segments this call pinned can go. Those that stay
+		// hold only what was swapped out before, up to where the bump allocator stood then.
+		uint64_t freed = segments_free_from(segments_before);
+		seg_cur = seg_cur_before;
+		seg_off = seg_off_before;
+		gw_log("swap-out failed with CUDA error %d; nothing was moved, %llu bytes of host memory given back%s", e,
+		       (unsigned long long)freed, was_running ? "; running again" : "");
 		*moved = 0;
 	} else if (*moved) {
 		atomic_fetch_add(&gw->swaps_out, 1);
@@ -237,7 +308,26 @@ HIDDEN int gw_swap_out(uint64_t want, uint64_t *moved)
 	}
 	atomic_store(&gw->state, any_swapped() ? GW_SWAPPED : GW_PAUSED);
 	gw_memory_unlock();
+	if (e)
+		run_again_if(was_running);
 	return e;
+}
+
+// Gives back all pinned host memory if none of it holds swapped-out data; else frees nothing.
+HIDDEN int gw_drop_host(uint64_t *freed)
+{
+	*freed = 0;
+	gw_memory_lock();
+	if (!any_in_host_memory()) {
+		*freed = segments_free_from(0);
+		seg_cur = 0;
+		seg_off = 0;
+		gw_log("gave back %llu bytes of pinned host memory", (unsigned long long)*freed);
+	} else {
+		gw_log("host memory holds swapped-out data: none given back");
+	}
+	gw_memory_unlock();
+	return CUDA_SUCCESS;
 }
 
 static CUresult map_again(struct gw_region *r, struct gw_piece *p)

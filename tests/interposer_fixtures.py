@@ -1,6 +1,7 @@
 """Fixtures for tests of the interposer (libgpuwatch.so): the built library, scripted programs that preload
-it, its shared page read from outside as the daemon reads it, and a fake daemon speaking its protocol.
-Import what a test module uses: `from interposer_fixtures import ...`."""
+it, its shared page read from outside as the daemon reads it, a fake daemon speaking its protocol, and a fake
+interposer speaking the daemon's (FakeInterposer, for tests of the daemon's side). conftest.py registers this
+module as a plugin: its fixtures reach every test module; import the classes and constants a module uses."""
 from __future__ import annotations
 
 import json
@@ -14,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -31,6 +33,9 @@ DEVICE = struct.Struct("<5Q")
 DEVICE_FIELDS = ("quota", "used", "swappable", "unswappable", "swapped")
 SLOT = struct.Struct("<II3Q")
 FLAG_ATTACHED, FLAG_SWAP, FLAG_BOUNDED = 1, 2, 4
+MAGIC = 0x31535747
+STATE_CODES = {"running": 0, "paused": 1, "swapping_out": 2, "swapped": 3, "swapping_in": 4}
+PINNED_BYTES_OFFSET = 136  # u64: pinned host memory the library holds (docs/interposer.md, "Shared page")
 
 
 @pytest.fixture(scope="session")
@@ -61,6 +66,10 @@ class Page:
 
     def __getitem__(self, field: str) -> int:
         return self.header()[field]
+
+    @property
+    def pinned_bytes(self) -> int:
+        return struct.unpack_from("<Q", self.map, PINNED_BYTES_OFFSET)[0]
 
     def device(self, d: int = 0) -> dict[str, int]:
         return dict(zip(DEVICE_FIELDS, DEVICE.unpack_from(self.map, 256 + 64 * d)))
@@ -265,3 +274,117 @@ def fake_daemons(tmp_path: Path) -> Iterator[Callable[..., FakeDaemon]]:
     yield make
     for d in made:
         d.close()
+
+
+class FakeInterposer:
+    """What libgpuwatch.so does towards the daemon, from this test process: a memfd page, the attach, and
+    answers to requests (which it records) that move the page's state as the library would."""
+
+    def __init__(self, socket_path: str, pid: int | None = None, magic: int = MAGIC, max_devices: int = 16,
+                 priority: int = 1, sealable: bool = True, name: str = "gpuwatch-interposer", size: int = PAGE_SIZE,
+                 answer: bool = True) -> None:
+        flags = os.MFD_CLOEXEC | (os.MFD_ALLOW_SEALING if sealable else 0)
+        self.fd = os.memfd_create(name, flags)
+        os.ftruncate(self.fd, size)
+        self.page = mmap.mmap(self.fd, PAGE_SIZE if size >= PAGE_SIZE else size)
+        if size >= PAGE_SIZE:
+            struct.pack_into("<IIiIIII", self.page, 0, magic, 1, os.getpid() if pid is None else pid, max_devices, 0,
+                             0, priority)
+        self.socket_path, self.answer = socket_path, answer
+        self.requests: list[dict[str, Any]] = []
+        self.sock: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+
+    # the page
+    def u32(self, offset: int, value: int | None = None) -> int:
+        if value is not None:
+            struct.pack_into("<I", self.page, offset, value)
+        return struct.unpack_from("<I", self.page, offset)[0]
+
+    def u64(self, offset: int, value: int | None = None) -> int:
+        if value is not None:
+            struct.pack_into("<Q", self.page, offset, value)
+        return struct.unpack_from("<Q", self.page, offset)[0]
+
+    def device(self, d: int, quota: int = 0, used: int = 0, swappable: int = 0, unswappable: int = 0,
+               swapped: int = 0) -> None:
+        struct.pack_into("<5Q", self.page, 256 + 64 * d, quota, used, swappable, unswappable, swapped)
+
+    def slot(self, s: int, launches: int, graph_launches: int = 0, copies: int = 0) -> None:
+        struct.pack_into("<IIQQQ", self.page, 4096 + 64 * s, 1, 1000 + s, launches, graph_launches, copies)
+
+    def set_state(self, state: str) -> None:
+        self.u32(20, STATE_CODES[state])
+
+    @property
+    def lease_deadline_ns(self) -> int:
+        return self.u64(32)
+
+    # the connection
+    def attach(self, mem_limit: int | None = None, **fields: Any) -> dict[str, Any]:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(self.socket_path)
+        self.rfile = self.sock.makefile("rb")
+        request = {"cmd": "interposer_attach", "version": 1, "shm_fd": self.fd, "mem_limit": mem_limit,
+                   "priority": "normal", "swap": True, **fields}
+        self.sock.sendall(json.dumps(request).encode() + b"\n")
+        reply = json.loads(self.rfile.readline())
+        if reply.get("ok"):
+            self._thread = threading.Thread(target=self._serve, daemon=True)
+            self._thread.start()
+        return reply
+
+    def _serve(self) -> None:
+        # Requests are lines `<id> <op>[ <arg>]` (docs/interposer.md, "Daemon protocol"), read as strictly as
+        # the library reads them into {"id", "op"} plus "bytes" (swap_out, quota) or "on" (bound). A line
+        # that breaks the format is recorded with "malformed" and answered as the library would: ok false.
+        args = {"swap_out": "bytes", "quota": "bytes", "bound": "on"}
+
+        def number(field: str) -> int | None:
+            ok = field.isascii() and field.isdigit() and (field == "0" or field[0] != "0") and int(field) < 1 << 64
+            return int(field) if ok else None
+
+        for line in self.rfile:
+            fields = line.decode("ascii", "replace").removesuffix("\n").split(" ")
+            request: dict[str, Any] = {"id": number(fields[0]) or 0, "op": fields[1] if len(fields) > 1 else ""}
+            arg = number(fields[2]) if len(fields) == 3 else None
+            if (len(line) > 81 or not line.endswith(b"\n") or not request["id"]
+                    or len(fields) != 2 + (request["op"] in args)
+                    or (request["op"] in args and (arg is None or (request["op"] == "bound" and arg > 1)))):
+                request["malformed"] = line
+            elif request["op"] in args:
+                request[args[request["op"]]] = arg == 1 if request["op"] == "bound" else arg
+            self.requests.append(request)
+            if not self.answer:
+                continue
+            reply: dict[str, Any] = {"id": request["id"], "ok": True}
+            if "malformed" in request:
+                reply = {"id": request["id"], "ok": False, "error": "malformed request"}
+            elif request["op"] == "pause":
+                self.set_state("paused")
+                reply["state"] = "paused"
+            elif request["op"] == "swap_out":
+                moved = request["bytes"] or 512 * MiB
+                self.device(0, used=0, swappable=moved, swapped=moved)
+                self.u64(40, self.u64(40) + moved)
+                self.set_state("swapped")
+                reply.update(state="swapped", bytes=moved)
+            elif request["op"] == "resume":
+                self.set_state("running")
+                reply["state"] = "running"
+            else:
+                reply = {"id": request["id"], "ok": False, "error": f"unknown op {request['op']}"}
+            self.sock.sendall(json.dumps(reply).encode() + b"\n")
+
+    def disconnect(self) -> None:
+        if self.sock is not None:
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.disconnect()
+            self.sock.close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self.page.close()
+        os.close(self.fd)

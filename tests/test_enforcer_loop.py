@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from gpuwatch.enforcer.enforcer import Enforcer, SchedulerSettings
+from gpuwatch.enforcer.hostmemory import HostBudget, HostSettings
 from gpuwatch.enforcer.interposed import InterposedRegistry
 from gpuwatch.enforcer.ledger import Ledger
 from gpuwatch.enforcer.scheduler import Verdict
@@ -109,3 +110,46 @@ def test_without_the_grace_a_leaver_would_be_scheduled_like_a_plain_process() ->
     decisions = enforcer.tick(0.0)
     assert decisions[11].verdict is Verdict.RUN and decisions[10].verdict is Verdict.SWAP
     assert registry.requests == [(10, "swap_out")]
+
+
+def budget(available: int, headroom: tuple[int, int] | None = None, limit: int | None = None) -> HostBudget:
+    return HostBudget(HostSettings(reserve_bytes=4 * GiB, limit_bytes=limit),
+                      meminfo=lambda: {"MemTotal": 125 * GiB, "MemAvailable": available},
+                      headroom=lambda pid: headroom)
+
+
+def contended(host: HostBudget) -> tuple[Enforcer, Registry, dict[int, Enforcement]]:
+    """A holder of 60 GiB running, a newcomer asking for 60 GiB on a 100 GiB GPU: the holder must go out."""
+    holder = ProcessGpu(pid=10, comm="train", gpu=0, nvml_bytes=60 * GiB, interposed=True)
+    newcomer = ProcessGpu(pid=11, comm="train", gpu=0, nvml_bytes=0, interposed=True)
+    running = DeviceEnforcement(0, None, swapped_bytes=0, swappable_bytes=60 * GiB, unswappable_bytes=0, in_use=True)
+    pages = {10: Enforcement(pid=10, interposed=True, state="running", devices=(running,), launches=0),
+             11: Enforcement(pid=11, interposed=True, state="running", wanted_bytes=60 * GiB, waiting_threads=1,
+                             launches=0)}
+    enforcer, registry, _ = enforcer_for([holder, newcomer], pages, detached=set())
+    enforcer.host = host
+    return enforcer, registry, pages
+
+
+def test_a_swap_out_the_host_cannot_hold_is_not_carried_out() -> None:
+    """22 GiB must go out (the excess and the slack); 16 GiB is spare: the holder runs on, nothing moves, and
+    the newcomer waits for host memory (then gets out-of-memory after room_wait_ms)."""
+    enforcer, registry, _ = contended(budget(available=20 * GiB))
+    decisions = enforcer.tick(0.0)
+    assert (decisions[10].verdict, decisions[11].verdict) == (Verdict.RUN, Verdict.RUN)
+    assert [op for _, op in registry.requests if op == "swap_out"] == []
+    assert enforcer.reasons == {11: "waiting for host memory"}
+
+
+def test_a_swap_out_that_fits_the_host_and_not_the_cgroup_is_not_carried_out() -> None:
+    enforcer, registry, _ = contended(budget(available=120 * GiB, headroom=(16 * GiB, 32 * GiB)))
+    decisions = enforcer.tick(0.0)
+    assert decisions[10].verdict is Verdict.RUN
+    assert [op for _, op in registry.requests if op == "swap_out"] == []
+
+
+def test_a_swap_out_within_the_budget_goes_ahead() -> None:
+    enforcer, registry, _ = contended(budget(available=120 * GiB))
+    decisions = enforcer.tick(0.0)
+    assert decisions[10].verdict is Verdict.SWAP and decisions[10].swap_bytes == 22 * GiB
+    assert [op for _, op in registry.requests if op == "swap_out"] == ["swap_out"]

@@ -159,3 +159,62 @@ def test_a_plain_process_paused_by_hand_says_so_and_stays_stopped(fakecuda: Path
         assert row(sdaemon, p.pid)["reason"] is None
     finally:
         p.close()
+
+
+@pytest.fixture(scope="module")
+def tight_host(gpu: tuple[Path, Path]) -> Iterator[Daemon]:
+    """The same GPU, with 8 MiB of host memory for swapping: no swap-out of a 64 MiB piece fits."""
+    workdir = Path(tempfile.mkdtemp(prefix="gpuwatch-host-"))
+    workdir.chmod(0o755)
+    config = workdir / "gpuwatch.toml"
+    config.write_text(f"[scheduler]\nquantum_ms = 1000\nidle_ms = 300\nreserve_mib = 0\ncontext_mib = 0\n"
+                      f"tick_ms = {TICK_MS}\nroom_wait_ms = {ROOM_WAIT_MS}\nhost_limit_mib = 8\n")
+    lib_dir, state = gpu
+    os.environ["LD_LIBRARY_PATH"], os.environ["FAKENVML_STATE"] = str(lib_dir), str(state)
+    try:
+        d = Daemon(workdir, "--config", str(config), "--launches", "all", nvml=True)
+    finally:
+        del os.environ["LD_LIBRARY_PATH"], os.environ["FAKENVML_STATE"]
+    yield d
+    d.stop()
+
+
+def test_beyond_the_host_budget_nothing_moves_and_the_newcomer_gets_out_of_memory(
+        fakecuda: Path, interposer: Path, tight_host: Daemon, tmp_path: Path) -> None:
+    shared = tmp_path / "gpu"
+    a = interposed(fakecuda, interposer, tight_host, shared)
+    b = interposed(fakecuda, interposer, tight_host, shared)
+    try:
+        a.ok("alloc a1 67108864")
+        a.ok("fill a1 5")
+        a.ok("spin s launch -")
+        status = tight_host.status()
+        assert status["host"]["limit_bytes"] == 8 * MiB and status["host"]["spare_bytes"] <= 8 * MiB
+        reasons: list[str | None] = []
+        done = threading.Event()
+
+        def watch() -> None:
+            while not done.is_set():
+                reasons.append(row(tight_host, b.pid)["reason"])
+                time.sleep(0.05)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        try:
+            started = time.monotonic()
+            assert b.err("alloc b1 50331648") == 2  # a would have to pin 64 MiB: more than the host may give
+            waited = time.monotonic() - started
+        finally:
+            done.set()
+            watcher.join()
+        assert waited <= ROOM_WAIT_MS / 1000 + 2.0, waited
+        assert "waiting for host memory" in reasons, reasons
+        r = row(tight_host, a.pid)
+        assert (r["state"], r["swapped_bytes"], r["swap_pinned_bytes"]) == ("running", 0, 0)
+        iterations, errors, _ = map(int, a.ok("spinstop s"))
+        assert iterations > 0 and errors == 0
+        a.ok("check a1 5")  # nobody killed, nothing lost
+        b.ok("alloc b2 16777216")
+    finally:
+        a.close()
+        b.close()

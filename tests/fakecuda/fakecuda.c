@@ -64,7 +64,7 @@ typedef struct {
 } CUDA_MEMCPY2D;
 
 enum { OK = 0, E_VALUE = 1, E_OOM = 2, E_NOINIT = 3, E_DEVICE = 101, E_CONTEXT = 201,
-       E_HANDLE = 400, E_NOTFOUND = 500, E_UNKNOWN = 999 };
+       E_HANDLE = 400, E_NOTFOUND = 500, E_REGISTERED = 712, E_NOT_REGISTERED = 713, E_UNKNOWN = 999 };
 
 #define API __attribute__((visibility("default"), noipa))
 #define TRY(expr) do { CUresult try_ = (expr); if (try_) return try_; } while (0)
@@ -86,6 +86,14 @@ static size_t capacity;
 // Device bytes in use (cuMemAlloc* and cuMemCreate): here, or with FAKECUDA_SHARED_STATE=FILE in that file
 // (MAP_SHARED), so that several processes share one emulated GPU. Changed only by take() and give().
 static _Atomic size_t local_used[MAX_DEVICES], *used = local_used;
+// Pinned host memory (cuMemHostAlloc, cuMemAllocHost_v2, cuMemHostRegister_v2): with FAKECUDA_PIN_LIMIT=BYTES,
+// at most that much at once; more is refused with CUDA_ERROR_OUT_OF_MEMORY. Lock held for both.
+static bool pin_limited;
+static size_t pin_limit, pinned;
+// FAKECUDA_FAIL_DTOH_ASYNC=1: every cuMemcpyDtoHAsync_v2 fails with CUDA_ERROR_UNKNOWN (a copy failing).
+static bool fail_dtoh_async;
+#define MAX_REGISTERED 256
+static struct { uintptr_t p; size_t size; } registered[MAX_REGISTERED]; // p 0: a free entry
 
 static unsigned long long env_size(const char *name, unsigned long long dflt)
 {
@@ -120,6 +128,10 @@ static void configure(void)
 	ndev = n > MAX_DEVICES ? MAX_DEVICES : (int)n;
 	capacity = env_size("FAKECUDA_MEM_BYTES", 8ULL << 30);
 	no_vmm = nv && !strcmp(nv, "1");
+	const char *pl = getenv("FAKECUDA_PIN_LIMIT");
+	pin_limited = pl && *pl;
+	pin_limit = env_size("FAKECUDA_PIN_LIMIT", 0);
+	fail_dtoh_async = (pl = getenv("FAKECUDA_FAIL_DTOH_ASYNC")) && !strcmp(pl, "1");
 	for (int i = 0; i < ndev; i++)
 		primary[i] = (struct CUctx_st){.dev = i, .alive = true};
 	if (state && *state) {
@@ -152,6 +164,15 @@ static bool take(CUdevice dev, size_t size)
 }
 
 static void give(CUdevice dev, size_t size) { atomic_fetch_sub(&used[dev], size); }
+
+// Takes size bytes of pinned host memory, or returns false when FAKECUDA_PIN_LIMIT would be passed. Lock held.
+static bool pin(size_t size)
+{
+	if (pin_limited && (pinned > pin_limit || size > pin_limit - pinned))
+		return false;
+	pinned += size;
+	return true;
+}
 
 static CUresult check_dev(CUdevice dev)
 {
@@ -302,6 +323,10 @@ static const struct { CUresult code; const char *name, *desc; } errors[] = {
 	{E_CONTEXT, "CUDA_ERROR_INVALID_CONTEXT", "invalid device context"},
 	{E_HANDLE, "CUDA_ERROR_INVALID_HANDLE", "invalid resource handle"},
 	{E_NOTFOUND, "CUDA_ERROR_NOT_FOUND", "named symbol not found"},
+	{E_REGISTERED, "CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED",
+	 "part or all of the requested memory range is already mapped"},
+	{E_NOT_REGISTERED, "CUDA_ERROR_HOST_MEMORY_NOT_REGISTERED",
+	 "pointer does not correspond to a registered memory region"},
 };
 
 static CUresult error_text(CUresult e, const char **s, bool name)
@@ -452,14 +477,16 @@ static CUresult mem_alloc(CUdeviceptr *out, size_t size, enum kind kind)
 		return E_OOM;
 	pthread_mutex_lock(&lock);
 	void *p = MAP_FAILED;
-	bool took = kind == K_DEVICE && take(dev, size);
-	if (kind != K_DEVICE || took)
+	bool took = kind == K_DEVICE ? take(dev, size) : kind == K_HOST ? pin(size) : true;
+	if (took)
 		p = mmap(NULL, size, RW, ANON, -1, 0);
 	if (p == MAP_FAILED) {
 		r = E_OOM;
 		free(a);
-		if (took)
+		if (took && kind == K_DEVICE)
 			give(dev, size);
+		if (took && kind == K_HOST)
+			pinned -= size;
 	} else {
 		*a = (struct alloc){(uintptr_t)p, size, dev, kind, *bucket((uintptr_t)p)};
 		*bucket(a->ptr) = a;
@@ -483,6 +510,8 @@ static CUresult mem_free(CUdeviceptr ptr, bool host)
 		*pp = a->next;
 		if (a->kind == K_DEVICE)
 			give(a->dev, a->size);
+		if (a->kind == K_HOST)
+			pinned -= a->size;
 		munmap((void *)(uintptr_t)a->ptr, a->size);
 		free(a);
 	}
@@ -537,8 +566,44 @@ API CUresult cuMemFreeAsync_ptsz(CUdeviceptr dptr, CUstream s) { return mem_free
 API CUresult cuMemHostAlloc(void **pp, size_t size, unsigned flags) { return host_alloc(pp, size); }
 API CUresult cuMemAllocHost_v2(void **pp, size_t size) { return host_alloc(pp, size); }
 API CUresult cuMemFreeHost(void *p) { return mem_free((uintptr_t)p, true); }
-API CUresult cuMemHostRegister_v2(void *p, size_t size, unsigned flags) { return p && size ? OK : E_VALUE; }
-API CUresult cuMemHostUnregister(void *p) { return p ? OK : E_VALUE; }
+// Registrations are tracked by start address, as the driver tracks them.
+API CUresult cuMemHostRegister_v2(void *p, size_t size, unsigned flags)
+{
+	if (!p || !size)
+		return E_VALUE;
+	CUresult r = E_OOM;
+	int free_entry = -1;
+	pthread_mutex_lock(&lock);
+	for (int i = 0; i < MAX_REGISTERED && r != E_REGISTERED; i++)
+		if (registered[i].p == (uintptr_t)p)
+			r = E_REGISTERED;
+		else if (!registered[i].p && free_entry < 0)
+			free_entry = i;
+	if (r != E_REGISTERED && free_entry >= 0 && pin(size)) {
+		registered[free_entry].p = (uintptr_t)p;
+		registered[free_entry].size = size;
+		r = OK;
+	}
+	pthread_mutex_unlock(&lock);
+	return r;
+}
+
+API CUresult cuMemHostUnregister(void *p)
+{
+	if (!p)
+		return E_VALUE;
+	CUresult r = E_NOT_REGISTERED;
+	pthread_mutex_lock(&lock);
+	for (int i = 0; i < MAX_REGISTERED && r; i++)
+		if (registered[i].p == (uintptr_t)p) {
+			pinned -= registered[i].size;
+			registered[i].p = 0;
+			registered[i].size = 0;
+			r = OK;
+		}
+	pthread_mutex_unlock(&lock);
+	return r;
+}
 
 API CUresult cuMemGetInfo_v2(size_t *free, size_t *total)
 {
@@ -851,10 +916,16 @@ API CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void *src, size_t n) { retur
 API CUresult cuMemcpyDtoH_v2(void *dst, CUdeviceptr src, size_t n) { return copy(H(dst), src, n); }
 API CUresult cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t n) { return copy(dst, src, n); }
 API CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void *src, size_t n, CUstream s) { return copy(dst, H(src), n); }
-API CUresult cuMemcpyDtoHAsync_v2(void *dst, CUdeviceptr src, size_t n, CUstream s) { return copy(H(dst), src, n); }
+API CUresult cuMemcpyDtoHAsync_v2(void *dst, CUdeviceptr src, size_t n, CUstream s)
+{
+	return fail_dtoh_async ? E_UNKNOWN : copy(H(dst), src, n);
+}
 API CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, CUstream s) { return copy(dst, src, n); }
 API CUresult cuMemcpyHtoDAsync_v2_ptsz(CUdeviceptr dst, const void *src, size_t n, CUstream s) { return copy(dst, H(src), n); }
-API CUresult cuMemcpyDtoHAsync_v2_ptsz(void *dst, CUdeviceptr src, size_t n, CUstream s) { return copy(H(dst), src, n); }
+API CUresult cuMemcpyDtoHAsync_v2_ptsz(void *dst, CUdeviceptr src, size_t n, CUstream s)
+{
+	return fail_dtoh_async ? E_UNKNOWN : copy(H(dst), src, n);
+}
 API CUresult cuMemcpyDtoDAsync_v2_ptsz(CUdeviceptr dst, CUdeviceptr src, size_t n, CUstream s) { return copy(dst, src, n); }
 API CUresult cuMemcpy(CUdeviceptr dst, CUdeviceptr src, size_t n) { return copy(dst, src, n); }
 API CUresult cuMemcpyAsync(CUdeviceptr dst, CUdeviceptr src, size_t n, CUstream s) { return copy(dst, src, n); }

@@ -1,0 +1,45 @@
+"""The scheduler's settings and what it did to each process (slices, waits, preemptions), for the view, the
+metrics and `top`."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..core.vocabulary import MiB
+
+CONTEXT_BYTES = 512 * MiB  # a CUDA context's own memory, where NVML cannot tell us
+WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0)
+
+
+@dataclass
+class SchedulingStats:
+    """Per process, what the scheduler did to it: read by the snapshot, the metrics and top."""
+    slice_seconds: float = 0.0
+    wait_seconds: float = 0.0
+    wait_count: int = 0
+    wait_buckets: list[int] = field(default_factory=lambda: [0] * len(WAIT_BUCKETS))
+    preemptions: int = 0
+    waiting_since: float | None = None
+    running: bool = True
+
+    def waited(self, seconds: float) -> None:
+        self.wait_seconds += seconds
+        self.wait_count += 1
+        for i, bound in enumerate(WAIT_BUCKETS):
+            if seconds <= bound:
+                self.wait_buckets[i] += 1
+
+
+@dataclass(frozen=True)
+class SchedulerSettings:
+    quantum_s: float | None = None  # None: derived from the measured cost of a switch
+    idle_s: float = 0.5
+    reserve_bytes: int = 1 << 30     # device memory kept free of every process's needs
+    context_bytes: int = CONTEXT_BYTES
+    tick_s: float = 0.05
+    room_wait_s: float = 30.0
+
+    @classmethod
+    def from_config(cls, section: Any) -> SchedulerSettings:  # daemon.config.SchedulerSection
+        return cls(section.quantum_ms / 1000 or None, section.idle_ms / 1000, section.reserve_mib * MiB,
+                   section.context_mib * MiB, section.tick_ms / 1000, section.room_wait_ms / 1000)
