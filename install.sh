@@ -25,18 +25,15 @@ section = re.search(r"^\[tool\.setuptools\.package-dir\]\n(.*?)(?:^\[|\Z)", open
 os.makedirs("build/mypy", exist_ok=True)
 for package, folder in re.findall(r'^"([\w.]+)"\s*=\s*"([^"]+)"', section.group(1), re.M):
     link = os.path.join("build/mypy", *package.split("."))
-    target = os.path.join(folder, "__init__.py") if package == "gpuwatch" else folder
-    if package == "gpuwatch":
-        os.makedirs(link, exist_ok=True)
-        link = os.path.join(link, "__init__.py")
+    os.makedirs(os.path.dirname(link), exist_ok=True)  # gpuwatch itself is a namespace package: a plain folder
     if os.path.lexists(link):
         os.remove(link)
-    os.symlink(os.path.relpath(target, os.path.dirname(link)), link)
+    os.symlink(os.path.relpath(folder, os.path.dirname(link)), link)
 PY
   say "ruff check"
   "$VENV/bin/ruff" check --output-format concise . || { echo "install.sh: ruff found problems (above)" >&2; return 1; }
   say "mypy"
-  "$VENV/bin/mypy" | sed -e 's#^build/mypy/gpuwatch/__init__\.py#gpuwatch/__init__.py#' -e 's#^build/mypy/gpuwatch/##' ||
+  "$VENV/bin/mypy" | sed -e 's#^build/mypy/gpuwatch/##' ||
     { echo "install.sh: mypy found problems (above)" >&2; return 1; }
 }
 if [ "$mode" = --lint ]; then lint; exit; fi

@@ -244,3 +244,12 @@ def cgroup_memory_headroom(pid: int) -> tuple[int, int] | None:
         if limit.isdigit() and (best is None or int(limit) - current < best[0]):
             best = (max(int(limit) - current, 0), int(limit))
     return best
+
+
+def send_signal(pid: int, sig: int) -> bool:
+    """False when the process is gone: a vanishing process is never an error."""
+    try:
+        os.kill(pid, sig)
+        return True
+    except ProcessLookupError:
+        return False

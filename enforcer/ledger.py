@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..core.procfs import proc_stat
+from ..core.procfs import proc_stat, send_signal
 
 log = logging.getLogger(__name__)
 HAND, QUOTA, SCHEDULER = "hand", "quota", "scheduler"  # who stopped a process
@@ -51,7 +51,7 @@ class Ledger:
                 continue  # an interposed process: its lease lapsed and it resumed by itself
             stat = proc_stat(pid)
             if stat is not None and stat.start_time == start and stat.state in "Tt":
-                if _signal(pid, signal.SIGCONT):
+                if send_signal(pid, signal.SIGCONT):
                     log.info("pid %d continued (SIGCONT): a previous daemon stopped it", pid)
         quotas = data.get("quotas", [])
         with self._lock:
@@ -66,7 +66,7 @@ class Ledger:
             for pid, h in held.items():
                 stat = proc_stat(pid)
                 if h.signalled and stat is not None and stat.start_time == h.start_time and \
-                        _signal(pid, signal.SIGCONT):
+                        send_signal(pid, signal.SIGCONT):
                     log.info("pid %d continued (SIGCONT): the daemon is stopping", pid)
             self.save()
 
@@ -166,11 +166,3 @@ class Ledger:
                 os.replace(tmp, self.path)
             except OSError as exc:
                 log.warning("cannot write %s: %s", self.path, exc)
-
-
-def _signal(pid: int, sig: int) -> bool:
-    try:
-        os.kill(pid, sig)
-        return True
-    except ProcessLookupError:
-        return False

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from ..core.procfs import PF_KTHREAD, cgroup2_root, process_cgroup, proc_stat, thread_states
+from ..core.procfs import PF_KTHREAD, cgroup2_root, process_cgroup, proc_stat, send_signal, thread_states
 from ..core.protocol import ControlError
 from ..core.vocabulary import ACTIONS, MAX_SIZE, STOPPED, size_problem
 from ..probes.model import Event, EventType
@@ -459,7 +459,7 @@ class QuotaEnforcer:
                          pid, stops[0].size, stops[0].gpu, group.name if group else "its group",
                          stops[0].group_used, stops[0].limit)
                 if group is not None and group.action == "kill":
-                    self._signal(pid, signal.SIGKILL)
+                    send_signal(pid, signal.SIGKILL)
                     self.ledger.forget(pid)
                     rec.killed = True
                     log.info("pid %d killed (SIGKILL): it reached the quota of %s", pid, group.name)
@@ -503,7 +503,7 @@ class QuotaEnforcer:
                 self.maps.set_granted(g.group, g.gpu, self._granted[(g.group, g.gpu)])
             self.maps.clear_stop(pid, s.tid)
         del self._stopped[pid]
-        if self.ledger.release(pid, QUOTA) and self._signal(pid, signal.SIGCONT):
+        if self.ledger.release(pid, QUOTA) and send_signal(pid, signal.SIGCONT):
             log.info("pid %d continued (SIGCONT): its allocation fits its quota", pid)
 
     def _release(self, g: _Grant) -> None:
@@ -516,14 +516,6 @@ class QuotaEnforcer:
             del self._granted[key]
         if g.group in self._groups:
             self.maps.set_granted(g.group, g.gpu, self._granted.get(key, 0))
-
-    @staticmethod
-    def _signal(pid: int, sig: int) -> bool:
-        try:
-            os.kill(pid, sig)
-            return True
-        except ProcessLookupError:
-            return False
 
     def _save(self) -> None:
         """The quotas set by hand, into the ledger: a daemon started after this one keeps them."""

@@ -37,8 +37,8 @@ static pthread_mutex_t driver_lock = PTHREAD_MUTEX_INITIALIZER;
 
 typedef void *(*dlsym_fn)(void *, const char *);
 typedef void *(*dlvsym_fn)(void *, const char *, const char *);
-static _Atomic(dlsym_fn) libc_dlsym;
-static _Atomic(dlvsym_fn) libc_dlvsym;
+static _Atomic(void *) libc_dlsym;  // libc's dlsym and dlvsym, once looked up
+static _Atomic(void *) libc_dlvsym;
 
 struct elf_lookup {
 	const char *name;
@@ -107,25 +107,19 @@ static void *libc_function(const char *name)
 	return q.found;
 }
 
-static dlsym_fn real_dlsym(void)
+// libc's own function `name`, looked up once and kept in `slot`
+static void *libc_cached(_Atomic(void *) *slot, const char *name)
 {
-	dlsym_fn f = atomic_load(&libc_dlsym);
+	void *f = atomic_load(slot);
 	if (unlikely(!f)) {
-		f = (dlsym_fn)libc_function("dlsym");
-		atomic_store(&libc_dlsym, f);
+		f = libc_function(name);
+		atomic_store(slot, f);
 	}
 	return f;
 }
 
-static dlvsym_fn real_dlvsym(void)
-{
-	dlvsym_fn f = atomic_load(&libc_dlvsym);
-	if (unlikely(!f)) {
-		f = (dlvsym_fn)libc_function("dlvsym");
-		atomic_store(&libc_dlvsym, f);
-	}
-	return f;
-}
+static dlsym_fn real_dlsym(void) { return (dlsym_fn)libc_cached(&libc_dlsym, "dlsym"); }
+static dlvsym_fn real_dlvsym(void) { return (dlvsym_fn)libc_cached(&libc_dlvsym, "dlvsym"); }
 
 // ---- the driver
 

@@ -4,6 +4,7 @@ Only BPF writes quota_used; only this module writes quota_base and quota_granted
 read-modify-write loses the other's update (probes/bpf/maps.h names each map's writers)."""
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,138 +34,122 @@ def pid_gpu_key(table: Any, first: int, gpu: int) -> Any:
     return key
 
 
+def _loaded(default: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Runs the method under the tracer's lock with the loaded program as its first argument, or returns
+    `default` (made anew when it is a type, like dict) while none is loaded."""
+    def wrap(method: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(method)
+        def run(self: QuotaMaps, *args: Any) -> Any:
+            with self._lock:
+                bpf = self._bpf()
+                if bpf is None:
+                    return default() if isinstance(default, type) else default
+                return method(self, bpf, *args)
+        return run
+    return wrap
+
+
 class QuotaMaps:
     """Every method is safe from any thread and does nothing while the program is not loaded."""
 
     def __init__(self, bpf: Callable[[], Any], lock: threading.RLock) -> None:
         self._bpf, self._lock = bpf, lock
 
-    def join(self, pid: int, group: int) -> bool:
+    @_loaded(False)
+    def join(self, bpf: Any, pid: int, group: int) -> bool:
         """Put a process in a quota group; what it holds already counts. False: it was a member already."""
-        with self._lock:
-            bpf = self._bpf()
-            if bpf is None:
-                return False
-            member = bpf["quota_member"]
-            current = member.get(member.Key(pid))
-            if current is not None and current.value == group:
-                return False
-            if current is not None:
-                self._leave(bpf, pid)
-            held = device_bytes(bpf, pid)  # before it is a member: what it allocates later counts in BPF
-            base = bpf["quota_base"]
-            for gpu, n in held.items():
-                _put(base, group, gpu, _get(base, group, gpu) + n)
-            member[member.Key(pid)] = member.Leaf(group)
-            return True
+        member = bpf["quota_member"]
+        current = member.get(member.Key(pid))
+        if current is not None and current.value == group:
+            return False
+        if current is not None:
+            _leave(bpf, pid)
+        held = device_bytes(bpf, pid)  # before it is a member: what it allocates later counts in BPF
+        base = bpf["quota_base"]
+        for gpu, n in held.items():
+            _put(base, group, gpu, _get(base, group, gpu) + n)
+        member[member.Key(pid)] = member.Leaf(group)
+        return True
 
-    def leave(self, pid: int) -> None:
-        with self._lock:
-            bpf = self._bpf()
-            if bpf is not None:
-                self._leave(bpf, pid)
+    @_loaded(None)
+    def leave(self, bpf: Any, pid: int) -> None:
+        _leave(bpf, pid)
 
-    @staticmethod
-    def _leave(bpf: Any, pid: int) -> None:
+    @_loaded(None)
+    def group_of(self, bpf: Any, pid: int) -> int | None:
         member = bpf["quota_member"]
         group = member.get(member.Key(pid))
-        if group is None:
-            return
-        member.pop(member.Key(pid), None)
-        base = bpf["quota_base"]
-        for gpu, n in device_bytes(bpf, pid).items():
-            _put(base, group.value, gpu, _get(base, group.value, gpu) - n)
+        return None if group is None else group.value
 
-    def group_of(self, pid: int) -> int | None:
-        with self._lock:
-            bpf = self._bpf()
-            if bpf is None:
-                return None
-            member = bpf["quota_member"]
-            group = member.get(member.Key(pid))
-            return None if group is None else group.value
+    @_loaded(None)
+    def set_limit(self, bpf: Any, group: int, limit: int) -> None:
+        table = bpf["quota_limit"]
+        table[table.Key(group)] = table.Leaf(limit)
 
-    def set_limit(self, group: int, limit: int) -> None:
-        with self._lock:
-            bpf = self._bpf()
-            if bpf is not None:
-                table = bpf["quota_limit"]
-                table[table.Key(group)] = table.Leaf(limit)
-
-    def drop_group(self, group: int) -> None:
+    @_loaded(None)
+    def drop_group(self, bpf: Any, group: int) -> None:
         """The group's limit, members and counts go (group ids are not reused)."""
-        with self._lock:
-            bpf = self._bpf()
-            if bpf is None:
-                return
-            bpf["quota_limit"].pop(bpf["quota_limit"].Key(group), None)
-            for name in ("quota_member", "quota_forks"):
-                table = bpf[name]
-                for k in [k for k, v in table.items() if v.value == group]:
-                    table.pop(k, None)
-            for name in ("quota_used", "quota_base", "quota_granted"):
-                table = bpf[name]
-                for k in [k for k in table.keys() if k.tgid == group]:
-                    table.pop(k, None)
+        bpf["quota_limit"].pop(bpf["quota_limit"].Key(group), None)
+        for name in ("quota_member", "quota_forks"):
+            table = bpf[name]
+            for k in [k for k, v in table.items() if v.value == group]:
+                table.pop(k, None)
+        for name in ("quota_used", "quota_base", "quota_granted"):
+            table = bpf[name]
+            for k in [k for k in table.keys() if k.tgid == group]:
+                table.pop(k, None)
 
-    def totals(self, group: int) -> dict[int, int]:
+    @_loaded(dict)
+    def totals(self, bpf: Any, group: int) -> dict[int, int]:
         """Per device ordinal (-1 unknown): what the group's members hold, have reserved and were granted."""
         totals: dict[int, int] = {}
-        with self._lock:
-            bpf = self._bpf()
-            if bpf is None:
-                return totals
-            for name in ("quota_used", "quota_base", "quota_granted"):
-                for k, v in bpf[name].items():
-                    if k.tgid == group:
-                        totals[k.gpu] = (totals.get(k.gpu, 0) + v.value) % (1 << 64)
+        for name in ("quota_used", "quota_base", "quota_granted"):
+            for k, v in bpf[name].items():
+                if k.tgid == group:
+                    totals[k.gpu] = (totals.get(k.gpu, 0) + v.value) % (1 << 64)
         return {gpu: signed(v) for gpu, v in totals.items()}
 
-    def set_granted(self, group: int, gpu: int, nbytes: int) -> None:
+    @_loaded(None)
+    def set_granted(self, bpf: Any, group: int, gpu: int, nbytes: int) -> None:
         """Bytes of stopped allocations let run whose return the probes have not seen yet."""
-        with self._lock:
-            bpf = self._bpf()
-            if bpf is None:
-                return
-            table = bpf["quota_granted"]
-            if nbytes:
-                _put(table, group, gpu, nbytes)
-            else:
-                table.pop(pid_gpu_key(table, group, gpu), None)
+        table = bpf["quota_granted"]
+        if nbytes:
+            _put(table, group, gpu, nbytes)
+        else:
+            table.pop(pid_gpu_key(table, group, gpu), None)
 
-    def stops(self) -> list[QuotaStop]:
-        with self._lock:
-            bpf = self._bpf()
-            if bpf is None:
-                return []
-            items = list(bpf["quota_stops"].items())
+    @_loaded(list)
+    def stops(self, bpf: Any) -> list[QuotaStop]:
         return [QuotaStop(pid=k.value >> 32, tid=k.value & 0xFFFFFFFF, size=v.size, gpu=v.gpu, kind=v.kind,
-                          group_used=v.group_used, limit=v.limit) for k, v in items]
+                          group_used=v.group_used, limit=v.limit) for k, v in list(bpf["quota_stops"].items())]
 
-    def clear_stop(self, pid: int, tid: int) -> None:
-        with self._lock:
-            bpf = self._bpf()
-            if bpf is not None:
-                table = bpf["quota_stops"]
-                table.pop(table.Key(pid << 32 | tid), None)
+    @_loaded(None)
+    def clear_stop(self, bpf: Any, pid: int, tid: int) -> None:
+        table = bpf["quota_stops"]
+        table.pop(table.Key(pid << 32 | tid), None)
 
-    def traced(self, pid: int) -> bool:
+    @_loaded(False)
+    def traced(self, bpf: Any, pid: int) -> bool:
         """Whether the probes have seen the process use a GPU."""
-        with self._lock:
-            bpf = self._bpf()
-            if bpf is None:
-                return False
-            table = bpf["procs"]
-            return table.get(table.Key(pid)) is not None
+        table = bpf["procs"]
+        return table.get(table.Key(pid)) is not None
 
-    def call_pending(self, pid: int, tid: int) -> bool:
+    @_loaded(False)
+    def call_pending(self, bpf: Any, pid: int, tid: int) -> bool:
         """Whether a thread is inside a probed call (a stopped allocation has not returned)."""
-        with self._lock:
-            bpf = self._bpf()
-            if bpf is None:
-                return False
-            table = bpf["calls"]
-            return table.get(table.Key(pid << 32 | tid)) is not None
+        table = bpf["calls"]
+        return table.get(table.Key(pid << 32 | tid)) is not None
+
+
+def _leave(bpf: Any, pid: int) -> None:
+    member = bpf["quota_member"]
+    group = member.get(member.Key(pid))
+    if group is None:
+        return
+    member.pop(member.Key(pid), None)
+    base = bpf["quota_base"]
+    for gpu, n in device_bytes(bpf, pid).items():
+        _put(base, group.value, gpu, _get(base, group.value, gpu) - n)
 
 
 def device_bytes(bpf: Any, pid: int) -> dict[int, int]:

@@ -11,6 +11,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -19,7 +20,7 @@ FAKECUDA_SRC = ROOT / "tests" / "fakecuda"
 GPUWATCH = [sys.executable, "-m", "gpuwatch.client.cli"]
 
 # Fixture modules: their fixtures reach every test module without an import (no test module imports another).
-pytest_plugins = ["interposer_fixtures"]
+pytest_plugins = ["interposer_fixtures", "gpu_fixtures"]
 
 # A test that uses one of these needs root, eBPF or the built test doubles: it gets the `root` marker, and
 # `pytest -m "not root"` runs the rest (pure: parsing, the scheduler, the view, top's data shaping, exec's
@@ -193,6 +194,22 @@ class Prog:
         self.proc.wait()
 
 
+ProgT = TypeVar("ProgT", bound="Prog")
+
+
+def launch(p: ProgT, lib: Path, ctx: int | None, started: list, watched: Callable[[], object] | None = None,
+           timeout: float = 5.0) -> ProgT:
+    """A program just started: recorded for closing, the driver `lib` loaded, `watched` waited for (the daemon
+    watching that library), and device `ctx`'s context made current (None: no context)."""
+    started.append(p)
+    p.ok(f"load {lib}")
+    if watched is not None:
+        wait_for(watched, timeout, f"daemon to watch {lib}")
+    if ctx is not None:
+        p.ok(f"ctx {ctx}")
+    return p
+
+
 @pytest.fixture
 def progs(fakecuda: Path, daemon: Daemon) -> Iterator[Callable[..., Prog]]:
     """Starts programs that have loaded the test-double libcuda, once the daemon watches it."""
@@ -202,13 +219,7 @@ def progs(fakecuda: Path, daemon: Daemon) -> Iterator[Callable[..., Prog]]:
               ctx: int | None = 0, watch_timeout: float = 5.0) -> Prog:
         lib = library or fakecuda / "libcuda.so.1"
         argv = [str(fakecuda / "cudaprog")] if kind == "c" else [sys.executable, str(FAKECUDA_SRC / "cudaprog.py")]
-        p = Prog(argv, env)
-        started.append(p)
-        p.ok(f"load {lib}")
-        wait_for(lambda: daemon.watching(lib), watch_timeout, f"daemon to watch {lib}")
-        if ctx is not None:
-            p.ok(f"ctx {ctx}")
-        return p
+        return launch(Prog(argv, env), lib, ctx, started, lambda: daemon.watching(lib), watch_timeout)
 
     yield start
     for p in started:

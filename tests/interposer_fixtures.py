@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from conftest import ROOT, Prog, wait_for
+from conftest import ROOT, Prog, launch, wait_for
 
 MiB = 1 << 20
 PAGE_SIZE = 64 * 1024
@@ -161,12 +161,8 @@ def iprogs(fakecuda: Path, interposer: Path) -> Iterator[Callable[..., IProg]]:
         full = {"GPUWATCH_SOCKET": "", "GPUWATCH_REAL_LIBCUDA": str(lib), **(env or {})}
         if preload:
             full["LD_PRELOAD"] = str(interposer)
-        p = IProg([str(fakecuda / ("cudaprog-linked" if linked else "cudaprog"))], full)
-        started.append(p)
-        p.ok(f"load {lib}")
-        if ctx is not None:
-            p.ok(f"ctx {ctx}")
-        return p
+        return launch(IProg([str(fakecuda / ("cudaprog-linked" if linked else "cudaprog"))], full), lib, ctx,
+                      started)
 
     yield start
     for p in started:

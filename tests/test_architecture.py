@@ -1,4 +1,4 @@
-"""The architecture, held: which layer may import which (gpuwatch/__init__.py draws them), module sizes,
+"""The architecture, held: which layer may import which (the README's Architecture section draws them), module sizes,
 the C side's copies of gpuwatch.core.vocabulary, and a `gpuwatch ps` that does not load the daemon's stack.
 Pure: it reads source text and starts one Python; no root, no BPF."""
 from __future__ import annotations

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,47 +11,20 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, Daemon, wait_for
-from interposer_fixtures import IProg, MiB, driver_used
+from gpu_fixtures import CAPACITY, scheduling_daemon, start_interposed
+from interposer_fixtures import MiB, driver_used
 
-CAPACITY = 96 * MiB
-
-
-@pytest.fixture(scope="module")
-def gpu(tmp_path_factory) -> tuple[Path, Path]:
-    """A fake NVML that shows one GPU of CAPACITY bytes, and the shared state of the test-double driver."""
-    out = tmp_path_factory.mktemp("fakenvml")
-    subprocess.run(["make", "-s", "-C", str(ROOT / "tests" / "fakenvml"), f"OUT={out}"], check=True)
-    (out / "state").write_text(f"gpu 0 GPU-11111111-2222-3333-4444-555555555555 {CAPACITY} 0 Fake GPU\n")
-    return out, out / "state"
 
 
 @pytest.fixture(scope="module")
 def sdaemon(gpu: tuple[Path, Path]) -> Iterator[Daemon]:
-    workdir = Path(tempfile.mkdtemp(prefix="gpuwatch-sched-"))
-    workdir.chmod(0o755)
-    config = workdir / "gpuwatch.toml"
-    config.write_text("[scheduler]\nquantum_ms = 1000\nidle_ms = 300\nreserve_mib = 0\ncontext_mib = 0\n"
-                      "tick_ms = 50\n")
-    lib_dir, state = gpu
-    os.environ["LD_LIBRARY_PATH"], os.environ["FAKENVML_STATE"] = str(lib_dir), str(state)
-    try:
-        d = Daemon(workdir, "--config", str(config), "--launches", "all", nvml=True)
-    finally:
-        del os.environ["LD_LIBRARY_PATH"], os.environ["FAKENVML_STATE"]
+    d = scheduling_daemon(gpu, "gpuwatch-sched-", "quantum_ms = 1000\nidle_ms = 300\nreserve_mib = 0\ncontext_mib = 0\n"
+                                                  "tick_ms = 50\n")
     yield d
     d.stop()
 
 
-def start(fakecuda: Path, interposer: Path, daemon: Daemon, shared: Path) -> IProg:
-    lib = fakecuda / "libcuda.so.1"
-    p = IProg([str(fakecuda / "cudaprog")], {
-        "LD_PRELOAD": str(interposer), "GPUWATCH_REAL_LIBCUDA": str(lib), "GPUWATCH_SOCKET": daemon.socket,
-        "FAKECUDA_SHARED_STATE": str(shared), "FAKECUDA_MEM_BYTES": str(CAPACITY), "FAKECUDA_DEVICES": "1"})
-    p.timeout = 30
-    p.ok(f"load {lib}")
-    p.ok("ctx 0")
-    wait_for(lambda: p.pid in {r["pid"] for r in daemon.ps() if r["interposed"]}, 10, "the daemon to see the process")
-    return p
+start = start_interposed
 
 
 def states(daemon: Daemon, *pids: int) -> dict[int, str]:

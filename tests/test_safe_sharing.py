@@ -4,62 +4,32 @@ never stopped to make memory room, and the process that needs the room waits, bo
 driver's out-of-memory answer; every process that does not run says why."""
 from __future__ import annotations
 
-import os
-import subprocess
-import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, Daemon, Prog, wait_for
-from interposer_fixtures import IProg, MiB
+from conftest import Daemon, Prog, wait_for
+from gpu_fixtures import gpu_env, scheduling_daemon, start_interposed
+from interposer_fixtures import MiB
 
-CAPACITY = 96 * MiB
 TICK_MS, ROOM_WAIT_MS = 50, 1500
+SCHEDULER = (f"quantum_ms = 1000\nidle_ms = 300\nreserve_mib = 0\ncontext_mib = 0\ntick_ms = {TICK_MS}\n"
+             f"room_wait_ms = {ROOM_WAIT_MS}\n")
 pytestmark = pytest.mark.root
 
 
 @pytest.fixture(scope="module")
-def gpu(tmp_path_factory) -> tuple[Path, Path]:
-    out = tmp_path_factory.mktemp("fakenvml")
-    subprocess.run(["make", "-s", "-C", str(ROOT / "tests" / "fakenvml"), f"OUT={out}"], check=True)
-    (out / "state").write_text(f"gpu 0 GPU-11111111-2222-3333-4444-555555555555 {CAPACITY} 0 Fake GPU\n")
-    return out, out / "state"
-
-
-@pytest.fixture(scope="module")
 def sdaemon(gpu: tuple[Path, Path]) -> Iterator[Daemon]:
-    workdir = Path(tempfile.mkdtemp(prefix="gpuwatch-safe-"))
-    workdir.chmod(0o755)
-    config = workdir / "gpuwatch.toml"
-    config.write_text(f"[scheduler]\nquantum_ms = 1000\nidle_ms = 300\nreserve_mib = 0\ncontext_mib = 0\n"
-                      f"tick_ms = {TICK_MS}\nroom_wait_ms = {ROOM_WAIT_MS}\n")
-    lib_dir, state = gpu
-    os.environ["LD_LIBRARY_PATH"], os.environ["FAKENVML_STATE"] = str(lib_dir), str(state)
-    try:
-        d = Daemon(workdir, "--config", str(config), "--launches", "all", nvml=True)
-    finally:
-        del os.environ["LD_LIBRARY_PATH"], os.environ["FAKENVML_STATE"]
+    d = scheduling_daemon(gpu, "gpuwatch-safe-", SCHEDULER)
     yield d
     d.stop()
 
 
-def gpu_env(fakecuda: Path, shared: Path) -> dict[str, str]:
-    return {"GPUWATCH_REAL_LIBCUDA": str(fakecuda / "libcuda.so.1"), "FAKECUDA_SHARED_STATE": str(shared),
-            "FAKECUDA_MEM_BYTES": str(CAPACITY), "FAKECUDA_DEVICES": "1"}
-
-
-def interposed(fakecuda: Path, interposer: Path, daemon: Daemon, shared: Path) -> IProg:
-    p = IProg([str(fakecuda / "cudaprog")], {**gpu_env(fakecuda, shared), "LD_PRELOAD": str(interposer),
-                                             "GPUWATCH_SOCKET": daemon.socket})
-    p.timeout = 30
-    p.ok(f"load {fakecuda / 'libcuda.so.1'}")
-    p.ok("ctx 0")
-    wait_for(lambda: p.pid in {r["pid"] for r in daemon.ps() if r["interposed"]}, 10, "the daemon to see it")
-    return p
+interposed = start_interposed
 
 
 def plain(fakecuda: Path, daemon: Daemon, shared: Path) -> Prog:
@@ -77,6 +47,28 @@ def row(daemon: Daemon, pid: int) -> dict:
 def proc_state(pid: int) -> str:
     text = Path(f"/proc/{pid}/stat").read_text()
     return text[text.rindex(")") + 2]
+
+
+class Sampling(list):
+    """While the block runs, `sample()` every 50 ms on a thread of its own; the values are the list."""
+
+    def __init__(self, sample: Callable[[], Any]) -> None:
+        super().__init__()
+        self._sample, self._done = sample, threading.Event()
+        self._thread = threading.Thread(target=self._run)
+
+    def _run(self) -> None:
+        while not self._done.is_set():
+            self.append(self._sample())
+            time.sleep(0.05)
+
+    def __enter__(self) -> Sampling:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
 
 
 def test_a_pause_by_hand_holds_while_the_scheduler_runs(fakecuda: Path, interposer: Path, sdaemon: Daemon,
@@ -111,25 +103,11 @@ def test_a_plain_holder_keeps_running_and_the_newcomer_gets_out_of_memory_in_tim
         holder.ok("fill h 7")
         holder.ok("spin s launch -")
         wait_for(lambda: row(sdaemon, holder.pid)["device_bytes"] == 64 * MiB, 5, "the daemon to count the holder")
-        states: list[str] = []
-        reasons: list[str | None] = []
-        done = threading.Event()
-
-        def watch() -> None:
-            while not done.is_set():
-                states.append(proc_state(holder.pid))
-                reasons.append(row(sdaemon, b.pid)["reason"])
-                time.sleep(0.05)
-
-        watcher = threading.Thread(target=watch)
-        watcher.start()
-        try:
+        with Sampling(lambda: (proc_state(holder.pid), row(sdaemon, b.pid)["reason"])) as seen:
             started = time.monotonic()
             assert b.err("alloc b1 50331648") == 2  # 64 + 48 MiB > 96 MiB: it cannot be placed
             waited = time.monotonic() - started
-        finally:
-            done.set()
-            watcher.join()
+        states, reasons = [s for s, _ in seen], [r for _, r in seen]
         assert ROOM_WAIT_MS / 1000 - 0.1 <= waited <= ROOM_WAIT_MS / 1000 + 2.0, waited
         assert "T" not in states and "t" not in states, "the plain holder was stopped"
         assert "waiting for device memory" in reasons, reasons
@@ -164,17 +142,7 @@ def test_a_plain_process_paused_by_hand_says_so_and_stays_stopped(fakecuda: Path
 @pytest.fixture(scope="module")
 def tight_host(gpu: tuple[Path, Path]) -> Iterator[Daemon]:
     """The same GPU, with 8 MiB of host memory for swapping: no swap-out of a 64 MiB piece fits."""
-    workdir = Path(tempfile.mkdtemp(prefix="gpuwatch-host-"))
-    workdir.chmod(0o755)
-    config = workdir / "gpuwatch.toml"
-    config.write_text(f"[scheduler]\nquantum_ms = 1000\nidle_ms = 300\nreserve_mib = 0\ncontext_mib = 0\n"
-                      f"tick_ms = {TICK_MS}\nroom_wait_ms = {ROOM_WAIT_MS}\nhost_limit_mib = 8\n")
-    lib_dir, state = gpu
-    os.environ["LD_LIBRARY_PATH"], os.environ["FAKENVML_STATE"] = str(lib_dir), str(state)
-    try:
-        d = Daemon(workdir, "--config", str(config), "--launches", "all", nvml=True)
-    finally:
-        del os.environ["LD_LIBRARY_PATH"], os.environ["FAKENVML_STATE"]
+    d = scheduling_daemon(gpu, "gpuwatch-host-", SCHEDULER + "host_limit_mib = 8\n")
     yield d
     d.stop()
 
@@ -190,23 +158,10 @@ def test_beyond_the_host_budget_nothing_moves_and_the_newcomer_gets_out_of_memor
         a.ok("spin s launch -")
         status = tight_host.status()
         assert status["host"]["limit_bytes"] == 8 * MiB and status["host"]["spare_bytes"] <= 8 * MiB
-        reasons: list[str | None] = []
-        done = threading.Event()
-
-        def watch() -> None:
-            while not done.is_set():
-                reasons.append(row(tight_host, b.pid)["reason"])
-                time.sleep(0.05)
-
-        watcher = threading.Thread(target=watch)
-        watcher.start()
-        try:
+        with Sampling(lambda: row(tight_host, b.pid)["reason"]) as reasons:
             started = time.monotonic()
             assert b.err("alloc b1 50331648") == 2  # a would have to pin 64 MiB: more than the host may give
             waited = time.monotonic() - started
-        finally:
-            done.set()
-            watcher.join()
         assert waited <= ROOM_WAIT_MS / 1000 + 2.0, waited
         assert "waiting for host memory" in reasons, reasons
         r = row(tight_host, a.pid)

@@ -1,0 +1,55 @@
+"""A test-double GPU of CAPACITY bytes that the real daemon schedules: a fake NVML showing it, daemons with a
+scheduler configuration of the test's own, and programs started on it (plain or under the interposer)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, Daemon, wait_for
+from interposer_fixtures import IProg, MiB
+
+CAPACITY = 96 * MiB
+
+
+@pytest.fixture(scope="module")
+def gpu(tmp_path_factory) -> tuple[Path, Path]:
+    """A fake NVML that shows one GPU of CAPACITY bytes, and the shared state of the test-double driver."""
+    out = tmp_path_factory.mktemp("fakenvml")
+    subprocess.run(["make", "-s", "-C", str(ROOT / "tests" / "fakenvml"), f"OUT={out}"], check=True)
+    (out / "state").write_text(f"gpu 0 GPU-11111111-2222-3333-4444-555555555555 {CAPACITY} 0 Fake GPU\n")
+    return out, out / "state"
+
+
+def scheduling_daemon(gpu: tuple[Path, Path], prefix: str, scheduler: str) -> Daemon:
+    """A daemon with NVML (the fake one) and this [scheduler] section, launches probed exactly."""
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    workdir.chmod(0o755)
+    config = workdir / "gpuwatch.toml"
+    config.write_text(f"[scheduler]\n{scheduler}")
+    lib_dir, state = gpu
+    os.environ["LD_LIBRARY_PATH"], os.environ["FAKENVML_STATE"] = str(lib_dir), str(state)
+    try:
+        return Daemon(workdir, "--config", str(config), "--launches", "all", nvml=True)
+    finally:
+        del os.environ["LD_LIBRARY_PATH"], os.environ["FAKENVML_STATE"]
+
+
+def gpu_env(fakecuda: Path, shared: Path) -> dict[str, str]:
+    """The test-double driver of a program on the shared GPU (`shared`: its state file)."""
+    return {"GPUWATCH_REAL_LIBCUDA": str(fakecuda / "libcuda.so.1"), "FAKECUDA_SHARED_STATE": str(shared),
+            "FAKECUDA_MEM_BYTES": str(CAPACITY), "FAKECUDA_DEVICES": "1"}
+
+
+def start_interposed(fakecuda: Path, interposer: Path, daemon: Daemon, shared: Path) -> IProg:
+    """A program under the interposer on the shared GPU, once the daemon sees it attached."""
+    p = IProg([str(fakecuda / "cudaprog")], {**gpu_env(fakecuda, shared), "LD_PRELOAD": str(interposer),
+                                             "GPUWATCH_SOCKET": daemon.socket})
+    p.timeout = 30
+    p.ok(f"load {fakecuda / 'libcuda.so.1'}")
+    p.ok("ctx 0")
+    wait_for(lambda: p.pid in {r["pid"] for r in daemon.ps() if r["interposed"]}, 10, "the daemon to see the process")
+    return p
