@@ -10,7 +10,8 @@
 #define SEGMENT_ROUND (64ull << 20)
 #define MAX_SEGMENTS 4096
 #define MAX_STREAMS 64
-#define SWAP_IN_PATIENCE_NS 10000000000ull // retry a swap-in that finds the device full this long
+#define SWAP_IN_PATIENCE_NS 60000000000ull // retry a swap-in that finds the device full this long: a swap-out
+                                           // running at the same time frees the memory piece by piece
 
 // Pinned host memory, allocated on first use and kept until the daemon asks for it back (drop_host): a bump
 // allocator, reset once everything is back. gw->pinned_bytes is always the sum of the segments' sizes.
@@ -224,31 +225,58 @@ static void run_again_if(bool was_running)
 		gw_gate_open();
 }
 
-// Moves at least `want` bytes (0: everything) to host memory, in whole pieces, largest regions first: they
-// are the long-lived ones (a model, a buffer), less likely to be freed soon than small ones. On failure
-// nothing moves: what was copied stays on the device, the host memory pinned for this call is given back,
-// and a process that was running before runs again.
-HIDDEN int gw_swap_out(uint64_t want, uint64_t *moved)
+// The pieces a swap-out moves, in the order it moves them, and each one's copy-done event.
+#define MAX_MOVES 65536
+#define IN_FLIGHT 4 // pieces whose copies are queued ahead of the one being released
+static struct move {
+	struct gw_region *r;
+	struct gw_piece *p;
+	CUevent done;
+} moves[MAX_MOVES];
+
+static CUresult record_done(struct move *m)
 {
-	*moved = 0;
-	uint64_t pause_start = gw_now_ns();
-	bool was_running = !(atomic_load(&gw->gate) & GATE_CLOSED);
-	CUresult e = gw_pause();
-	if (e) {
-		run_again_if(was_running);
+	CUcontext popped;
+	CUresult e = real_cuCtxPushCurrent_v2(m->r->ctx);
+	if (e)
 		return e;
+	if (!(e = real_cuEventCreate(&m->done, 2 /* CU_EVENT_DISABLE_TIMING */)) &&
+	    (e = real_cuEventRecord(m->done, stream_of(m->r->ctx)))) {
+		real_cuEventDestroy_v2(m->done);
+		m->done = NULL;
 	}
-	uint64_t start = gw_now_ns(), total = 0, queued = 0, pinning = 0;
-	gw_memory_lock();
-	int segments_before = nsegments, seg_cur_before = seg_cur;
-	size_t seg_off_before = seg_off;
-	atomic_store(&gw->state, GW_SWAPPING_OUT);
-	gw_release_empty_chunks();
+	real_cuCtxPopCurrent_v2(&popped);
+	return e;
+}
+
+// The piece's copy is in host memory: its device memory goes back to the driver at once, so that a process
+// swapping in meanwhile can take it (switches overlap the two directions of the link).
+static CUresult release_moved(struct move *m, uint64_t *moved)
+{
+	CUresult e = m->done ? real_cuEventSynchronize(m->done) : CUDA_ERROR_INVALID_VALUE;
+	if (m->done)
+		real_cuEventDestroy_v2(m->done);
+	m->done = NULL;
+	if (e)
+		return e;
+	gw_piece_unmap(m->p);
+	atomic_fetch_add(&stats(m->r->dev)->swapped, m->p->size);
+	*moved += m->p->size;
+	return CUDA_SUCCESS;
+}
+
+// Chooses the pieces to move, at least `want` bytes (0: all), in whole pieces, largest regions first: they
+// are the long-lived ones (a model, a buffer), less likely to be freed soon than small ones. Gets each its
+// pinned host memory; false with nothing taken when host memory runs out.
+static int plan_moves(uint64_t want, uint64_t *pinning)
+{
+	uint64_t total = 0, planned = 0;
+	int n = 0;
 	EACH_PIECE(r, p)
 		total += p->handle ? p->size : 0;
 	if (want && want < total)
 		total = want;
-	while (!e && queued < total) {
+	while (planned < total && n < MAX_MOVES) {
 		struct gw_region *largest = NULL;
 		for (struct gw_region *r = gw_regions(); r; r = r->next) {
 			bool resident = false;
@@ -259,57 +287,95 @@ HIDDEN int gw_swap_out(uint64_t want, uint64_t *moved)
 		}
 		if (!largest)
 			break;
-		for (struct gw_piece *p = largest->pieces; !e && p < largest->pieces + largest->npieces && queued < total; p++) {
+		for (struct gw_piece *p = largest->pieces; p < largest->pieces + largest->npieces && planned < total &&
+							   n < MAX_MOVES; p++) {
 			if (!p->handle || p->host)
 				continue;
 			CUcontext popped;
-			if (!(e = real_cuCtxPushCurrent_v2(largest->ctx))) {
-				uint64_t pin_start = gw_now_ns();
-				p->host = host_space(p->size, total - queued, largest->ctx);
-				pinning += gw_now_ns() - pin_start;
-				real_cuCtxPopCurrent_v2(&popped);
-			}
-			if (!e && !p->host)
-				e = CUDA_ERROR_OUT_OF_MEMORY;
-			if (!e && !(e = copy_piece(largest, p, true)))
-				queued += p->size;
+			if (real_cuCtxPushCurrent_v2(largest->ctx))
+				return -1;
+			uint64_t pin_start = gw_now_ns();
+			p->host = host_space(p->size, total - planned, largest->ctx);
+			*pinning += gw_now_ns() - pin_start;
+			real_cuCtxPopCurrent_v2(&popped);
+			if (!p->host)
+				return -1;
+			moves[n++] = (struct move){largest, p, NULL};
+			planned += p->size;
 		}
 	}
-	uint64_t queued_at = gw_now_ns();
-	CUresult synced = sync_streams();
-	gw_log("swap-out: paused in %.1f ms; %llu bytes queued in %.1f ms (host memory %.1f ms of it), copies done "
-	       "%.1f ms later", (start - pause_start) / 1e6, (unsigned long long)queued, (queued_at - start) / 1e6,
-	       pinning / 1e6, (gw_now_ns() - queued_at) / 1e6);
-	e = e ? e : synced;
-	EACH_PIECE(r, p) {
-		if (!p->handle || !p->host)
-			continue;
-		if (e) { // nothing is lost: what was copied stays on the device too
-			p->host = NULL;
-			continue;
-		}
-		gw_piece_unmap(p);
-		atomic_fetch_add(&stats(r->dev)->swapped, p->size);
-		*moved += p->size;
-	}
+	return n;
+}
+
+// Moves at least `want` bytes (0: everything) to host memory. All-or-nothing where it can fail for want of
+// host memory: every piece's pinned memory is taken before anything moves. Then pieces are copied in
+// order, IN_FLIGHT queued ahead, each released as soon as its copy is done.
+HIDDEN int gw_swap_out(uint64_t want, uint64_t *moved)
+{
+	*moved = 0;
+	uint64_t pause_start = gw_now_ns();
+	bool was_running = !(atomic_load(&gw->gate) & GATE_CLOSED);
+	CUresult e = gw_pause();
 	if (e) {
-		// The copies are done (synchronized above): the segments this call pinned can go. Those that stay
-		// hold only what was swapped out before, up to where the bump allocator stood then.
+		run_again_if(was_running);
+		return e;
+	}
+	uint64_t start = gw_now_ns(), pinning = 0;
+	gw_memory_lock();
+	int segments_before = nsegments, seg_cur_before = seg_cur;
+	size_t seg_off_before = seg_off;
+	atomic_store(&gw->state, GW_SWAPPING_OUT);
+	gw_release_empty_chunks();
+	int n = plan_moves(want, &pinning), queued = 0, released = 0;
+	if (n < 0) {
+		e = CUDA_ERROR_OUT_OF_MEMORY;
+		EACH_PIECE(r, p)
+			if (p->handle)
+				p->host = NULL; // nothing moved: the pinned memory taken for it goes below
+	}
+	uint64_t pinned_at = gw_now_ns();
+	while (!e && released < n) {
+		while (!e && queued < n && queued - released < IN_FLIGHT)
+			if (!(e = copy_piece(moves[queued].r, moves[queued].p, true)) && !(e = record_done(&moves[queued])))
+				queued++;
+		if (!e && released < queued)
+			e = release_moved(&moves[released++], moved);
+	}
+	if (e && n > 0) { // what is in flight finishes; pieces not released stay on the device, their copies unused
+		sync_streams();
+		for (int i = released; i < n; i++) {
+			if (moves[i].done)
+				real_cuEventDestroy_v2(moves[i].done);
+			moves[i].done = NULL;
+			moves[i].p->host = NULL;
+		}
+	}
+	gw_log("swap-out: paused in %.1f ms, host memory for it in %.1f ms (pinning %.1f ms), %llu bytes moved in "
+	       "%.1f ms", (start - pause_start) / 1e6, (pinned_at - start) / 1e6, pinning / 1e6,
+	       (unsigned long long)*moved, (gw_now_ns() - pinned_at) / 1e6);
+	if (e && !*moved) {
+		// Nothing moved: the segments this call pinned can go. Those that stay hold only what was swapped out
+		// before, up to where the bump allocator stood then.
 		uint64_t freed = segments_free_from(segments_before);
 		seg_cur = seg_cur_before;
 		seg_off = seg_off_before;
 		gw_log("swap-out failed with CUDA error %d; nothing was moved, %llu bytes of host memory given back%s", e,
 		       (unsigned long long)freed, was_running ? "; running again" : "");
-		*moved = 0;
-	} else if (*moved) {
+	} else if (e) {
+		gw_log("swap-out stopped with CUDA error %d after moving %llu bytes; they stay in host memory", e,
+		       (unsigned long long)*moved);
+	}
+	if (*moved) {
 		atomic_fetch_add(&gw->swaps_out, 1);
 		atomic_fetch_add(&gw->swap_out_bytes_total, *moved);
 		atomic_fetch_add(&gw->swap_out_ns_total, gw_now_ns() - start);
 	}
 	atomic_store(&gw->state, any_swapped() ? GW_SWAPPED : GW_PAUSED);
 	gw_memory_unlock();
-	if (e)
+	if (e && !*moved)
 		run_again_if(was_running);
+	else if (e && was_running && !gw_resume())
+		gw_log("swap-out: what it had moved came back; running again");
 	return e;
 }
 
