@@ -12,6 +12,7 @@ from ..core.protocol import Client, ControlError, DaemonUnavailable
 from ..core.vocabulary import (DEFAULT_CONFIG, PRIORITY_NAMES, SizeError, human_bytes, is_power_of_two, parse_size,
                                socket_path)
 from ..core.events import Event, EventType, Kind
+from .common import common_options, warn_unsaved
 from .launch import LaunchError, child_environment, exec_command, interposer_library
 
 class UsageError(Exception):
@@ -31,6 +32,10 @@ PS_COLUMNS = [("PID", "pid", ">7"), ("COMM", "comm", "<16"), ("GPU", "gpu", ">3"
 def format_ps(rows: list[dict[str, Any]]) -> str:
     def cell(row: dict[str, Any], key: str) -> str:
         v = row[key]
+        if key == "untracked_bytes" and row.get("nvml_bytes") is None:
+            return "-"  # without NVML nothing is known beside the traced bytes
+        if key == "device_bytes" and row.get("device_bytes_estimated"):
+            return f"~{human_bytes(v)}"  # with an estimate of what it held before the probes saw it
         if key.endswith("bytes"):
             return human_bytes(v)
         if key == "launches" and row.get("launches_estimated"):
@@ -91,6 +96,7 @@ def cmd_pause(args: argparse.Namespace) -> int:
         print(f"gpuwatch: pid {args.pid} {result['state']}: {moved} moved to host memory")
     else:
         print(f"gpuwatch: pid {args.pid} {result['state']}")
+    warn_unsaved(result)
     return 0
 
 
@@ -127,6 +133,7 @@ def cmd_quota(args: argparse.Namespace) -> int:
     else:
         how = "through its interposer" if result.get("interposed") else f"{args.action} at the limit"
         print(f"gpuwatch: {who}: quota {human_bytes(args.size)} per GPU ({how})")
+    warn_unsaved(result)
     return 0
 
 
@@ -173,6 +180,10 @@ def cmd_trace(args: argparse.Namespace) -> int:
         if not args.json:
             print(Event.header(), flush=True)
         for event in client.stream("trace", pid=args.pid, comm=args.comm):
+            if "lost" in event and not args.json:  # this stream fell behind: the daemon dropped its events
+                print(f"-- {event['lost']} events lost here: this trace fell behind (read it faster, or narrow it "
+                      "with --pid or --comm)", flush=True)
+                continue
             print(json.dumps(event) if args.json else event_from_json(event).line(), flush=True)
     return 0
 
@@ -241,9 +252,7 @@ class Parser(argparse.ArgumentParser):
 
 def parser() -> argparse.ArgumentParser:
     p = Parser(prog="gpuwatch", description="Watch and share NVIDIA GPUs between processes.")
-    p.add_argument("--socket", help=f"daemon control socket (default: $GPUWATCH_SOCKET, the configuration's, or "
-                                    f"{socket_path()})")
-    p.add_argument("-v", "--verbose", action="store_true", help="log more")
+    common_options(p, top=True)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="run the daemon (as root)",
@@ -261,7 +270,8 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--sample-period-ms", type=int, metavar="MS",
                      help="... once every this long (default: 4000); counts are scaled by period/window")
     run.add_argument("--listen", type=listen_address, metavar="HOST:PORT",
-                     help="serve Prometheus metrics here (default: :9445, every interface)")
+                     help="serve Prometheus metrics here (default: 127.0.0.1:9445, this host only; :9445 is every "
+                          "interface)")
     run.add_argument("--no-metrics", action="store_true", help="serve no metrics")
     run.add_argument("--ebpf", action="store_true", help="print the BPF program the daemon compiles, and exit")
     run.set_defaults(func=cmd_run)
@@ -347,6 +357,8 @@ def parser() -> argparse.ArgumentParser:
     quota_list = quota_sub.add_parser("list", help="quotas, their members and what they hold")
     quota_list.add_argument("--json", action="store_true")
     quota_list.set_defaults(func=cmd_quota)
+    for name, command in [*sub.choices.items(), ("quota", quota_set), ("quota", quota_list)]:
+        common_options(command, run=name == "run")
     return p
 
 

@@ -164,6 +164,11 @@ def pids() -> list[int]:
     return [int(name) for name in os.listdir("/proc") if name.isdigit()]
 
 
+def uptime_ticks() -> int:
+    """Now, in the unit and from the origin of a process's start_time: clock ticks since boot."""
+    return int(float(Path("/proc/uptime").read_text().split()[0]) * os.sysconf("SC_CLK_TCK"))
+
+
 @dataclass(frozen=True)
 class ProcessRecord:
     """Everything a rule may look at, read at one moment."""

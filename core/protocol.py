@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO
@@ -74,7 +75,17 @@ class Client:
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.settimeout(timeout)
         try:
-            self._sock.connect(self.path)
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    self._sock.connect(self.path)
+                    break
+                except BlockingIOError:  # its backlog is full for a moment (a burst of connections): wait a little
+                    if time.monotonic() > deadline:
+                        self._sock.close()
+                        raise DaemonUnavailable(f"the gpuwatch daemon on {self.path} accepts no connection: it is "
+                                                "flooded with them; try again later") from None
+                    time.sleep(0.02)
         except (FileNotFoundError, ConnectionRefusedError):
             self._sock.close()
             raise DaemonUnavailable(f"no gpuwatch daemon is listening on {self.path}: start one with "

@@ -41,6 +41,7 @@ class ProcessGpu:
     launches: int = 0
     graph_launches: int = 0
     launches_estimated: bool = False
+    device_bytes_estimated: bool = False  # device_bytes holds an estimate of what it held before the probes saw it
     copy_bytes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COPY_DIRECTIONS, 0))
     # from the enforcer: the interposer's shared page, or the daemon's own record of a SIGSTOP
     interposed: bool = False
@@ -75,6 +76,7 @@ class TracerHealth:
     events_seen: int = 0
     waiting_for_driver: bool = True
     nvml: bool = False
+    thread_restarts: dict[str, int] = field(default_factory=dict)  # the daemon's threads (core/threads.py)
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,24 @@ DEFAULT_CONFIG = "/etc/gpuwatch/gpuwatch.toml"
 STATE_FILE_NAME = "stopped.json"  # the ledger of stopped processes and quotas set by hand, beside the socket
 
 
-def socket_path() -> str:
-    """The control socket a client talks to: $GPUWATCH_SOCKET, else the default."""
-    return os.environ.get("GPUWATCH_SOCKET", DEFAULT_SOCKET)
+def socket_path(config: str = DEFAULT_CONFIG) -> str:
+    """The control socket a client talks to: $GPUWATCH_SOCKET, else the configuration file's `[daemon] socket`
+    (the one the daemon serves), else the default."""
+    return os.environ.get("GPUWATCH_SOCKET") or configured_socket(config) or DEFAULT_SOCKET
+
+
+def configured_socket(config: str = DEFAULT_CONFIG) -> str | None:
+    """`[daemon] socket` of the configuration file; None where the file is missing, unreadable, not TOML or
+    has no such key (the client reads this one key, never the daemon's configuration module)."""
+    import tomllib  # only when asked: clients that are given their socket never read the file
+    try:
+        with open(config, "rb") as f:
+            data = tomllib.loads(f.read(1 << 20).decode())
+    except (OSError, ValueError):  # ValueError: not UTF-8, not TOML
+        return None
+    section = data.get("daemon")
+    socket = section.get("socket") if isinstance(section, dict) else None
+    return socket if isinstance(socket, str) and socket.startswith("/") else None
 
 
 # ------------------------------------------------------------------------------------------------ priorities

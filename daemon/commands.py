@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Generator
 from typing import TYPE_CHECKING, Any
 
 from ..core.protocol import ControlError, Peer
@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from .daemon import Daemon
 
 log = logging.getLogger(__name__)
+TRACE_STREAMS_PER_UID = 16  # trace streams one user other than root may hold open
 
 
 def commands(daemon: Daemon) -> dict[str, Command]:
@@ -40,6 +41,8 @@ class _Commands:
     def __init__(self, daemon: Daemon) -> None:
         self.d = daemon
         self._streams = 0  # trace streams being served: `status` tells, so that clients can wait for theirs
+        self._streams_of: dict[int, int] = {}  # uid -> its trace streams
+        self._trace_lost = 0  # events trace streams lost because they fell behind (each stream is told its own)
         self._lock = threading.Lock()
 
     def ps(self, _peer: Peer, _request: dict[str, Any]) -> list[dict[str, Any]]:
@@ -49,29 +52,48 @@ class _Commands:
         view = self.d.view().to_json()
         return {"health": view["health"], "gpus": view["gpus"], "host": view["host"],
                 "processes": len(view["processes"]),
-                "interposed": len(self.d.interposed.pids()), "trace_streams": self._streams}
+                "interposed": len(self.d.interposed.pids()), "trace_streams": self._streams,
+                "trace_events_lost": self._trace_lost, "thread_restarts": view["health"]["thread_restarts"]}
 
-    def trace(self, _peer: Peer, request: dict[str, Any], closing: threading.Event) -> Iterator[dict[str, Any]]:
+    def trace(self, peer: Peer, request: dict[str, Any],
+              closing: threading.Event) -> Generator[dict[str, Any], None, None]:
+        """Events as they come; a stream that falls behind loses its own (its queue is bounded), and is told
+        how many with an event {"lost": N} before the next one it gets."""
         pid, comm = request.get("pid"), request.get("comm")
         if pid is not None and not isinstance(pid, int):
             raise ControlError("trace: pid must be an integer")
         if comm is not None and not isinstance(comm, str):
             raise ControlError("trace: comm must be a string")
-        events = self.d.tracer.subscribe()
         with self._lock:
+            mine = self._streams_of.get(peer.uid, 0)
+            if mine >= TRACE_STREAMS_PER_UID and not peer.is_root:
+                raise ControlError(f"trace: uid {peer.uid} has {mine} trace streams open, the most one user may: "
+                                   "close one first")
+            self._streams_of[peer.uid] = mine + 1
             self._streams += 1
+        wants = None if pid is None and comm is None else \
+            lambda e: (pid is None or e.pid == pid) and (comm is None or e.comm == comm)
+        events = self.d.tracer.subscribe(wants=wants)
+        told = 0
         try:
             while not closing.is_set() and not self.d.stopping.is_set():
+                if (lost := events.lost) > told:
+                    with self._lock:
+                        self._trace_lost += lost - told
+                    yield {"lost": lost - told}
+                    told = lost
                 try:
                     event = events.get(timeout=0.5)
                 except queue.Empty:
                     continue
-                if (pid is None or event.pid == pid) and (comm is None or event.comm == comm):
-                    yield event.to_json()
+                yield event.to_json()
         finally:
+            self.d.tracer.unsubscribe(events)
             with self._lock:
                 self._streams -= 1
-            self.d.tracer.unsubscribe(events)
+                self._streams_of[peer.uid] -= 1
+                if not self._streams_of[peer.uid]:
+                    del self._streams_of[peer.uid]
 
     def pause(self, _peer: Peer, request: dict[str, Any]) -> dict[str, Any]:
         pid, swap, nbytes = pid_argument(request), request.get("swap", False), request.get("bytes", 0)
@@ -79,7 +101,13 @@ class _Commands:
             raise ControlError("pause: swap must be true or false")
         if type(nbytes) is not int or nbytes < 0:
             raise ControlError("pause: bytes must be a number of bytes (0: all)")
-        return self.d.pauser.pause(pid, swap, nbytes)
+        return self._saved(self.d.pauser.pause(pid, swap, nbytes))
+
+    def _saved(self, result: dict[str, Any]) -> dict[str, Any]:
+        """A change the state file could not record says so (`saved` false, and why): it would not survive a
+        crash of the daemon."""
+        error = self.d.ledger.save_error
+        return result if error is None else {**result, "saved": False, "save_error": error}
 
     def resume(self, _peer: Peer, request: dict[str, Any]) -> dict[str, Any]:
         return self.d.pauser.resume(pid_argument(request))
@@ -95,17 +123,17 @@ class _Commands:
         if cgroup is not None:
             if not isinstance(cgroup, str) or not cgroup:
                 raise ControlError("quota_set: cgroup must be a path")
-            return self.d.quota.set_cgroup(cgroup, nbytes, action, by_hand=True)
+            return self._saved(self.d.quota.set_cgroup(cgroup, nbytes, action, by_hand=True))
         pid = pid_argument(request)
         process = self.d.interposed.get(pid)
         if process is None:
-            return self.d.quota.set_pid(pid, nbytes, action, by_hand=True)
+            return self._saved(self.d.quota.set_pid(pid, nbytes, action, by_hand=True))
         if action != "pause":
             raise ControlError(f"quota_set: pid {pid} runs under the interposer, where an allocation past the quota "
                                "fails (CUDA_ERROR_OUT_OF_MEMORY): only the pause action applies")
         process.requests.set_quota(nbytes)
         self.d.quota.set_backstop(pid, nbytes, by_hand=True)
-        return {"pid": pid, "bytes": nbytes, "interposed": True}
+        return self._saved({"pid": pid, "bytes": nbytes, "interposed": True})
 
     def priority(self, peer: Peer, request: dict[str, Any]) -> dict[str, Any]:
         """Read a process's priority (anyone), or set it: root any, others only lower their own."""

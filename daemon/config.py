@@ -1,5 +1,6 @@
-"""The daemon's configuration file (TOML). Every key, its default and its check live in one table;
-a bad file stops start-up with one line naming the key and the problem."""
+"""The daemon's configuration file (TOML). Every key, its default and its check live in one table; every number
+has a range [low, high] (the README's configuration reference shows them), checked at start, at every reload and
+on the command line's options. A bad file stops start-up with one line naming the key and the problem."""
 from __future__ import annotations
 
 import tomllib
@@ -8,10 +9,11 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from ..core.vocabulary import DEFAULT_CONFIG, DEFAULT_SOCKET, positive_problem, power_of_two_problem
+from ..core.vocabulary import DEFAULT_CONFIG, DEFAULT_SOCKET, is_power_of_two
 from ..enforcer.rules import Rule, RuleError, parse_rules
 
 DEFAULT_PATH = DEFAULT_CONFIG
+MAX_FILE_BYTES = 1 << 20  # a configuration file is a few KiB; anything this large is not one
 
 
 class ConfigError(Exception):
@@ -35,7 +37,22 @@ def _absolute(v: str) -> str | None:
 
 
 def _key(default: Any, check: Callable[[Any], str | None] | None = None, doc: str = "") -> Any:
-    return field(default=default, metadata={"check": check, "doc": doc})
+    return field(default=default, metadata={"check": check, "doc": doc, "range": None})
+
+
+def _number(default: int, low: int, high: int, doc: str, power_of_two: bool = False) -> Any:
+    """An integer key from low to high (both included): a value out of range is refused, never clipped."""
+    what = "a power of two " if power_of_two else ""
+
+    def check(v: int) -> str | None:
+        good = low <= v <= high and (not power_of_two or is_power_of_two(v))
+        return None if good else f"must be {what}from {low} to {high}, not {v}"
+    return field(default=default, metadata={"check": check, "doc": doc, "range": (low, high)})
+
+
+def key_range(section: type, key: str) -> tuple[int, int] | None:
+    """[low, high] of a number key (the README shows them; tests hold them to it)."""
+    return next(f.metadata["range"] for f in fields(section) if f.name == key)
 
 
 @dataclass(frozen=True)
@@ -43,42 +60,39 @@ class DaemonSection:
     socket: str = _key(DEFAULT_SOCKET, _absolute, "control socket (any user may connect and read)")
     launches: str = _key("sample", _one_of("all", "sample", "off"), "launch and copy probes: all, sample or off")
     nvml: bool = _key(True, None, "query NVML for GPUs and per-process memory")
-    ring_buffer_pages: int = _key(1024, power_of_two_problem, "event ring buffer size in 4 KiB pages")
-    sample_window_ms: int = _key(40, positive_problem, "sample mode: launch probes attached this long ...")
-    sample_period_ms: int = _key(4000, positive_problem, "... once every this long (counts scaled by period/window)")
+    # a BPF ring buffer's size is a power of two that the kernel allocates at once: at most 256 MiB here
+    ring_buffer_pages: int = _number(1024, 1, 65536, "event ring buffer size in 4 KiB pages", power_of_two=True)
+    sample_window_ms: int = _number(40, 1, 60000, "sample mode: launch probes attached this long ...")
+    sample_period_ms: int = _number(4000, 2, 3600000, "... once every this long (counts scaled by period/window)")
 
 
 @dataclass(frozen=True)
 class MetricsSection:
     enabled: bool = _key(True, None, "serve Prometheus metrics")
-    listen: str = _key(":9445", _listen, "HOST:PORT to serve metrics on; an empty HOST is every interface")
-
-
-def _at_least(low: int) -> Callable[[int], str | None]:
-    return lambda v: None if v >= low else f"must be at least {low}, not {v}"
+    listen: str = _key("127.0.0.1:9445", _listen, "HOST:PORT to serve metrics on; an empty HOST is every interface")
 
 
 @dataclass(frozen=True)
 class InterposerSection:
-    lease_ms: int = _key(5000, _at_least(500), "lease: a paused process resumes this long after the daemon goes")
-    request_timeout_ms: int = _key(120000, _at_least(100), "how long a pause, swap-out or resume may take")
+    lease_ms: int = _number(5000, 500, 3600000, "lease: a paused process resumes this long after the daemon goes")
+    request_timeout_ms: int = _number(120000, 100, 3600000, "how long a pause, swap-out or resume may take")
 
 
 @dataclass(frozen=True)
 class SchedulerSection:
     enabled: bool = _key(True, None, "time-slice and oversubscribe each GPU between the processes that share it")
-    quantum_ms: int = _key(0, _at_least(0), "a slice's length; 0: 20 times the cost of a switch at the measured "
-                                            "swap rate, at least 1 s")
-    idle_ms: int = _key(500, positive_problem, "a holder without launches this long gives up the rest of its slice")
-    reserve_mib: int = _key(1024, _at_least(0), "device memory left out of every plan")
-    context_mib: int = _key(512, _at_least(0), "a process's own context memory, where NVML cannot tell")
-    tick_ms: int = _key(50, positive_problem, "how often the scheduler decides")
-    room_wait_ms: int = _key(30000, positive_problem, "an allocation waiting for room that is not its turn fails "
-                                               "after this long (what cannot move holds the device, or host memory "
-                                               "is short)")
-    host_reserve_mib: int = _key(-1, _at_least(-1), "host memory never used for swapped-out memory; -1: the larger "
-                                                    "of 4096 and 5 % of RAM")
-    host_limit_mib: int = _key(0, _at_least(0), "at most this much host memory for swapped-out memory; 0: no cap")
+    quantum_ms: int = _number(0, 0, 86400000, "a slice's length; 0: 20 times the cost of a switch at the measured "
+                                              "swap rate, at least 1 s")
+    idle_ms: int = _number(500, 1, 3600000, "a holder without launches this long gives up the rest of its slice")
+    reserve_mib: int = _number(1024, 0, 16777216, "device memory left out of every plan")  # 16 TiB
+    context_mib: int = _number(512, 0, 1048576, "a process's own context memory, where NVML cannot tell")
+    tick_ms: int = _number(50, 1, 10000, "how often the scheduler decides")
+    room_wait_ms: int = _number(30000, 1, 86400000, "an allocation waiting for room that is not its turn fails "
+                                                    "after this long (what cannot move holds the device, or host "
+                                                    "memory is short)")
+    host_reserve_mib: int = _number(-1, -1, 16777216, "host memory never used for swapped-out memory; -1: the "
+                                                      "larger of 4096 and 5 % of RAM")
+    host_limit_mib: int = _number(0, 0, 16777216, "at most this much host memory for swapped-out memory; 0: no cap")
 
 
 @dataclass(frozen=True)
@@ -147,17 +161,32 @@ def load(path: str | None) -> Config:
     """The file at `path`; built-in defaults when the default file does not exist."""
     target = Path(path or DEFAULT_PATH)
     try:
-        text = target.read_text()
+        with open(target, "rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)
     except FileNotFoundError:
         if path is None:
             return Config()
         raise ConfigError(f"{target}: no such file") from None
     except OSError as exc:
-        raise ConfigError(f"{target}: cannot read: {exc.strerror}") from None
+        raise ConfigError(f"{target}: cannot read: {exc.strerror or exc}") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise ConfigError(f"{target}: larger than {MAX_FILE_BYTES >> 20} MiB: not a configuration file")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{target}: not UTF-8 text (byte {exc.start} is 0x{data[exc.start]:02x}): TOML files "
+                          "are UTF-8; save it as UTF-8") from None
     return parse(text, str(target))
 
 
 def with_overrides(config: Config, daemon: dict[str, Any], metrics: dict[str, Any]) -> Config:
-    """Command-line options win over the file; None means 'not given'."""
-    return replace(config, daemon=replace(config.daemon, **{k: v for k, v in daemon.items() if v is not None}),
-                   metrics=replace(config.metrics, **{k: v for k, v in metrics.items() if v is not None}))
+    """Command-line options win over the file; None means 'not given'. Each is checked as its key is."""
+    def checked(cls: type, given: dict[str, Any]) -> dict[str, Any]:
+        known = {f.name: f for f in fields(cls)}
+        for key, value in given.items():
+            check = known[key].metadata["check"]
+            if value is not None and check and (problem := check(value)):
+                raise ConfigError(f"--{key.replace('_', '-')}: {problem}")
+        return {k: v for k, v in given.items() if v is not None}
+    return replace(config, daemon=replace(config.daemon, **checked(DaemonSection, daemon)),
+                   metrics=replace(config.metrics, **checked(MetricsSection, metrics)))

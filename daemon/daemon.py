@@ -6,13 +6,14 @@ from __future__ import annotations
 import logging
 import queue
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from ..core import procfs
+from ..core import procfs, threads
 from ..core.view import Snapshot
 from ..core.vocabulary import STATE_FILE_NAME
 from ..enforcer.enforcer import Enforcer, SchedulerSettings
@@ -25,12 +26,15 @@ from ..enforcer.procevents import ProcEvents
 from ..enforcer.quota import QuotaEnforcer
 from ..enforcer.records import Enforcement
 from ..enforcer.rules import Policy
+from ..enforcer.seed import Seeder
 from ..enforcer.view import ViewSources, build_view
 from ..exporters.metrics import MetricsServer
-from ..probes import Tracer
+from ..probes import PreflightError, Tracer
 from ..probes.devices import DeviceResolver
+from ..probes.fanout import Subscription
 from .commands import commands
 from .config import Config, InterposerSection, SchedulerSection
+from .paths import check_state_directories
 from .server import ControlServer
 
 log = logging.getLogger(__name__)
@@ -63,6 +67,10 @@ class Daemon:
                                  exclusive=self.policy.exclusive, host=self.host) if scheduler.enabled else None
         self.interposed.room = self.enforcer is not None
         self._devices = DeviceResolver()
+        # what processes held before the probes attached (a restart): in their device figures and quotas
+        self.seeder = Seeder(tracer.seeds, self._devices.resolve,
+                             SchedulerSettings.from_config(scheduler).context_bytes,
+                             lambda: tracer.facts(work=False), self.interposed.enforcement)
         self._described: dict[int, procfs.ProcInfo] = {}
         tracer.exit_listeners.append(self._forget_exited)
         self.commands = commands(self)
@@ -102,28 +110,20 @@ class Daemon:
         self._reload.set()
 
     def run(self) -> None:
+        """Starts the parts in order, serves until SIGTERM or SIGINT, and stops what started in reverse order.
+        A part that fails to start: StartError (one line); what had started is stopped again first, so that
+        nothing stays attached or stopped. SIGTERM during start-up ends it at the next part."""
+        check_state_directories(self.socket_path, self.ledger.path)  # before anything starts: one line if unsafe
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self.request_stop)
         signal.signal(signal.SIGHUP, self.request_reload)
-        server = ControlServer(self.socket_path, self.commands)
-        metrics: MetricsServer | None = None
-        quota_thread: threading.Thread | None = None
+        stops: list[tuple[str, Callable[[], None]]] = []
+        server: ControlServer | None = None
         try:
-            saved_quotas = self.ledger.recover()
-            self.tracer.start()
-            quota_thread = threading.Thread(target=self._quota_loop, args=(self.tracer.subscribe(),),
-                                            name="gpuwatch-quota", daemon=True)
-            quota_thread.start()
-            self.interposed.start()
-            self.procevents.start()
-            self.policy.apply_all()
-            self.quota.restore(saved_quotas)  # after the rules: a quota set by hand was the later word
-            if self.enforcer:
-                self.enforcer.start()
+            server = _starting(f"control socket {self.socket_path}",
+                               lambda: ControlServer(self.socket_path, self.commands))
+            metrics = self._start_parts(stops)
             server.start()
-            if self.metrics_listen:
-                host, port = self.metrics_listen
-                metrics = MetricsServer(host, port, self.view)
             health = self.tracer.health()
             log.info("running: %d libraries, %d probes, launches=%s, socket %s, metrics %s", len(health.libraries),
                      health.probes_attached, health.launch_mode, self.socket_path,
@@ -135,21 +135,61 @@ class Daemon:
                         self.reload()
                     except Exception:  # a reload must never end the daemon
                         log.exception("configuration reload failed")
+        except _Interrupted:
+            log.info("stopping: asked to stop during start-up")
         finally:
-            server.close()
-            self.procevents.close()
-            if self.enforcer:
-                self.enforcer.close()
-            self.interposed.close()
-            if quota_thread is not None:
-                self.stopping.set()
-                quota_thread.join(timeout=2)
+            attached = any(what == PROBES for what, _ in stops)
+            if server is not None:
+                server.close()  # first: no command arrives while the rest stops
+            while stops:
+                what, stop = stops.pop()
+                try:
+                    stop()
+                except Exception:  # the rest still stops
+                    log.exception("stopping %s failed", what)
+            if attached:
+                log.info("stopped: probes detached")
+
+    def _start_parts(self, stops: list[tuple[str, Callable[[], None]]]) -> MetricsServer | None:
+        """Each part in turn, its stop recorded once it started. The metrics address is bound before any
+        probe attaches (tried and released: a busy port costs nothing to find out), served at the end."""
+        def part(what: str, start: Callable[[], Any], stop: Callable[[], None] | None = None, hint: str = "") -> Any:
+            if self.stopping.is_set():
+                raise _Interrupted
+            result = _starting(what, start, hint)
+            if stop is not None:
+                stops.append((what, stop))
+            return result
+
+        if self.metrics_listen:  # served once everything runs (a scrape that answers means a running daemon)
+            host, port = self.metrics_listen
+            where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            hint = "choose another address with --listen or [metrics] listen, or --no-metrics"
+            part(f"metrics on {where}", lambda: _check_bind(host, port), hint=hint)
+        saved_quotas = part("the state file", self.ledger.recover, self.ledger.continue_all)
+        part(PROBES, self.tracer.start, self.tracer.stop)
+        part("what running processes held", self.seeder.start, self.seeder.close)  # before any quota is set
+        events = self.tracer.subscribe()
+        quota_thread = threading.Thread(target=threads.supervised("gpuwatch-quota", lambda: self._quota_loop(events),
+                                                                  self.stopping), name="gpuwatch-quota", daemon=True)
+
+        def stop_quota() -> None:
+            self.stopping.set()
+            quota_thread.join(timeout=2)
             self.quota.close()
-            self.ledger.continue_all()
-            if metrics:
-                metrics.close()
-            self.tracer.stop()
-            log.info("stopped: probes detached")
+        part("the quota thread", quota_thread.start, stop_quota)
+        part("the interposers' leases", self.interposed.start, self.interposed.close)
+        part("process events", self.procevents.start, self.procevents.close)
+        part("the rules", self.policy.apply_all)
+        part("the quotas set by hand", lambda: self.quota.restore(saved_quotas))  # after the rules: the later word
+        if self.enforcer:
+            part("the scheduler", self.enforcer.start, self.enforcer.close)
+        metrics: MetricsServer | None = None
+        if self.metrics_listen:
+            metrics = part(f"metrics on {where}", lambda: MetricsServer(host, port, self.view), hint=hint)
+            assert metrics is not None
+            stops.append(("metrics", metrics.close))
+        return metrics
 
     def reload(self) -> None:
         """SIGHUP: the rules and the settings that can change while running ([interposer] timeouts and
@@ -184,7 +224,7 @@ class Daemon:
         self.quota.forget(pid)
         self.ledger.forget(pid)
 
-    def _quota_loop(self, events: queue.Queue) -> None:
+    def _quota_loop(self, events: Subscription) -> None:
         """Quota stops as they happen; frees, exits and libcuda opens as they come; the rest every 0.1 s."""
         last = 0.0
         while not self.stopping.is_set():
@@ -202,3 +242,35 @@ class Daemon:
                 except Exception:
                     log.exception("quota: a tick failed")
         self.tracer.unsubscribe(events)
+
+
+PROBES = "the probes"
+
+
+class StartError(Exception):
+    """A part of the daemon could not start: one line naming it and the problem."""
+
+
+class _Interrupted(Exception):
+    """SIGTERM or SIGINT during start-up."""
+
+
+def _check_bind(host: str, port: int) -> None:
+    """OSError unless the metrics server could bind (host, port) now; the socket is released at once."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as http.server binds it
+        s.bind((host, port))
+
+
+def _starting(what: str, start: Callable[[], Any], hint: str = "") -> Any:
+    try:
+        return start()
+    except (StartError, PreflightError):  # PreflightError: one line of its own (run.py)
+        raise
+    except Exception as exc:
+        if isinstance(exc, OSError) and exc.strerror:
+            problem = exc.strerror + (f": {exc.filename}" if exc.filename else "")
+        else:
+            problem = str(exc) or type(exc).__name__
+        log.debug("start-up failed: %s", what, exc_info=True)
+        raise StartError(f"{what}: {' '.join(problem.split())}{': ' + hint if hint else ''}") from exc

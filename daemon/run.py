@@ -2,22 +2,23 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ..probes import PreflightError, Tracer
 from ..probes.preflight import check_privileges
 from ..probes import program
 from . import config as configuration
-from .daemon import Daemon
+from .daemon import Daemon, StartError
 
 
 def run_configuration(args: argparse.Namespace) -> configuration.Config:
     """The file (or the defaults) with the command line's options on top: at start and at every SIGHUP."""
     cfg = configuration.with_overrides(
         configuration.load(args.config),
-        daemon={"socket": args.socket, "launches": args.launches, "nvml": False if args.no_nvml else None,
-                "ring_buffer_pages": args.ring_buffer_pages, "sample_window_ms": args.sample_window_ms,
-                "sample_period_ms": args.sample_period_ms},
+        daemon={"socket": args.socket and os.path.abspath(args.socket), "launches": args.launches,
+                "nvml": False if args.no_nvml else None, "ring_buffer_pages": args.ring_buffer_pages,
+                "sample_window_ms": args.sample_window_ms, "sample_period_ms": args.sample_period_ms},
         metrics={"listen": args.listen, "enabled": False if args.no_metrics else None})
     d = cfg.daemon
     if d.sample_window_ms >= d.sample_period_ms:
@@ -45,5 +46,8 @@ def main(args: argparse.Namespace) -> int:
                reload=lambda: run_configuration(args)).run()
     except PreflightError as exc:
         print(f"gpuwatch: {exc}", file=sys.stderr)
+        return 1
+    except StartError as exc:  # what had started was stopped again (Daemon.run)
+        print(f"gpuwatch: cannot start: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -12,16 +12,20 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from functools import partial
 
+from ..core import threads
 from ..core.protocol import ControlError
-from ..core.view import ProcessGpu, SchedulerSummary, Snapshot
+from ..core.view import HostMemory, ProcessGpu, SchedulerSummary, Snapshot
 from ..core.vocabulary import PRIORITY_NAMES, STOPPED, WAITING_FOR_HOST_MEMORY, Priority
 from .hostmemory import HostBudget, new_pinned_bytes
 from .interposed import InterposedRegistry
 from .ledger import SCHEDULER
 from .pause import Pauser
+from .requests import Aside
+from .roomwaits import RoomWaits
 from .records import Enforcement
-from .scheduler import Client, Decision, Scheduler, SwitchCost, Verdict, default_quantum
+from .scheduler import Client, Decision, Scheduler, SwitchCost, Verdict, default_quantum, strictest
 from .settings import WAIT_BUCKETS, SchedulerSettings, SchedulingStats
 from .view import SchedulingFigures
 
@@ -46,13 +50,18 @@ class Enforcer:
         self._waits = SchedulingStats()         # every wait of every process, for the histogram
         self._schedulers: dict[int, Scheduler] = {}
         self._bounded: set[int] = set()        # told to bound their launch queues
-        self._wanting: dict[int, float] = {}   # since when a process waits for room that is not its turn
+        self.room_waits = RoomWaits()
         self.reasons: dict[int, str] = {}      # why each process the scheduler holds back does not run
+        self._short_of_host: set[int] = set()  # waited last tick for room the host budget refused
+        self._left_alone: set[int] = set()     # waiting for room that cannot come: sent nothing this tick
+        self._warned: dict[int, float] = {}    # when each "not swapped out" was last logged
         self._dropping: set[int] = set()        # asked to give back kept pinned memory; the answer is pending
         self.switch_cost = SwitchCost()
         self._stop = threading.Event()
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="gpuwatch-enforce")
-        self._thread = threading.Thread(target=self._loop, name="gpuwatch-scheduler", daemon=True)
+        self._aside = Aside(self._failed)  # requests no tick waits for: no_room, bound, drop_host
+        self._thread = threading.Thread(target=threads.supervised("gpuwatch-scheduler", self._loop, self._stop),
+                                        name="gpuwatch-scheduler", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
@@ -62,13 +71,12 @@ class Enforcer:
         if self._thread.is_alive():
             self._thread.join(timeout=5)
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._aside.close()
 
     def summary(self) -> SchedulerSummary:
-        counts, total = [], 0
-        for bound, n in zip(WAIT_BUCKETS, self._waits.wait_buckets):
-            total += n
-            counts.append((bound, total))
-        return SchedulerSummary(tuple(counts), self._waits.wait_count, self._waits.wait_seconds)
+        # SchedulingStats.waited counts a wait in every bucket at or above it: the buckets are cumulative already
+        return SchedulerSummary(tuple(zip(WAIT_BUCKETS, self._waits.wait_buckets)), self._waits.wait_count,
+                                self._waits.wait_seconds)
 
     def scheduling(self) -> dict[int, SchedulingFigures]:
         """What the scheduler did to each process, for the view."""
@@ -97,9 +105,12 @@ class Enforcer:
         # paused by hand or stopped at a quota: planned around, never resumed or stopped by the scheduler
         held = {pid for pid, by in self.pauser.ledger.stopped().items() if by - {SCHEDULER}}
         unplaceable: set[int] = set()
+        self._host_bound: dict[int, int] = {}  # what a process could move but for the host budget
+        short_of_host: set[int] = set()
+        host = self.host.reading(pages) if self.host is not None else None
         for gpu in snap.gpus:
             capacity = self._capacity(gpu.memory_total)
-            clients = self._clients(snap, gpu.index, pages, leaving, held)
+            clients = self._clients(snap, gpu.index, pages, leaving, held, host)
             if capacity is None or not clients:
                 self._schedulers.pop(gpu.index, None)
                 continue
@@ -117,13 +128,23 @@ class Enforcer:
                     self._deny(c.pid)  # it cannot fit even alone: its allocation fails as the driver said
                 elif not scheduler.placeable(c, clients):
                     unplaceable.add(c.pid)  # what cannot move holds the room: it waits, bounded
+                    unbounded = [replace(o, movable_bytes=self._host_bound[o.pid],
+                                         fixed_bytes=o.fixed - (self._host_bound[o.pid] - o.movable_bytes))
+                                 if o.pid in self._host_bound else o for o in clients]
+                    if scheduler.placeable(c, unbounded):
+                        short_of_host.add(c.pid)  # it would fit if the host could take what others hold
         self._bound_queues(snap, pages)
-        combined = {pid: _strictest(ds) for pid, ds in decisions.items()}
-        self._room_patience(combined, pages, now, unplaceable)
+        combined = {pid: strictest(ds) for pid, ds in decisions.items()}
+        # Waiting for room that cannot come: nobody moves for it and it is sent nothing (no swap-out of its own
+        # memory, no resume that would only make its allocation fail again): it waits, then gets out-of-memory.
+        self._left_alone = (unplaceable | self._short_of_host) & {pid for pid, p in pages.items() if p.wanted_bytes}
+        for pid in self.room_waits.due(combined, pages, now, self._left_alone, self.settings.room_wait_s):
+            self._deny(pid)
         for pid, page in pages.items():
             if page.wanted_bytes and pid not in combined and pid not in held:
                 self._deny(pid)  # on no GPU the scheduler can plan (no NVML): nobody will make room
         self.reasons = {pid: d.reason for pid, d in combined.items() if d.verdict is not Verdict.RUN and d.reason}
+        self.reasons.update(dict.fromkeys(short_of_host, WAITING_FOR_HOST_MEMORY))
         combined = self._within_host_budget(combined, pages)
         self._account(combined, pages, now)
         self._apply(combined, pages)
@@ -150,14 +171,21 @@ class Enforcer:
                 spare -= new
                 continue
             refused.append(pid)
-            log.warning("pid %d is not swapped out: %s", pid, why)
+            if time.monotonic() - self._warned.get(pid, float("-inf")) >= 30:
+                self._warned[pid] = time.monotonic()
+                log.warning("pid %d is not swapped out: %s", pid, why)
             out[pid] = Decision(Verdict.RUN)
             self.reasons.pop(pid, None)
+        self._short_of_host = set()
         if refused:
             for pid, d in decisions.items():
                 page = pages.get(pid)
                 if d.verdict is Verdict.RUN and page is not None and page.wanted_bytes:
                     self.reasons[pid] = WAITING_FOR_HOST_MEMORY
+                    self._short_of_host.add(pid)
+                    self._left_alone.add(pid)
+        for pid in [pid for pid in self._warned if pid not in pages]:
+            del self._warned[pid]
         return out
 
     def _drop_kept_buffers(self, pages: Mapping[int, Enforcement], exclude: set[int]) -> None:
@@ -177,7 +205,7 @@ class Enforcer:
             if (page.pinned_bytes and not any(d.swapped_bytes for d in page.devices) and not gpus & contended
                     and decisions.get(pid, Decision(Verdict.RUN)).verdict is Verdict.RUN and pid not in self._dropping):
                 self._dropping.add(pid)
-                self._pool.submit(self._drop, pid)
+                self._aside.submit(self._drop, pid)
 
     def _drop(self, pid: int) -> None:
         process = self.interposed.get(pid)
@@ -206,14 +234,9 @@ class Enforcer:
             if page is None or row.gpu is None:
                 continue
             want = self._priority(row.pid, page) < top[row.gpu]
-            if want != (row.pid in self._bounded):
-                process = self.interposed.get(row.pid)
-                try:
-                    if process is not None:
-                        process.requests.bound_queue(want)
-                        (self._bounded.add if want else self._bounded.discard)(row.pid)
-                except ControlError as exc:
-                    log.warning("pid %d: %s", row.pid, exc)
+            if want != (row.pid in self._bounded) and (process := self.interposed.get(row.pid)) is not None:
+                self._aside.ask("bound", row.pid, partial(process.requests.bound_queue, want),
+                                partial(self._bounded.add if want else self._bounded.discard, row.pid))
         self._bounded &= set(pages)
 
     def _priority(self, pid: int, page: Enforcement | None) -> Priority:
@@ -223,38 +246,9 @@ class Enforcer:
             return chosen
         return Priority.parse(page.priority) if page and page.priority in PRIORITY_NAMES else Priority.NORMAL
 
-    def _room_patience(self, decisions: dict[int, Decision], pages: Mapping[int, Enforcement], now: float,
-                       unplaceable: set[int]) -> None:
-        """A process waits for room at most room_wait_s where waiting is not a turn: the plan says it may run
-        yet its allocation still finds the device full (memory the plan cannot see, fragmentation), or what
-        cannot move (processes without the interposer, unswappable memory) leaves it no room. Then its
-        allocation fails as the driver said, and everyone else runs on."""
-        def waits(pid: int) -> bool:
-            page = pages.get(pid)
-            run = decisions.get(pid, Decision(Verdict.PAUSE)).verdict is Verdict.RUN
-            return page is not None and bool(page.wanted_bytes) and (run or pid in unplaceable)
-
-        for pid in list(self._wanting):
-            if not waits(pid):
-                del self._wanting[pid]
-        for pid in decisions:
-            page = pages.get(pid)
-            if waits(pid) and page is not None:
-                since = self._wanting.setdefault(pid, now)
-                if now - since >= self.settings.room_wait_s:
-                    why = "what cannot move holds the device" if pid in unplaceable else "it could run"
-                    log.warning("pid %d: %d bytes found no room for %.0f s (%s): its allocation fails",
-                                pid, page.wanted_bytes, now - since, why)
-                    self._deny(pid)
-                    del self._wanting[pid]
-
     def _deny(self, pid: int) -> None:
-        process = self.interposed.get(pid)
-        if process is not None:
-            try:
-                process.requests.deny_room()
-            except ControlError as exc:
-                log.warning("pid %d: %s", pid, exc)
+        if (process := self.interposed.get(pid)) is not None:  # asked aside: the tick never waits for the answer
+            self._aside.ask("no_room", pid, process.requests.deny_room)
 
     def _capacity(self, total: int | None) -> int | None:
         return None if total is None else max(total - self.settings.reserve_bytes, 0)
@@ -279,7 +273,9 @@ class Enforcer:
         return total
 
     def _clients(self, snap: Snapshot, gpu: int, pages: Mapping[int, Enforcement], leaving: set[int],
-                 held: set[int]) -> list[Client]:
+                 held: set[int], host: HostMemory | None = None) -> list[Client]:
+        """Processes on the GPU as the scheduler sees them. What an interposed process can move is bounded by
+        what the host (and its memory cgroup) can take: memory that cannot go anywhere is not movable."""
         clients = []
         for row in snap.processes:
             if row.gpu != gpu or (row.pid in leaving and row.pid not in pages) or row.pid in held:
@@ -288,10 +284,16 @@ class Enforcer:
             priority = self._priority(row.pid, page)
             if page is not None:
                 need = _swappable(page, row) + row.unswappable_bytes + page.wanted_bytes + self._context(row)
-                clients.append(Client(row.pid, need, _swappable(page, row), page.launches or row.launches, priority,
+                movable = _swappable(page, row)
+                if host is not None and self.host is not None:
+                    bounded = min(movable, self.host.movable(row.pid, page, host))
+                    if bounded < movable:
+                        self._host_bound[row.pid] = movable
+                    movable = bounded
+                clients.append(Client(row.pid, need, movable, page.launches or row.launches, priority,
                                       interposed=True, exclusive=self.exclusive(row.pid),
                                       waiting=page.waiting_threads > 0,
-                                      fixed_bytes=row.unswappable_bytes + self._context(row)))
+                                      fixed_bytes=need - movable - page.wanted_bytes))
             elif row.state != STOPPED or self.pauser.held(row.pid, SCHEDULER):
                 need = row.nvml_bytes if row.nvml_bytes is not None else row.device_bytes + self.settings.context_bytes
                 clients.append(Client(row.pid, need, 0, row.launches, priority, interposed=False,
@@ -317,14 +319,19 @@ class Enforcer:
             s.running = runs
 
     def _apply(self, decisions: dict[int, Decision], pages: Mapping[int, Enforcement]) -> None:
-        """Make room first (pause, swap out, stop), then resume: memory must be free before it is taken."""
+        """Make room (pause, swap out, stop), then resume: memory must be free before it is taken. Swap-ins
+        start with the swap-outs: a process coming back maps each piece as soon as one going out has released
+        its memory, so both directions of the link carry data at once."""
         start = time.monotonic()
+        decisions = {pid: d for pid, d in decisions.items() if pid not in self._left_alone}
         room = [self._pool.submit(self._make_room, pid, d, pages.get(pid)) for pid, d in decisions.items()
                 if d.verdict is not Verdict.RUN]
+        back = {pid for pid, d in decisions.items() if d.verdict is Verdict.RUN and _swapped_out(pages.get(pid))}
+        early = [self._pool.submit(self._run, pid, pages.get(pid)) for pid in back]
         moved = sum(f.result() for f in room)
         runs = [self._pool.submit(self._run, pid, pages.get(pid)) for pid, d in decisions.items()
-                if d.verdict is Verdict.RUN]
-        moved += sum([f.result() for f in runs])
+                if d.verdict is Verdict.RUN and pid not in back]
+        moved += sum([f.result() for f in early + runs])
         if moved:
             seconds = time.monotonic() - start
             self.switch_cost.observe(moved, seconds)
@@ -363,9 +370,10 @@ class Enforcer:
             process = self.interposed.get(pid)
             if process is None or (page.state == "running" and not page.wanted_bytes):
                 return 0
-            process.requests.resume()  # also: retry the allocations that wait
+            back = sum(dev.swapped_bytes for dev in page.devices)
+            process.requests.resume(swapped=back > 0)  # also: retry the allocations that wait
             log.info("pid %d runs%s", pid, " (memory it waited for is free)" if page.wanted_bytes else "")
-            return sum(dev.swapped_bytes for dev in page.devices)
+            return back
         except ControlError as exc:
             self._failed(pid, "could not resume", exc)
             return 0
@@ -378,11 +386,8 @@ class Enforcer:
             log.warning("pid %d: %s: %s", pid, what, exc)
 
 
-def _strictest(decisions: list[Decision]) -> Decision:
-    """A process on several GPUs runs only if every GPU lets it; its swap is the largest asked for."""
-    order = [Verdict.RUN, Verdict.PAUSE, Verdict.SWAP, Verdict.STOP]
-    worst = max(decisions, key=lambda d: order.index(d.verdict))
-    return Decision(worst.verdict, max(d.swap_bytes for d in decisions), worst.reason)
+def _swapped_out(page: Enforcement | None) -> bool:
+    return page is not None and any(d.swapped_bytes for d in page.devices)
 
 
 def _swappable(page: Enforcement, row: ProcessGpu) -> int:

@@ -18,6 +18,7 @@ from .records import Enforcement
 RESERVE_FLOOR = 4096 * MiB
 RESERVE_SHARE = 0.05
 CGROUP_MARGIN = 64 * MiB  # left free inside a memory cgroup's limit, for the process's own needs
+PIECE_BYTES = 1 << 30  # the interposer moves whole pieces of at most this (interposer/backing.c)
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,16 @@ class HostBudget:
                           limit_bytes=self.settings.limit_bytes, pinned_bytes=pinned, swapped_bytes=swapped,
                           spare_bytes=spare)
 
+    def movable(self, pid: int, page: Enforcement, host: HostMemory) -> int:
+        """How much of the process's device memory could be in host memory now: what is out already, what its
+        kept buffers hold, and what the host and its memory cgroup can still give (whole pieces)."""
+        swapped = sum(d.swapped_bytes for d in page.devices)
+        allowance = host.spare_bytes
+        cgroup = self._headroom(pid)
+        if cgroup is not None:
+            allowance = min(allowance, max(cgroup[0] - CGROUP_MARGIN, 0))
+        return swapped + max(page.pinned_bytes - swapped, 0) + allowance // PIECE_BYTES * PIECE_BYTES
+
     def room_for(self, pid: int, new_bytes: int, host: HostMemory) -> str | None:
         """None when `new_bytes` more pinned host memory for `pid` fits; else why not, in words."""
         if new_bytes <= 0:
@@ -65,9 +76,6 @@ class HostBudget:
             return (f"{new_bytes >> 20} MiB more pinned memory would not fit its memory cgroup "
                     f"({cgroup[0] >> 20} MiB left of {cgroup[1] >> 20} MiB)")
         return None
-
-
-PIECE_BYTES = 1 << 30  # the interposer moves whole pieces of at most this (interposer/backing.c)
 
 
 def new_pinned_bytes(page: Enforcement, swap_bytes: int) -> int:

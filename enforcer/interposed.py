@@ -4,30 +4,45 @@ A process's library connects to the control socket and sends `interposer_attach`
 the daemon checks that the page it names is its own, answers, and keeps the connection: from then on the
 daemon sends requests and the library answers each one, in order. The process is registered until the
 connection closes. The daemon renews the lease in every page; a process whose daemon is gone resumes by
-itself when its lease passes."""
+itself when its lease passes.
+
+A peer is untrusted: it attaches only if it maps the library and the page it names (verify_peer); a priority
+above normal is root's to give (a rule, `gpuwatch priority`), so another user's attach or page can only lower
+its own; and a process that leaves a request unanswered past its timeout is treated as gone: its connection
+closes and its library runs it on its own (fail open)."""
 from __future__ import annotations
 
 import itertools
 import json
 import logging
+import os
 import socket
 import struct
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from ..core.procfs import namespace_pids
+from ..core import threads
+from ..core.procfs import maps_text, namespace_pids
 from ..core.protocol import MAX_REQUEST, Connection, ControlError, Peer
-from ..core.vocabulary import PRIORITY_NAMES
-from ..interposer.shm import PageError, PageReading, SharedPage
+from ..core.vocabulary import PRIORITY_NAMES, Priority
+from ..interposer import LIBRARY_NAME
+from ..interposer.shm import MEMFD_NAME, PageError, PageReading, SharedPage
 from .records import DeviceEnforcement, Enforcement
 from .requests import InterposerRequests
 
 log = logging.getLogger(__name__)
 PROTOCOL_VERSION = 1
 SEND_TIMEOUT_S = 5
+MAX_LEASE_NS = 3_600_000 * 1_000_000  # the configuration's longest lease (daemon/config.py): bounds the arithmetic
+RENEW_MAX_S = 1.0  # leases are renewed at least this often: a reload's shorter lease applies within a second
+
+
+def lease_deadline(lease_ns: int) -> int:
+    """The page's lease deadline for a lease of `lease_ns`, bounded so that it always fits the page's u64."""
+    return time.monotonic_ns() + min(max(lease_ns, 0), MAX_LEASE_NS)
 
 
 def printable(text: Any, limit: int = 200) -> str:
@@ -64,6 +79,31 @@ class RequestFailed(ControlError):
     pass
 
 
+def verify_peer(pid: int, page: SharedPage) -> None:
+    """ControlError unless process `pid` runs the interposer library (an executable mapping of a file named
+    libgpuwatch.so) and has the page it sent mapped shared: a process that only made a memfd of that name does
+    not attach (it would never answer a request)."""
+    text = maps_text(pid)
+    if text is None:
+        raise ControlError(f"interposer_attach: cannot read the memory map of process {pid}")
+    device, inode = page.identity()
+    library = mapped = False
+    for line in text.splitlines():
+        fields = line.split(None, 5)
+        if len(fields) < 6:
+            continue
+        perms, dev, ino, path = fields[1], fields[3], fields[4], fields[5].removesuffix(" (deleted)")
+        library |= "x" in perms and path.rsplit("/", 1)[-1] == LIBRARY_NAME
+        mapped |= perms[3:4] == "s" and path == f"/memfd:{MEMFD_NAME}" and ino == str(inode) \
+            and dev == f"{os.major(device):02x}:{os.minor(device):02x}"
+    if not library:
+        raise ControlError(f"interposer_attach: process {pid} does not run the interposer ({LIBRARY_NAME} is not "
+                           "mapped in it): start the program with `gpuwatch exec`")
+    if not mapped:
+        raise ControlError(f"interposer_attach: process {pid} has not mapped the page it sent: only the "
+                           "interposer's own page attaches")
+
+
 class _Pending:
     def __init__(self) -> None:
         self.done = threading.Event()
@@ -75,8 +115,10 @@ class InterposedProcess:
     """One attached process: its page and its connection. request() may be called from any thread."""
 
     def __init__(self, pid: int, attach: AttachRequest, page: SharedPage, connection: Connection,
-                 timeout: Callable[[], float] = lambda: 120.0) -> None:
+                 timeout: Callable[[], float] = lambda: 120.0, ceiling: Priority = Priority.HIGH) -> None:
+        """ceiling: the highest priority its page may claim (a page can only lower what the attach gave)."""
         self.pid, self.attach, self.page, self.connection = pid, attach, page, connection
+        self.ceiling = ceiling
         self.requests = InterposerRequests(self.call, timeout)
         self._ids = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
@@ -102,7 +144,9 @@ class InterposedProcess:
         if not pending.done.wait(timeout):
             with self._lock:
                 self._pending.pop(request_id, None)
-            raise RequestFailed(f"pid {self.pid} did not answer {op} within {timeout:g} s")
+            self.close()  # treated as gone: its library runs it on its own; the scheduler plans without it
+            raise RequestFailed(f"pid {self.pid} did not answer {op} within {timeout:g} s: detached (its "
+                                "interposer runs it on its own until it attaches again)")
         if pending.error is not None:
             raise RequestFailed(f"pid {self.pid}: {pending.error}")
         assert pending.reply is not None
@@ -151,8 +195,10 @@ class InterposedProcess:
         h = reading.header
         devices = tuple(DeviceEnforcement(d.ordinal, d.quota or None, d.swapped, d.swappable, d.unswappable,
                                           d.in_use) for d in reading.devices)
-        return Enforcement(pid=self.pid, interposed=True, state=h.state,
-                           priority=h.priority if h.priority in PRIORITY_NAMES else self.attach.priority,
+        priority = self.attach.priority
+        if h.priority in PRIORITY_NAMES:  # the page is the process's own: it may lower, never raise, its priority
+            priority = min(Priority.parse(h.priority), self.ceiling).label
+        return Enforcement(pid=self.pid, interposed=True, state=h.state, priority=priority,
                            mem_limit=self.attach.mem_limit, devices=devices,
                            swap_out_bytes_total=h.swap_out_bytes_total, swap_in_bytes_total=h.swap_in_bytes_total,
                            pinned_bytes=h.pinned_bytes,
@@ -172,7 +218,8 @@ class InterposedRegistry:
         self._detached: dict[int, float] = {}  # pid -> when its library disconnected (monotonic seconds)
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._renew_loop, name="gpuwatch-leases", daemon=True)
+        self._thread = threading.Thread(target=threads.supervised("gpuwatch-leases", self._renew_loop, self._stop),
+                                        name="gpuwatch-leases", daemon=True)
         # called with the pid of each process that attaches, before its requests are read: must not block
         self.on_attach: Callable[[int], None] | None = None
 
@@ -204,11 +251,22 @@ class InterposedRegistry:
             page = SharedPage.open(peer.pid, attach.shm_fd, namespace_pids(peer.pid))
         except (PageError, OSError) as exc:
             raise ControlError(f"interposer_attach: {exc}") from None
-        process = InterposedProcess(peer.pid, attach, page, connection, lambda: self.request_timeout)
+        try:
+            verify_peer(peer.pid, page)
+        except BaseException:
+            page.close()
+            raise
+        # what a process asks for itself can only lower it: above normal is root's to give
+        ceiling = Priority.HIGH if peer.is_root else min(Priority.parse(attach.priority), Priority.NORMAL)
+        if Priority.parse(attach.priority) > ceiling:
+            log.warning("pid %d (uid %d) asked for priority %s: it runs at %s (a higher one comes from root: a "
+                        "rule or `gpuwatch priority`)", peer.pid, peer.uid, attach.priority, ceiling.label)
+            attach = replace(attach, priority=ceiling.label)
+        process = InterposedProcess(peer.pid, attach, page, connection, lambda: self.request_timeout, ceiling)
         # a library that stops reading must not hold a request's thread forever
         connection.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", SEND_TIMEOUT_S, 0))
         try:
-            page.write_lease(time.monotonic_ns() + self.lease_ns)
+            page.write_lease(lease_deadline(self.lease_ns))
             connection.send({"ok": True, "result": {"lease_ms": self.lease_ns // 1_000_000, "room": self.room}})
         except (OSError, PageError):
             page.close()
@@ -248,12 +306,12 @@ class InterposedRegistry:
             return set(self._detached)
 
     def _renew_loop(self) -> None:
-        while not self._stop.wait(self.renew_every):
+        while not self._stop.wait(min(max(self.renew_every, 0.01), RENEW_MAX_S)):
             with self._lock:
                 processes = list(self._processes.values())
             for p in processes:
                 try:
-                    p.page.write_lease(time.monotonic_ns() + self.lease_ns)
+                    p.page.write_lease(lease_deadline(self.lease_ns))
                 except PageError:
                     pass  # closed while we looked
 

@@ -3,13 +3,21 @@ the socket, written atomically, so that a daemon started after this one was kill
 stopped and keeps its quotas.
 
 A process may be held for several reasons at once (paused by hand and stopped at its quota); it is continued
-only when the last one lets go. Recovery at start and "continue everyone" at stop are here and nowhere else."""
+only when the last one lets go. Recovery at start and "continue everyone" at stop are here and nowhere else.
+
+The file decides whom the daemon signals, so it is trusted only when nobody else could have written it: it is
+opened without following a link and read only if it is a regular file owned by root (or the daemon's user)
+that group and others cannot write; it is replaced atomically (a new file of an unguessable name made with
+O_EXCL in the same directory, synced, renamed over it), never written through."""
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import secrets
 import signal
+import stat
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +28,7 @@ from ..core.procfs import proc_stat, send_signal
 log = logging.getLogger(__name__)
 HAND, QUOTA, SCHEDULER = "hand", "quota", "scheduler"  # who stopped a process
 VERSION = 2
+MAX_BYTES = 16 << 20  # a state file larger than this is not read
 
 
 @dataclass
@@ -35,6 +44,7 @@ class Ledger:
         self._held: dict[int, _Held] = {}
         self._quotas: list[dict[str, Any]] = []
         self._lock = threading.RLock()
+        self.save_error: str | None = None  # why the last save failed; None: it succeeded (or none was needed)
 
     # start and stop
 
@@ -140,29 +150,81 @@ class Ledger:
         if self.path is None:
             return {}
         try:
-            data = json.loads(self.path.read_text())
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
             return {}
+        except OSError as exc:
+            why = "is a symbolic link" if exc.errno == errno.ELOOP else f"cannot be opened ({exc.strerror})"
+            log.warning("%s %s: ignored, nothing in it is continued or restored; remove it", self.path, why)
+            return {}
+        try:
+            with os.fdopen(fd, "rb") as f:
+                if (problem := unsafe(os.fstat(f.fileno()))) is not None:
+                    log.warning("%s %s: ignored, nothing in it is continued or restored; remove it", self.path,
+                                problem)
+                    return {}
+                data = json.loads(f.read(MAX_BYTES))
         except (OSError, ValueError) as exc:
             log.warning("%s: unreadable, ignored: %s", self.path, exc)
             return {}
         return data if isinstance(data, dict) else {}
 
-    def save(self) -> None:
+    def save(self) -> bool:
+        """Whether the file now holds the record; the last failure's reason stays in save_error (None once a
+        save succeeds): commands tell their user that what they changed would not survive a crash."""
         if self.path is None:
-            return
+            return True
         with self._lock:
             data = {"version": VERSION,
                     "stopped": [{"pid": pid, "start_time": h.start_time, "by": sorted(h.by), "signalled": h.signalled}
                                 for pid, h in sorted(self._held.items())],
                     "quotas": self._quotas}
             try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = self.path.with_name(self.path.name + ".tmp")
-                with open(tmp, "w") as f:
-                    json.dump(data, f)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, self.path)
+                self.path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+                write_atomically(self.path, json.dumps(data).encode())
             except OSError as exc:
                 log.warning("cannot write %s: %s", self.path, exc)
+                self.save_error = f"{self.path}: {exc.strerror or exc}"
+                return False
+            self.save_error = None
+            return True
+
+
+def unsafe(st: os.stat_result) -> str | None:
+    """Why a state file with this status cannot be trusted, or None."""
+    if not stat.S_ISREG(st.st_mode):
+        return "is not a regular file"
+    if st.st_uid not in (0, os.geteuid()):
+        return f"is owned by uid {st.st_uid}, not root"
+    if st.st_mode & 0o022:
+        return f"is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o})"
+    return None
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """`path` replaced by a file holding `data`: written under a new, unguessable name in the same directory
+    (O_EXCL, no link followed), synced, renamed over it, and the directory synced. OSError when it fails (the
+    old file stays as it was)."""
+    for _ in range(8):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            break
+        except FileExistsError:
+            continue
+    else:
+        raise OSError(errno.EEXIST, "no free temporary name", str(path.parent))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)

@@ -455,8 +455,9 @@ class QuotaEnforcer:
                 self._pauses[pid] += 1
                 changed = True
                 group = self._groups.get(rec.group) if rec.group is not None else None
-                log.info("pid %d stopped (SIGSTOP) before allocating %d bytes on device %d: %s holds %d of %d",
-                         pid, stops[0].size, stops[0].gpu, group.name if group else "its group",
+                log.info("pid %d stopped (SIGSTOP) before allocating %d bytes on %s: %s holds %d of %d",
+                         pid, stops[0].size, f"device {stops[0].gpu}" if stops[0].gpu >= 0 else "an unknown device",
+                         group.name if group else "its group",
                          stops[0].group_used, stops[0].limit)
                 if group is not None and group.action == "kill":
                     send_signal(pid, signal.SIGKILL)

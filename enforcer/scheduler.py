@@ -124,7 +124,7 @@ class Scheduler:
     def _feasible(self, clients: list[Client], run: set[int], memory: bool = True) -> bool:
         if len(run) > 1 and any(c.exclusive for c in clients if c.pid in run):
             return False
-        resident = sum(c.need_bytes if c.pid in run else c.need_bytes - c.movable_bytes for c in clients)
+        resident = sum(c.need_bytes if c.pid in run else c.fixed for c in clients)
         return not memory or resident <= self.capacity
 
     def placeable(self, c: Client, clients: list[Client]) -> bool:
@@ -205,3 +205,10 @@ class SwitchCost:
 def default_quantum(switch_seconds: float, overhead: float = 0.05, floor: float = 1.0) -> float:
     """A slice long enough that switching (swap-out plus swap-in) costs at most `overhead` of the time."""
     return max(floor, switch_seconds / overhead)
+
+
+def strictest(decisions: list[Decision]) -> Decision:
+    """A process on several GPUs runs only if every GPU lets it; its swap is the largest asked for."""
+    order = [Verdict.RUN, Verdict.PAUSE, Verdict.SWAP, Verdict.STOP]
+    worst = max(decisions, key=lambda d: order.index(d.verdict))
+    return Decision(worst.verdict, max(d.swap_bytes for d in decisions), worst.reason)

@@ -87,6 +87,7 @@ def build_view(sources: ViewSources) -> Snapshot:
     for p in facts.rows:
         r = row(p.pid, p.ordinal)
         r.device_bytes += p.device_bytes
+        r.device_bytes_estimated = r.device_bytes_estimated or p.device_bytes_estimated
         r.managed_bytes += p.managed_bytes
         r.host_pinned_bytes += p.host_pinned_bytes
         r.allocs += p.allocs

@@ -7,19 +7,28 @@ a sample (270 ms for 1000 processes on two GPUs), `render()` formats each row's 
 checks that both give the same samples."""
 from __future__ import annotations
 
+import errno
+import logging
+import socket
+import sys
 import threading
+import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.utils import floatToGoString
 
+from ..core import threads
 from ..core.view import ProcessGpu, Snapshot
 from ..core.vocabulary import COPY_DIRECTIONS, STATES, reason_kind
 
 PROCESS_LABELS = ["pid", "comm", "gpu", "gpu_uuid", "container_id", "pod_uid"]
 GPU_LABELS = ["gpu", "gpu_uuid", "name"]
+log = logging.getLogger(__name__)
 
 # (name, help, kind, value of a row); kind "counter" names end in _total in the exposition
 PROCESS_METRICS: list[tuple[str, str, str, Callable[[ProcessGpu], float | None]]] = [
@@ -140,6 +149,11 @@ def _non_process_families(snap: Snapshot) -> Iterator[Metric]:
     for m in ("all", "sample", "off"):
         mode.add_metric([m], 1 if m == h.launch_mode else 0)
     yield mode
+    restarts = CounterMetricFamily("gpuwatch_thread_restarts", "Times a daemon thread failed and was started "
+                                   "again (a thread appears once it has failed)", labels=["thread"])
+    for name, n in sorted(h.thread_restarts.items()):
+        restarts.add_metric([name], n)
+    yield restarts
 
 
 def _escape(value: str) -> str:
@@ -192,11 +206,81 @@ def _render_family(family: Metric) -> str:
     return "".join(lines)
 
 
+METRICS_CONNECTIONS = 64  # connections at once: a new one beyond closes the oldest that has not sent its request
+METRICS_TIMEOUT_S = 10.0  # a request must arrive, and its answer be taken, within this long
+LOG_EVERY_S = 60.0        # failed connections are logged at most once this often
+
+
+class _HttpServer(ThreadingHTTPServer):
+    """Bounded: at most METRICS_CONNECTIONS connections (and threads); idle ones make room for new ones, so a
+    scrape gets through any number of connections that send nothing; out of file descriptors it backs off."""
+    daemon_threads = True
+    block_on_close = False
+    request_queue_size = 1024
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self._open: OrderedDict[Any, bool] = OrderedDict()  # connection -> answering a request
+        self._lock = threading.Lock()
+        self._logged = -LOG_EVERY_S
+        super().__init__(address, handler)
+
+    def get_request(self) -> tuple[Any, Any]:
+        try:
+            return super().get_request()
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                self._log("metrics: cannot accept a connection: %s", exc.strerror)
+                time.sleep(0.1)
+            raise
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        with self._lock:
+            victim = None
+            if len(self._open) >= METRICS_CONNECTIONS:
+                victim = next((c for c, busy in self._open.items() if not busy), None)
+                if victim is None:
+                    return False  # every one is being answered: this one is closed
+                del self._open[victim]
+            self._open[request] = False
+        if victim is not None:
+            try:
+                victim.shutdown(socket.SHUT_RDWR)  # its thread reads the end and closes it
+            except OSError:
+                pass
+        return True
+
+    def answering(self, request: Any) -> None:
+        with self._lock:
+            if request in self._open:
+                self._open[request] = True
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._lock:
+            self._open.pop(request, None)
+        super().shutdown_request(request)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        self._log("metrics: a connection failed: %s", sys.exc_info()[1])
+
+    def _log(self, message: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now - self._logged >= LOG_EVERY_S:
+            self._logged = now
+            log.warning(message, *args)
+
+
 class MetricsServer:
     """Serves /metrics over HTTP on its own threads."""
 
     def __init__(self, host: str, port: int, snapshot: Callable[[], Snapshot]) -> None:
         class Handler(BaseHTTPRequestHandler):
+            timeout = METRICS_TIMEOUT_S
+
+            def parse_request(self) -> bool:
+                server.answering(self.request)
+                return super().parse_request()
+
             def do_GET(self) -> None:
                 if self.path.split("?")[0] not in ("/metrics", "/"):
                     self.send_error(404, "only /metrics is served")
@@ -211,9 +295,11 @@ class MetricsServer:
             def log_message(self, *args) -> None:
                 pass
 
-        self._server = ThreadingHTTPServer((host, port), Handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, name="gpuwatch-metrics", daemon=True)
+        self._server = server = _HttpServer((host, port), Handler)
+        self._closing = threading.Event()
+        self._thread = threading.Thread(target=threads.supervised("gpuwatch-metrics", self._server.serve_forever,
+                                                                  self._closing),
+                                        name="gpuwatch-metrics", daemon=True)
         self._thread.start()
 
     @property
@@ -221,5 +307,6 @@ class MetricsServer:
         return self._server.server_address[1]
 
     def close(self) -> None:
+        self._closing.set()
         self._server.shutdown()
         self._server.server_close()

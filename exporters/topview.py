@@ -213,7 +213,7 @@ COLUMNS: list[Column] = [
     Column("GPU", 3, 3, lambda r: "-" if r.gpu is None else str(r.gpu)),
     Column("DEVICE", 9, 0, lambda r: human_bytes(r.device), sort="memory"),
     Column("NVML", 9, 5, lambda r: human_bytes(r.nvml)),
-    Column("UNTRACKED", 9, 6, lambda r: human_bytes(r.untracked)),
+    Column("UNTRACKED", 9, 6, lambda r: "-" if r.nvml is None else human_bytes(r.untracked)),  # no NVML: unknown
     Column("LAUNCH/S", 8, 1, lambda r: format_rate(r.launch_rate, r.estimated), sort="launches"),
     Column("FAILED", 6, 2, lambda r: str(r.failed), sort="failed"),
     Column("COMMAND", 15, 0, lambda r: r.command, "<", flex=True, sort="command"),

@@ -237,6 +237,14 @@ class SharedPage:
             else:
                 raise PageError("the page is closed")
 
+    def identity(self) -> tuple[int, int]:
+        """(device, inode) of the page's memfd: how the process's /proc/PID/maps names its mapping."""
+        with self._lock:
+            if self._fd is None:
+                raise PageError("the page is closed")
+            st = os.fstat(self._fd)
+        return st.st_dev, st.st_ino
+
     def header(self) -> Header:
         return parse_header(self._read(0, _HEADER.size))
 

@@ -92,7 +92,14 @@ class LibraryWatch:
                 try:
                     self._attach_library(lib)
                 except Exception as exc:
+                    self._drop(lib.key)  # nothing half attached: the next open of it or rescan tries again
                     log.warning("cannot attach to %s: %s", lib.path, exc)
+
+    def _drop(self, key: tuple[int, int]) -> None:
+        entry = self.libs.pop(key, None)
+        if entry is not None and self.attacher is not None:
+            for attachment in entry.attached.values():
+                self.attacher.detach(attachment)
 
     def attach_everything_in_use(self) -> None:
         self.attach_new(libraries.host_libraries() + libraries.all_process_libraries())

@@ -16,7 +16,9 @@ class ProbeRow:
     """What the probes counted for one process on one of its CUDA device ordinals (-1: not known which)."""
     pid: int
     ordinal: int
-    device_bytes: int = 0
+    device_bytes: int = 0          # with seeded_bytes
+    seeded_bytes: int = 0          # held before the probes saw the process (probes/seeds.py)
+    device_bytes_estimated: bool = False  # the seed is an estimate (NVML's figure less a context)
     managed_bytes: int = 0
     host_pinned_bytes: int = 0
     allocs: int = 0

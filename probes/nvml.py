@@ -6,6 +6,7 @@ import threading
 from dataclasses import replace
 from typing import Any
 
+from ..core import threads
 from ..core.view import Gpu
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,8 @@ class NvmlSampler:
         self._nvml, self._interval = nvml, interval
         self._latest: tuple[list[Gpu], dict[tuple[int, int], int]] = ([], {})
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="gpuwatch-nvml", daemon=True)
+        self._thread = threading.Thread(target=threads.supervised("gpuwatch-nvml", self._loop, self._stop),
+                                        name="gpuwatch-nvml", daemon=True)
 
     def start(self) -> None:
         self.sample()

@@ -153,8 +153,9 @@ def _leave(bpf: Any, pid: int) -> None:
 
 
 def device_bytes(bpf: Any, pid: int) -> dict[int, int]:
-    """What a process holds per device ordinal, from the accounting maps."""
-    procs, mem = bpf["procs"], bpf["mem"]
+    """What a process holds per device ordinal, from the accounting maps, with what it held before the probes
+    saw it (seeds.py): a group's base counts both, and the exit probe takes both out."""
+    procs, mem, seeds = bpf["procs"], bpf["mem"], bpf["seeds"]
     mask = procs.get(procs.Key(pid))
     held: dict[int, int] = {}
     for bit in range(32):
@@ -162,6 +163,9 @@ def device_bytes(bpf: Any, pid: int) -> dict[int, int]:
             m = mem.get(pid_gpu_key(mem, pid, bit - 1))
             if m is not None and signed(m.device_bytes):
                 held[bit - 1] = signed(m.device_bytes)
+        seed = seeds.get(pid_gpu_key(seeds, pid, bit - 1))
+        if seed is not None and seed.bytes:
+            held[bit - 1] = held.get(bit - 1, 0) + int(seed.bytes)
     return held
 
 

@@ -7,23 +7,24 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import queue
 import threading
 import time
 from collections.abc import Callable
 from enum import Enum
 from typing import Any
 
+from ..core import threads
 from ..core.view import TracerHealth
 from ..core.vocabulary import COPY_DIRECTIONS, is_power_of_two
 from . import preflight, program
 from .attach import Attacher
 from .devices import format_uuid
 from .discovery import LibraryWatch
-from .fanout import EventFanout
+from .fanout import SUBSCRIBER_QUEUE, EventFanout, Subscription
 from .model import Event, EventType, Kind, ProbeFacts, ProbeRow
 from .nvml import Nvml, NvmlSampler
 from .quotamaps import QuotaMaps, signed
+from .seeds import SeedMaps
 
 log = logging.getLogger(__name__)
 MAP_GC_S = 1.0  # exited processes' entries in the address-keyed maps are dropped this often
@@ -61,10 +62,12 @@ class Tracer:
         self._threads: list[threading.Thread] = []
         self._exited: set[int] = set()
         self._events_seen = 0
+        self._maintenance_runs = 0
         self._nvml: NvmlSampler | None = None
         self.libraries = LibraryWatch(self._lock, work_always=self.launch_mode == LaunchMode.ALL)
         self.events = EventFanout()
         self.quota = QuotaMaps(lambda: self._bpf, self._lock)
+        self.seeds = SeedMaps(lambda: self._bpf, self._lock)
         self.exit_listeners: list[Callable[[int], None]] = []  # told of each exited pid, after the map GC
 
     # lifecycle
@@ -111,9 +114,7 @@ class Tracer:
         self.stop()
 
     def _spawn(self, target: Callable[[], None], name: str) -> None:
-        t = threading.Thread(target=target, name=name, daemon=True)
-        t.start()
-        self._threads.append(t)
+        self._threads.append(threads.start(name, target, self._stop))  # restarted if it raises
 
     def set_work_probes(self, on: bool) -> None:
         self.libraries.set_work_probes(on)
@@ -143,6 +144,9 @@ class Tracer:
 
     def _maintenance_loop(self) -> None:
         last_rescan = last_gc = time.monotonic()
+        if self._maintenance_runs:  # restarted after a failure: a full rescan finds what it missed
+            last_rescan -= self._rescan_seconds
+        self._maintenance_runs += 1
         while not self._stop.wait(0.05):
             self.libraries.attach_loaded_by(self.libraries.pending_opens(), self._stop)
             now = time.monotonic()
@@ -160,7 +164,7 @@ class Tracer:
         with self._lock:
             if self._bpf is None:
                 return
-            for name in ("allocs", "handles", "mappings", "ctx_dev", "dev_uuid"):
+            for name in ("allocs", "handles", "mappings", "ctx_dev", "dev_uuid", "seeds"):
                 table = self._bpf[name]
                 stale = [k for k in table.keys() if k.tgid in exited or not _alive(k.tgid)]
                 for k in stale:
@@ -178,11 +182,11 @@ class Tracer:
 
     # reading
 
-    def subscribe(self, maxsize: int = 65536) -> queue.Queue[Event]:
-        return self.events.subscribe(maxsize)
+    def subscribe(self, maxsize: int = SUBSCRIBER_QUEUE, wants: Callable[[Event], bool] | None = None) -> Subscription:
+        return self.events.subscribe(maxsize, wants)
 
-    def unsubscribe(self, q: queue.Queue[Event]) -> None:
-        self.events.unsubscribe(q)
+    def unsubscribe(self, sub: Subscription) -> None:
+        self.events.unsubscribe(sub)
 
     def health(self) -> TracerHealth:
         with self._lock:
@@ -192,17 +196,20 @@ class Tracer:
                                 attach="uprobe_multi" if attacher and attacher.multi else "perf_event",
                                 libraries=self.libraries.paths(), probes_attached=self.libraries.probes(),
                                 events_lost=lost, events_seen=self._events_seen,
-                                waiting_for_driver=not self.libraries.libs, nvml=self._nvml is not None)
+                                waiting_for_driver=not self.libraries.libs, nvml=self._nvml is not None,
+                                thread_restarts=threads.restarts())
 
-    def facts(self) -> ProbeFacts:
-        """One reading of the accounting maps, with NVML's latest reading beside it."""
+    def facts(self, work: bool = True) -> ProbeFacts:
+        """One reading of the accounting maps, with NVML's latest reading beside it (work False: memory only, no
+        launch or copy counts: the per-CPU map is the costly one)."""
         gpus, nvml_bytes = self._nvml.latest() if self._nvml else ([], {})
         sampled = self.launch_mode == LaunchMode.SAMPLE
         with self._lock:
             if self._bpf is None:
                 return ProbeFacts([], {}, sampled, self.launch_mode == LaunchMode.ALL, self.health(), gpus, nvml_bytes)
             mem_items = list(self._bpf["mem"].items())
-            work_items = list(self._bpf["work"].items())
+            seed_items = list(self._bpf["seeds"].items())
+            work_items = list(self._bpf["work"].items()) if work else []
             uuids = {(k.tgid, k.gpu): format_uuid(bytes(v.bytes)) for k, v in self._bpf["dev_uuid"].items()}
         scale = self._sample_period / self._sample_window if sampled else 1.0
         rows: dict[tuple[int, int], ProbeRow] = {}
@@ -214,6 +221,11 @@ class Tracer:
             r.allocs += m.allocs
             r.frees += m.frees
             r.failed_allocs += m.failed_allocs
+        for k, s in seed_items:  # held before the probes saw the process (probes/seeds.py)
+            r = rows.setdefault((k.tgid, k.gpu), ProbeRow(k.tgid, k.gpu))
+            r.device_bytes += s.bytes
+            r.seeded_bytes += s.bytes
+            r.device_bytes_estimated = r.device_bytes_estimated or bool(s.bytes and s.estimated)
         for k, per_cpu in work_items:
             r = rows.setdefault((k.tgid, k.gpu), ProbeRow(k.tgid, k.gpu))
             r.launches += round(sum(w.launches for w in per_cpu) * scale)

@@ -4,6 +4,7 @@ interposer speaking the daemon's (FakeInterposer, for tests of the daemon's side
 module as a plugin: its fixtures reach every test module; import the classes and constants a module uses."""
 from __future__ import annotations
 
+import ctypes
 import json
 import mmap
 import os
@@ -11,6 +12,7 @@ import select
 import socket
 import struct
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -45,7 +47,29 @@ def interposer(tmp_path_factory) -> Path:
         return Path(override)
     out = tmp_path_factory.mktemp("interposer")
     subprocess.run(["make", "-s", "-C", str(ROOT / "interposer"), f"OUT={out}"], check=True)
+    os.environ.setdefault(BUILT_LIBRARY, str(out / "libgpuwatch.so"))  # what map_interposer() loads
     return out / "libgpuwatch.so"
+
+
+BUILT_LIBRARY = "GPUWATCH_TEST_LIBRARY"  # a built libgpuwatch.so, for this process and the programs it starts
+_mapped: list[ctypes.CDLL] = []
+
+
+def map_interposer() -> None:
+    """The daemon attaches only a process that maps libgpuwatch.so (enforcer/interposed.py, verify_peer): this
+    process maps it, as FakeInterposer attaches from it. Loaded with dlopen, local, and never called: its
+    constructor only reads the GPUWATCH_* environment; its page and control thread start with a CUDA driver
+    loaded through it, which nothing here does."""
+    if _mapped:
+        return
+    path = os.environ.get("GPUWATCH_INTERPOSER") or os.environ.get(BUILT_LIBRARY)
+    if not path and (ROOT / "interposer" / "libgpuwatch.so").is_file():  # built by ./install.sh
+        path = str(ROOT / "interposer" / "libgpuwatch.so")
+    if not path:
+        out = tempfile.mkdtemp(prefix="gpuwatch-test-lib-")
+        subprocess.run(["make", "-s", "-C", str(ROOT / "interposer"), f"OUT={out}"], check=True)
+        path = os.environ[BUILT_LIBRARY] = f"{out}/libgpuwatch.so"
+    _mapped.append(ctypes.CDLL(path))
 
 
 class Page:
@@ -318,6 +342,7 @@ class FakeInterposer:
 
     # the connection
     def attach(self, mem_limit: int | None = None, **fields: Any) -> dict[str, Any]:
+        map_interposer()
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.connect(self.socket_path)
         self.rfile = self.sock.makefile("rb")

@@ -5,6 +5,7 @@ scheduler's."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from gpuwatch.enforcer.enforcer import Enforcer, SchedulerSettings
@@ -12,6 +13,7 @@ from gpuwatch.enforcer.hostmemory import HostBudget, HostSettings
 from gpuwatch.enforcer.interposed import InterposedRegistry
 from gpuwatch.enforcer.ledger import Ledger
 from gpuwatch.enforcer.scheduler import Verdict
+from conftest import wait_for
 from gpuwatch.core.view import Gpu, ProcessGpu, Snapshot, TracerHealth
 from gpuwatch.enforcer.records import DeviceEnforcement, Enforcement
 from gpuwatch.enforcer.requests import InterposerRequests
@@ -133,11 +135,11 @@ def contended(host: HostBudget) -> tuple[Enforcer, Registry, dict[int, Enforceme
 
 def test_a_swap_out_the_host_cannot_hold_is_not_carried_out() -> None:
     """22 GiB must go out (the excess and the slack); 16 GiB is spare: the holder runs on, nothing moves, and
-    the newcomer waits for host memory (then gets out-of-memory after room_wait_ms)."""
+    the newcomer waits for host memory (then gets out-of-memory after room_wait_ms), sent nothing meanwhile."""
     enforcer, registry, _ = contended(budget(available=20 * GiB))
     decisions = enforcer.tick(0.0)
-    assert (decisions[10].verdict, decisions[11].verdict) == (Verdict.RUN, Verdict.RUN)
-    assert [op for _, op in registry.requests if op == "swap_out"] == []
+    assert decisions[10].verdict is Verdict.RUN
+    assert registry.requests == []
     assert enforcer.reasons == {11: "waiting for host memory"}
 
 
@@ -153,3 +155,25 @@ def test_a_swap_out_within_the_budget_goes_ahead() -> None:
     decisions = enforcer.tick(0.0)
     assert decisions[10].verdict is Verdict.SWAP and decisions[10].swap_bytes == 22 * GiB
     assert [op for _, op in registry.requests if op == "swap_out"] == ["swap_out"]
+
+
+def test_a_process_that_cannot_be_placed_is_left_alone_then_refused_and_refused_again_at_once() -> None:
+    """A process without the interposer holds 80 GiB of 100: the newcomer's 30 GiB can never fit. It is not
+    swapped out or resumed meanwhile (either would only make its allocation fail again sooner), gets one
+    out-of-memory answer after room_wait_s, and when its program asks again at once (PyTorch retries once),
+    the answer comes at once rather than after a second wait."""
+    plain = ProcessGpu(pid=20, comm="notebook", gpu=0, nvml_bytes=80 * GiB)
+    newcomer = ProcessGpu(pid=21, comm="train", gpu=0, nvml_bytes=10 * GiB, interposed=True)
+    device = DeviceEnforcement(0, None, swapped_bytes=0, swappable_bytes=10 * GiB, unswappable_bytes=0, in_use=True)
+    waiting = Enforcement(pid=21, interposed=True, state="running", devices=(device,), wanted_bytes=30 * GiB,
+                          waiting_threads=1, launches=0)
+    enforcer, registry, pauser = enforcer_for([plain, newcomer], {21: waiting}, detached=set())
+    enforcer.settings = replace(enforcer.settings, room_wait_s=1.0)
+    for t in (0.0, 0.5, 0.9):
+        enforcer.tick(t)
+    assert registry.requests == [] and pauser.paused == [] and enforcer.reasons[21] == "waiting for device memory"
+    enforcer.tick(1.0)
+    wait_for(lambda: registry.requests == [(21, "no_room")], 2, "the refusal")
+    enforcer.tick(1.05)  # its program asked again: the page still says it waits
+    wait_for(lambda: registry.requests == [(21, "no_room")] * 2, 2, "the second refusal, at once")
+    assert pauser.paused == []  # the process without the interposer was never stopped

@@ -207,13 +207,13 @@ def test_sigterm_with_metrics_on_stops_within_two_seconds(tmp_path, fakenvml):
 @pytest.mark.parametrize("text, message", [
     ("[daemon]\nlaunches = 'most'\n", "daemon.launches: must be one of all, sample, off, not 'most'"),
     ("[metrics]\nlisten = 'localhost'\n", "metrics.listen: must be HOST:PORT"),
-    ("[daemon]\nring_buffer_pages = 3\n", "daemon.ring_buffer_pages: must be a power of two, not 3"),
+    ("[daemon]\nring_buffer_pages = 3\n", "daemon.ring_buffer_pages: must be a power of two from 1 to 65536, not 3"),
     ("[daemon]\nnvml = 'yes'\n", "daemon.nvml: must be bool, not str 'yes'"),
     ("[daemon]\ncolour = 1\n", "daemon.colour: unknown key"),
     ("[enforcer]\n", "[enforcer]: unknown section"),
     ("[daemon\n", "invalid TOML"),
     ("[daemon]\nsample_window_ms = 500\nsample_period_ms = 500\n", "daemon.sample_window_ms: must be shorter"),
-    ("[daemon]\nsample_period_ms = 0\n", "daemon.sample_period_ms: must be above 0, not 0"),
+    ("[daemon]\nsample_period_ms = 0\n", "daemon.sample_period_ms: must be from 2 to 3600000, not 0"),
 ])
 def test_bad_configuration_stops_start_up_with_one_line(tmp_path, text, message):
     cfg = tmp_path / "gpuwatch.toml"

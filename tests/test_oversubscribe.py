@@ -98,7 +98,7 @@ def test_scheduler_can_be_switched_off(tmp_path: Path) -> None:
     from gpuwatch.daemon import config
     cfg = config.parse("[scheduler]\nenabled = false\n")
     assert cfg.scheduler.enabled is False
-    with pytest.raises(config.ConfigError, match="scheduler.quantum_ms: must be at least 0"):
+    with pytest.raises(config.ConfigError, match="scheduler.quantum_ms: must be from 0 to 86400000, not -1"):
         config.parse("[scheduler]\nquantum_ms = -1\n")
 
 

@@ -23,6 +23,14 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
     if (tid != tgid)
         return 0;
 #endif
+    for (int bit = 0; bit <= GW_MAX_GPUS; bit++) {  /* what it held before the probes saw it: out of its group */
+        struct gw_proc_gpu seed_key = {.tgid = tgid, .gpu = bit - 1};
+        struct gw_seed *seed = seeds.lookup(&seed_key);
+        if (!seed)
+            continue;
+        gw_quota_add(tgid, bit - 1, -seed->bytes);
+        seeds.delete(&seed_key);
+    }
     u32 *maskp = procs.lookup(&tgid);
     if (!maskp) {
         quota_member.delete(&tgid);  /* a member that never touched a GPU */

@@ -12,6 +12,10 @@
 BPF_HASH(mem, struct gw_proc_gpu, struct gw_mem, 65536);
 /* (tgid, gpu) -> launches, copies, per CPU. Writes: work.c, lifecycle.c (exit). Reads: tracer.py */
 BPF_PERCPU_HASH(work, struct gw_proc_gpu, struct gw_work, 65536);
+/* (tgid, gpu) -> device bytes it held before the probes saw it (counted in its device figure and its quota
+ * group's base). Writes: seeds.py (only user space sets it), lifecycle.c (exit: out of the group, deleted).
+ * Reads: tracer.py, quotamaps.py, lifecycle.c */
+BPF_HASH(seeds, struct gw_proc_gpu, struct gw_seed, 65536);
 /* tgid -> gpu_mask. Writes: accounting.h, work.c, lifecycle.c (exit). Reads: lifecycle.c, quotamaps.py */
 BPF_HASH(procs, u32, u32, 65536);
 /* (tgid, address) -> a live allocation. Writes, reads: memory.c; tracer.py (GC) */
@@ -28,7 +32,8 @@ BPF_HASH(calls, u64, struct gw_call, 65536);
 BPF_HASH(ctx_dev, struct gw_addr, s32, 65536);
 /* thread id -> context stack. Writes: context.c, lifecycle.c (exit). Reads: accounting.h (memory.c, work.c) */
 BPF_HASH(thread_ctx, u32, struct gw_ctx_stack, 65536);
-/* tgid -> device made current last. Writes: context.c, lifecycle.c (exit). Reads: accounting.h (memory.c, work.c) */
+/* tgid -> device made current last. Writes: context.c, lifecycle.c (exit), seeds.py (only where absent: the
+ * one GPU of a process whose context predates the probes). Reads: accounting.h (memory.c, work.c) */
 BPF_HASH(proc_dev, u32, s32, 65536);
 /* (tgid, ordinal) -> GPU UUID. Writes: context.c; tracer.py (GC). Reads: tracer.py */
 BPF_HASH(dev_uuid, struct gw_proc_gpu, struct gw_uuid, 16384);

@@ -30,6 +30,13 @@ struct gw_mem {
     u64 failed_allocs;
 };
 
+/* What a process held before the probes saw it (user space's seed: the daemon started after it allocated). */
+struct gw_seed {
+    u64 bytes;
+    u32 estimated;         /* from NVML's figure less a context; 0: the interposer's exact figure */
+    u32 pad;
+};
+
 /* Work counters, per CPU: no atomics on the launch path. */
 struct gw_work {
     u64 launches;
