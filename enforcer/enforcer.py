@@ -202,7 +202,8 @@ class Enforcer:
         contended = {gpu for gpu, s in self._schedulers.items() if s.contended}
         for pid, page in pages.items():
             gpus = {row.gpu for row in snap.processes if row.pid == pid}
-            if (page.pinned_bytes and not any(d.swapped_bytes for d in page.devices) and not gpus & contended
+            if (page.pinned_bytes and page.state == "running" and not any(d.swapped_bytes for d in page.devices)
+                    and not gpus & contended
                     and decisions.get(pid, Decision(Verdict.RUN)).verdict is Verdict.RUN and pid not in self._dropping):
                 self._dropping.add(pid)
                 self._aside.submit(self._drop, pid)

@@ -109,6 +109,7 @@ class _Pending:
         self.done = threading.Event()
         self.reply: dict[str, Any] | None = None
         self.error: str | None = None
+        self.deadline = 0.0  # monotonic: when its answer is overdue
 
 
 class InterposedProcess:
@@ -134,6 +135,10 @@ class InterposedProcess:
             if self._closed:
                 raise RequestFailed(f"pid {self.pid}: its interposer has disconnected")
             request_id = next(self._ids)
+            # The library answers in order: a request sent behind one still in progress (a swap-out of many
+            # GiB) has until that one's deadline, and its own timeout after it.
+            start = max([time.monotonic(), *(p.deadline for p in self._pending.values())])
+            pending.deadline = start + timeout
             self._pending[request_id] = pending
         try:
             with self._write_lock:
@@ -141,7 +146,7 @@ class InterposedProcess:
         except OSError:
             self.close()  # a line may be half written: the library reconnects and attaches again
             raise RequestFailed(f"pid {self.pid}: its interposer has disconnected") from None
-        if not pending.done.wait(timeout):
+        if not pending.done.wait(max(pending.deadline - time.monotonic(), 0.0)):
             with self._lock:
                 self._pending.pop(request_id, None)
             self.close()  # treated as gone: its library runs it on its own; the scheduler plans without it

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import logging
 import os
 import threading
@@ -41,6 +42,18 @@ class Attachment:
 
     def __len__(self) -> int:
         return len(self.fds) + len(self.perf_events)
+
+
+@functools.cache
+def _attach_uprobe() -> Any:
+    """libbcc's bpf_attach_uprobe with all seven of its arguments (prog fd, entry 0 / return 1, event name,
+    binary, offset, pid, reference-counter offset): a function object of our own, bcc's is left as it is."""
+    from bcc import libbcc
+    fn = ctypes.CDLL(libbcc.lib._name, use_errno=True).bpf_attach_uprobe
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_uint64, ctypes.c_int,
+                   ctypes.c_uint32]
+    fn.restype = ctypes.c_int
+    return fn
 
 
 def _close_all(fds: list[int]) -> None:
@@ -119,16 +132,23 @@ class Attacher:
         return fd
 
     def _attach_perf(self, path: str, targets: list[Target]) -> Attachment:
+        """One perf-event uprobe per function, made as bcc's attach_uprobe makes them but through
+        _attach_uprobe: bcc 0.26's Python declares bpf_attach_uprobe without its last argument, the uprobe's
+        reference-counter offset, which then takes whatever the register holds (the kernel logged
+        `ref_ctr_offset mismatch ... 0x6`): the kernel would increment a counter at that offset of the traced
+        library in every process, and every uprobe_multi attach on that library fails afterwards."""
         done = Attachment()
         raw = path.encode()
         try:
             for t in targets:
-                fn = perf_wrapper(t.handler).encode()
-                if t.is_return:
-                    self._bpf.attach_uretprobe(name=raw, sym=t.symbol.encode(), fn_name=fn)
-                else:
-                    self._bpf.attach_uprobe(name=raw, sym=t.symbol.encode(), fn_name=fn)
-                done.perf_events.append(self._bpf._get_uprobe_evname(b"r" if t.is_return else b"p", raw, t.offset, -1))
+                fn = self._bpf.load_func(perf_wrapper(t.handler).encode(), KPROBE_PROG)
+                ev_name = self._bpf._get_uprobe_evname(b"r" if t.is_return else b"p", raw, t.offset, -1)
+                fd = _attach_uprobe()(fn.fd, 1 if t.is_return else 0, ev_name, raw, t.offset, -1, 0)
+                if fd < 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"uprobe on {path}:{t.symbol}: {os.strerror(err)}")
+                self._bpf._add_uprobe_fd(ev_name, fd)
+                done.perf_events.append(ev_name)
         except BaseException:
             self.detach(done)
             raise
