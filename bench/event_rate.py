@@ -18,8 +18,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_paths import private_socket
+
 ROOT = Path(__file__).resolve().parent.parent
-SOCK = "/tmp/gw-rate.sock"
+SOCK = private_socket("gw-rate")
 GPUWATCH = [sys.executable, "-P", "-m", "gpuwatch.client.cli", "--socket", SOCK]
 
 

@@ -18,7 +18,9 @@ import subprocess
 import sys
 import time
 
-SOCK = "/tmp/gw-bench.sock"
+from bench_paths import private_socket
+
+SOCK = private_socket("gw-bench")
 GPUWATCH = [sys.executable, "-P", "-m", "gpuwatch.client.cli", "--socket", SOCK]
 MODES = ["none", "off", "sample", "all"]
 

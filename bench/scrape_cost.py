@@ -19,8 +19,10 @@ import time
 import urllib.request
 from pathlib import Path
 
+from bench_paths import private_socket
+
 ROOT = Path(__file__).resolve().parent.parent
-SOCK = "/tmp/gw-scrape.sock"
+SOCK = private_socket("gw-scrape")
 GPUWATCH = [sys.executable, "-P", "-m", "gpuwatch.client.cli", "--socket", SOCK]
 
 

@@ -26,9 +26,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench_paths import private_socket
+
 ROOT = Path(__file__).resolve().parent.parent
 JOB = [sys.executable, str(ROOT / "bench" / "enforcer_job.py")]
-SOCKET = "/tmp/gw-enforcer.sock"
+SOCKET = private_socket("gw-enforcer")
 GPUWATCH = [sys.executable, "-P", "-m", "gpuwatch.client.cli", "--socket", SOCKET]
 OUT = Path(os.environ.get("OUT", "/tmp"))
 GiB = 1 << 30

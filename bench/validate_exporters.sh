@@ -4,7 +4,8 @@
 #   source .bcc/env.sh && source bench/gw-env.sh && bash bench/validate_exporters.sh
 set -euo pipefail
 OUT=${OUT:-/tmp}
-sock=/tmp/gw-exporters.sock
+install -d -m 0755 /tmp/gw-exporters  # the daemon refuses a socket directory others can write
+sock=/tmp/gw-exporters/gw.sock
 python3 -P -m gpuwatch.client.cli --socket $sock run --launches all --listen 127.0.0.1:9445 >"$OUT/daemon.log" 2>&1 &
 daemon=$!
 until python3 -P -m gpuwatch.client.cli --socket $sock status >/dev/null 2>&1; do sleep 0.2; done

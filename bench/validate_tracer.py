@@ -15,8 +15,10 @@ import subprocess
 import sys
 import time
 
+from bench_paths import private_socket
+
 MiB = 1 << 20
-GPUWATCH = [sys.executable, "-P", "-m", "gpuwatch.client.cli", "--socket", "/tmp/gw-validate.sock"]
+GPUWATCH = [sys.executable, "-P", "-m", "gpuwatch.client.cli", "--socket", private_socket("gw-validate")]
 
 
 # ---- scenarios: run in a child process; each yields checkpoints {name: truth...} and waits between them

@@ -4,12 +4,15 @@ that doubles while the loop keeps failing (1 s up to 30 s), and runs the loop ag
 thread name for `gpuwatch status` (thread_restarts) and the metrics (gpuwatch_thread_restarts_total)."""
 from __future__ import annotations
 
+import errno
 import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 BACKOFF_S = 1.0
 MAX_BACKOFF_S = 30.0
@@ -60,3 +63,19 @@ def start(name: str, loop: Callable[[], None], stop: threading.Event, backoff: f
     thread = threading.Thread(target=supervised(name, loop, stop, backoff), name=name, daemon=True)
     thread.start()
     return thread
+
+
+OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+ACCEPT_BACKOFF_S = 0.1  # out of file descriptors: a server's accept waits this long instead of spinning
+
+
+def accept_or_wait(accept: Callable[[], T], report: Callable[[OSError], None]) -> T:
+    """A server thread's accept: when the process is out of file descriptors, `report` it and wait a little
+    before the error goes up (the server loop tries again), so a flood cannot spin the thread."""
+    try:
+        return accept()
+    except OSError as exc:
+        if exc.errno in OUT_OF_DESCRIPTORS:
+            report(exc)
+            time.sleep(ACCEPT_BACKOFF_S)
+        raise

@@ -6,7 +6,6 @@ that sends nothing for GPUWATCH_IDLE_TIMEOUT_S (default 30 s) is closed, and a s
 that long ends; a bad request gets one line back and is logged in one line, at most once a minute per user."""
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -50,7 +49,7 @@ ROOT_RESERVE = 16       # of the cap, connections only root may take
 FD_RESERVE = 384        # file descriptors the cap leaves to the rest of the daemon (BPF, libraries, metrics, /proc)
 MAX_CONNECTIONS = 4096
 LOG_EVERY_S = 60.0      # a user's bad requests are logged at most once this often
-ACCEPT_BACKOFF_S = 0.1  # out of file descriptors: accepting waits this long instead of spinning
+
 
 
 def peer_of(sock: socket.socket) -> Peer:
@@ -111,14 +110,11 @@ class _UnixServer(socketserver.ThreadingUnixStreamServer):
         super().__init__(path, handler)
 
     def get_request(self) -> tuple[Any, Any]:
-        try:
-            return super().get_request()
-        except OSError as exc:
-            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                if (skipped := self.owner.throttle.allow("accept")) is not None:
-                    log.error("control socket: cannot accept a connection: %s%s", exc.strerror, left_out(skipped))
-                time.sleep(ACCEPT_BACKOFF_S)
-            raise
+        return threads.accept_or_wait(super().get_request, self._cannot_accept)
+
+    def _cannot_accept(self, exc: OSError) -> None:
+        if (skipped := self.owner.throttle.allow("accept")) is not None:
+            log.error("control socket: cannot accept a connection: %s%s", exc.strerror, left_out(skipped))
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
         return self.owner.admit(request)

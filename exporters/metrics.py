@@ -7,7 +7,6 @@ a sample (270 ms for 1000 processes on two GPUs), `render()` formats each row's 
 checks that both give the same samples."""
 from __future__ import annotations
 
-import errno
 import logging
 import socket
 import sys
@@ -226,13 +225,8 @@ class _HttpServer(ThreadingHTTPServer):
         super().__init__(address, handler)
 
     def get_request(self) -> tuple[Any, Any]:
-        try:
-            return super().get_request()
-        except OSError as exc:
-            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                self._log("metrics: cannot accept a connection: %s", exc.strerror)
-                time.sleep(0.1)
-            raise
+        return threads.accept_or_wait(super().get_request,
+                              lambda exc: self._log("metrics: cannot accept a connection: %s", exc.strerror))
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
         with self._lock:

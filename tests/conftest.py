@@ -65,6 +65,18 @@ def fakecuda(tmp_path_factory) -> Path:
     return out
 
 
+def await_daemon(proc: subprocess.Popen, log: Path, answers: Callable[[], bool]) -> None:
+    """Until a daemon just started answers; one that never does (in 60 s) is killed, not left behind for later
+    tests, and one that exited fails with its log."""
+    try:
+        wait_for(lambda: proc.poll() is not None or answers(), 60, "daemon to answer")
+    except AssertionError:
+        proc.kill()
+        proc.wait()
+        raise AssertionError(f"the daemon did not answer in 60 s: {log.read_text()[-2000:]}") from None
+    assert proc.poll() is None, log.read_text()
+
+
 class Daemon:
     def __init__(self, workdir: Path, *args: str, nvml: bool = False) -> None:
         self.socket = str(workdir / "gpuwatch.sock")
@@ -75,13 +87,7 @@ class Daemon:
             args = ("--no-nvml", *args)
         self.proc = subprocess.Popen([*GPUWATCH, "--socket", self.socket, "run", *args],
                                      stdout=self.log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            wait_for(lambda: self.proc.poll() is not None or self.answers(), 60, "daemon to answer")
-        except AssertionError:
-            self.proc.kill()  # a daemon that never answered is not left behind for later tests
-            self.proc.wait()
-            raise AssertionError(f"the daemon did not answer in 60 s: {self.log.read_text()[-2000:]}") from None
-        assert self.proc.poll() is None, self.log.read_text()
+        await_daemon(self.proc, self.log, self.answers)
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         result = subprocess.run([*GPUWATCH, "--socket", self.socket, *args], capture_output=True, text=True, timeout=30)

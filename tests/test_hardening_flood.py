@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import GPUWATCH, Daemon, Prog, wait_for
+from conftest import Daemon, GPUWATCH, Prog, await_daemon, wait_for
 
 from gpuwatch.core.protocol import Client, ControlError
 
@@ -34,6 +34,24 @@ pytestmark = pytest.mark.root
 TEST_USER = "gpuwatch-test"
 FD_LIMIT = 1024
 IDLE_S = 5  # the daemon's idle timeout in these tests (GPUWATCH_IDLE_TIMEOUT_S; 30 s by default)
+
+# Both scripts below connect to a unix socket the same way: non-blocking, retrying while the backlog is full,
+# for at most 1 s; None when it was not accepted.
+UNIX_CONNECT = r'''
+def unix_connect(path):
+    s = socket.socket(socket.AF_UNIX)
+    s.setblocking(False)
+    deadline = time.monotonic() + 1
+    while True:
+        try:
+            s.connect(path)
+            return s
+        except BlockingIOError:  # the backlog is full: the daemon does not accept
+            if time.monotonic() > deadline:
+                s.close()
+                return None
+            time.sleep(0.001)
+'''
 
 # A flood of idle connections, as another user: tries COUNT connections (unix PATH or tcp HOST:PORT, whose
 # connects are left in flight; a unix one not made within 1 s is counted in "errors"; 20 such in a row, or 30 s,
@@ -47,21 +65,13 @@ kind, target, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
 socks, poller, lock = {}, select.poll(), threading.Lock()
 stats = {"opened": 0, "closed": 0, "reasons": collections.Counter(), "errors": collections.Counter()}
 reopen = True
-
+''' + UNIX_CONNECT + r'''
 def connect():
     try:
         if kind == "unix":
-            s = socket.socket(socket.AF_UNIX)
-            s.setblocking(False)
-            deadline = time.monotonic() + 1
-            while True:
-                try:
-                    s.connect(target)
-                    break
-                except BlockingIOError:  # the backlog is full: the daemon does not accept
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.001)
+            s = unix_connect(target)
+            if s is None:
+                raise BlockingIOError("not accepted within 1 s")
         else:  # in flight until the daemon accepts it: the kernel retries its SYN
             host, port = target.rsplit(":", 1)
             s = socket.socket()
@@ -141,20 +151,11 @@ soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 path, count = sys.argv[1], int(sys.argv[2])
 socks, refused, failed = [], collections.Counter(), 0
-
+''' + UNIX_CONNECT + r'''
 def connect():
-    s = socket.socket(socket.AF_UNIX)
-    s.setblocking(False)
-    deadline = time.monotonic() + 1
-    while True:
-        try:
-            s.connect(path)
-            break
-        except BlockingIOError:  # the backlog is full: the daemon does not accept
-            if time.monotonic() > deadline:
-                s.close()
-                return None
-            time.sleep(0.001)
+    s = unix_connect(path)
+    if s is None:
+        return None
     s.setblocking(True)
     try:
         s.sendall(b'{"cmd": "trace"}\n')
@@ -236,13 +237,7 @@ class LimitedDaemon(Daemon):
             [*GPUWATCH, "--socket", self.socket, "run", "--no-nvml", "--launches", "off", "--listen",
              f"127.0.0.1:{self.port}"], stdout=self.log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
             env=env, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (FD_LIMIT, FD_LIMIT)))
-        try:
-            wait_for(lambda: self.proc.poll() is not None or self.answers(), 60, "daemon to answer")
-        except AssertionError:
-            self.proc.kill()
-            self.proc.wait()
-            raise
-        assert self.proc.poll() is None, self.log.read_text()
+        await_daemon(self.proc, self.log, self.answers)
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
         """Detaching can take minutes where probes fell back to perf events (one RCU grace period each, and

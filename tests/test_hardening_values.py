@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import GPUWATCH, ROOT, Daemon, Prog, uprobe_events, wait_for
+from conftest import Daemon, GPUWATCH, Prog, ROOT, await_daemon, uprobe_events, wait_for
 from interposer_fixtures import FakeInterposer
 
 from gpuwatch.client import cli
@@ -435,13 +435,7 @@ class _StateDaemon(Daemon):
         self.proc = subprocess.Popen([*GPUWATCH, "--socket", self.socket, "run", "--no-nvml", "--no-metrics",
                                       "--launches", "off"], stdout=self.log.open("w"), stderr=subprocess.STDOUT,
                                      start_new_session=True)
-        try:
-            wait_for(lambda: self.proc.poll() is not None or self.answers(), 60, "daemon to answer")
-        except AssertionError:
-            self.proc.kill()
-            self.proc.wait()
-            raise
-        assert self.proc.poll() is None, self.log.read_text()
+        await_daemon(self.proc, self.log, self.answers)
 
 
 def fill(directory: Path) -> None:
