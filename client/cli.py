@@ -78,6 +78,9 @@ def cmd_exec(args: argparse.Namespace) -> int:
             raise LaunchError("exec: no command given (gpuwatch exec [OPTIONS] -- COMMAND [ARGS...])", 2)
         env = child_environment(os.environ, interposer_library(), args.socket or socket_path(), args.mem_limit,
                                 args.priority, swap=not args.no_swap)
+        if args.priority == "high" and os.geteuid() != 0:
+            print("gpuwatch: warning: only root gives a priority above normal (a rule, or `gpuwatch priority`): "
+                  "this command runs at normal", file=sys.stderr)
         sys.stdout.flush()
         exec_command(command, env)
     except LaunchError as exc:

@@ -75,7 +75,8 @@ class MetricsSection:
 @dataclass(frozen=True)
 class InterposerSection:
     lease_ms: int = _number(5000, 500, 3600000, "lease: a paused process resumes this long after the daemon goes")
-    request_timeout_ms: int = _number(120000, 100, 3600000, "how long a pause, swap-out or resume may take")
+    request_timeout_ms: int = _number(120000, 100, 3600000, "how long a swap-out or a resume that brings memory "
+                                      "back may take (other requests: 5 s, or this if shorter)")
 
 
 @dataclass(frozen=True)

@@ -163,3 +163,17 @@ def test_library_path(monkeypatch, tmp_path):
     assert interposer.library_path() == expected
     if (ROOT / "interposer" / "Makefile").exists():
         assert Path(interposer.__file__).resolve().parent == ROOT / "interposer"  # the editable checkout
+
+
+@pytest.mark.root
+def test_a_user_asking_for_high_priority_is_told_it_runs_at_normal(tmp_path):
+    """Only root gives a priority above normal (issue 12): another user's `exec --priority high` says so."""
+    run_as = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+              "env", "HOME=/tmp", "PATH=/usr/local/bin:/usr/bin:/bin"]
+    asked = subprocess.run([*run_as, *GPUWATCH, "--socket", str(tmp_path / "none.sock"), "exec", "--priority", "high",
+                            "--", "true"], capture_output=True, text=True, timeout=30, cwd="/")
+    assert asked.returncode == 0 and asked.stderr.startswith("gpuwatch: warning: only root gives a priority above "
+                                                             "normal"), asked.stderr
+    as_root = subprocess.run([*GPUWATCH, "--socket", str(tmp_path / "none.sock"), "exec", "--priority", "high", "--",
+                              "true"], capture_output=True, text=True, timeout=30)
+    assert as_root.returncode == 0 and as_root.stderr == "", as_root.stderr
