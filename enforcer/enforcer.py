@@ -107,7 +107,8 @@ class Enforcer:
         unplaceable: set[int] = set()
         self._host_bound: dict[int, int] = {}  # what a process could move but for the host budget
         short_of_host: set[int] = set()
-        host = self.host.reading(pages) if self.host is not None else None
+        # the view read the host with these same pages: one reading serves the whole tick
+        host = snap.host if snap.host is not None or self.host is None else self.host.reading(pages)
         for gpu in snap.gpus:
             capacity = self._capacity(gpu.memory_total)
             clients = self._clients(snap, gpu.index, pages, leaving, held, host)
@@ -145,20 +146,19 @@ class Enforcer:
                 self._deny(pid)  # on no GPU the scheduler can plan (no NVML): nobody will make room
         self.reasons = {pid: d.reason for pid, d in combined.items() if d.verdict is not Verdict.RUN and d.reason}
         self.reasons.update(dict.fromkeys(short_of_host, WAITING_FOR_HOST_MEMORY))
-        combined = self._within_host_budget(combined, pages)
+        combined = self._within_host_budget(combined, pages, host)
         self._account(combined, pages, now)
         self._apply(combined, pages)
         self._give_back_pinned(snap, pages, combined)
         return combined
 
-    def _within_host_budget(self, decisions: dict[int, Decision], pages: Mapping[int, Enforcement]
-                            ) -> dict[int, Decision]:
+    def _within_host_budget(self, decisions: dict[int, Decision], pages: Mapping[int, Enforcement],
+                            host: HostMemory | None) -> dict[int, Decision]:
         """Swap-outs whose new pinned memory the host cannot spare are not carried out, first giving back
         buffers that hold nothing: those processes run on, and the processes that waited for that room wait
         on and, after room_wait_ms, get out-of-memory. Nobody's memory moves for them."""
-        if self.host is None:
+        if self.host is None or host is None:
             return decisions
-        host = self.host.reading(pages)
         wanted = {pid: new_pinned_bytes(pages[pid], d.swap_bytes) for pid, d in decisions.items()
                   if d.verdict is Verdict.SWAP and pid in pages}
         if sum(wanted.values()) > host.spare_bytes:
