@@ -42,7 +42,8 @@ if [ "$mode" = --lint ]; then lint; exit; fi
 export DEBIAN_FRONTEND=noninteractive
 
 packages=(python3 python3-venv python3-pip python3-bpfcc gcc make libc6-dev)
-[ "$mode" = --test ] && packages+=(prometheus tmux procps)
+# runc and mmdebstrap: the Kubernetes tests run a real container (tests/test_kube_runc.py)
+[ "$mode" = --test ] && packages+=(prometheus tmux procps runc mmdebstrap)
 missing=()
 for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 updated=0

@@ -11,6 +11,7 @@ from typing import Any
 
 from ..core.vocabulary import DEFAULT_CONFIG, DEFAULT_SOCKET, is_power_of_two
 from ..enforcer.rules import Rule, RuleError, parse_rules
+from ..kube.settings import KubernetesSection
 
 DEFAULT_PATH = DEFAULT_CONFIG
 MAX_FILE_BYTES = 1 << 20  # a configuration file is a few KiB; anything this large is not one
@@ -102,6 +103,7 @@ class Config:
     metrics: MetricsSection = field(default_factory=MetricsSection)
     interposer: InterposerSection = field(default_factory=InterposerSection)
     scheduler: SchedulerSection = field(default_factory=SchedulerSection)
+    kubernetes: KubernetesSection = field(default_factory=KubernetesSection)
     rules: tuple[Rule, ...] = ()  # the [[rule]] tables (enforcer/rules.py), in order
 
 

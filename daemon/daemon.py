@@ -73,6 +73,10 @@ class Daemon:
                              lambda: tracer.facts(work=False), self.interposed.enforcement)
         self._described: dict[int, procfs.ProcInfo] = {}
         tracer.exit_listeners.append(self._forget_exited)
+        self.kube: Any = None
+        if config is not None and config.kubernetes.enabled:
+            from ..kube.node import Kubernetes  # only here: grpc loads only where Kubernetes is on
+            self.kube = Kubernetes(config.kubernetes, socket_path)
         self.commands = commands(self)
 
     # the view
@@ -180,6 +184,8 @@ class Daemon:
         part("the quota thread", quota_thread.start, stop_quota)
         part("the interposers' leases", self.interposed.start, self.interposed.close)
         part("process events", self.procevents.start, self.procevents.close)
+        if self.kube is not None:
+            part("Kubernetes", self.kube.start, self.kube.stop)
         part("the rules", self.policy.apply_all)
         part("the quotas set by hand", lambda: self.quota.restore(saved_quotas))  # after the rules: the later word
         if self.enforcer:
@@ -211,7 +217,8 @@ class Daemon:
         if self.enforcer is not None:
             self.enforcer.settings = SchedulerSettings.from_config(new.scheduler)
         matched = self.policy.apply_all()
-        restart = [] if old is None else [f"{section}.{key}" for section in ("daemon", "metrics", "scheduler")
+        restart = [] if old is None else [f"{section}.{key}" for section in ("daemon", "metrics", "scheduler",
+                                                                          "kubernetes")
                                           for key, value in vars(getattr(new, section)).items()
                                           if (section != "scheduler" or key == "enabled")
                                           and value != getattr(getattr(old, section), key)]

@@ -13,7 +13,7 @@ from conftest import ROOT
 
 from gpuwatch.core.vocabulary import DEFAULT_SOCKET, INTERPOSER_STATES, PRIORITIES_BY_VALUE
 
-LAYERS = ("core", "probes", "interposer", "enforcer", "exporters", "daemon", "client")
+LAYERS = ("core", "probes", "interposer", "enforcer", "exporters", "kube", "daemon", "client")
 
 # layer -> the other layers whose modules it may import (its own always)
 ALLOWED: dict[str, set[str]] = {
@@ -22,7 +22,8 @@ ALLOWED: dict[str, set[str]] = {
     "interposer": {"core"},
     "enforcer": {"core", "probes", "interposer"},
     "exporters": {"core"},  # the view and the control protocol: never enforcer, daemon, probes or client
-    "daemon": {"core", "probes", "interposer", "enforcer", "exporters"},
+    "kube": {"core"},  # the device plugin and the pod resolver: the daemon hands them what they need
+    "daemon": {"core", "probes", "interposer", "enforcer", "exporters", "kube"},
     "client": {"core", "interposer", "exporters"},
 }
 LAZY_ONLY = {("client", "daemon")}  # `gpuwatch run`: inside a function, so that `gpuwatch ps` does not load it
