@@ -23,6 +23,7 @@ class EventType(IntEnum):
     EXIT = 4
     LIB_OPEN = 5
     QUOTA_STOP = 6   # stopped (SIGSTOP) before an allocation that would cross its quota group's limit
+    ROOM_STOP = 7    # stopped (SIGSTOP) before an allocation its GPU has no room for, while room is made
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,8 @@ class Event:
         gpu = "-" if self.gpu is None else str(self.gpu)
         what = self.type.name.lower()
         detail = ""
-        if self.type in (EventType.ALLOC, EventType.FREE, EventType.ALLOC_FAIL, EventType.QUOTA_STOP):
+        if self.type in (EventType.ALLOC, EventType.FREE, EventType.ALLOC_FAIL, EventType.QUOTA_STOP,
+                         EventType.ROOM_STOP):
             detail = f"{self.kind.name.lower():8s} {self.size:>14d} 0x{self.addr:x}"
             if self.type == EventType.ALLOC_FAIL:
                 detail += f" error={self.result}"

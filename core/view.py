@@ -50,6 +50,7 @@ class ProcessGpu:
     state: str = "running"        # one of vocabulary.STATES ("unknown" for a page value this version does not know)
     reason: str | None = None     # why it does not run now: "paused by hand", "slice of pid 12", ...
     swapped_bytes: int = 0        # device memory now held in host memory
+    unmovable: str | None = None  # not under the interposer: why the driver's checkpoint API cannot move it
     swappable_bytes: int = 0      # device memory the interposer can move to host memory
     unswappable_bytes: int = 0
     # process-wide figures: on the row of the process's first GPU only, so that sums over rows stay right

@@ -63,10 +63,14 @@ PRIORITIES_BY_VALUE = ("low", "normal", "high")     # index = Priority value = t
 
 # The interposer's states, in the page's numbering (interposer/shm.h enum gw_state) ...
 INTERPOSER_STATES = ("running", "paused", "swapping_out", "swapped", "swapping_in")
-# ... then "stopped": a process the daemon stopped with SIGSTOP because it does not run under the interposer.
+# ... then "stopped": a process the daemon stopped with SIGSTOP because it does not run under the interposer, and
+# "checkpointed": one whose device memory the driver's checkpoint API holds in host memory (its calls wait). A
+# process the driver's lock holds is "paused", as an interposed one at its gate.
 STOPPED = "stopped"
+CHECKPOINTED = "checkpointed"
 RUNNING = "running"
-STATES = (*INTERPOSER_STATES, STOPPED)
+PAUSED = "paused"
+STATES = (*INTERPOSER_STATES, STOPPED, CHECKPOINTED)
 UNKNOWN = "unknown"  # a page value this version does not know
 
 # Why a process does not run: `ps` says it in words (with pids), metrics by kind, a bounded label set.

@@ -53,7 +53,8 @@ class _Commands:
         return {"health": view["health"], "gpus": view["gpus"], "host": view["host"],
                 "processes": len(view["processes"]),
                 "interposed": len(self.d.interposed.pids()), "trace_streams": self._streams,
-                "trace_events_lost": self._trace_lost, "thread_restarts": view["health"]["thread_restarts"]}
+                "trace_events_lost": self._trace_lost, "thread_restarts": view["health"]["thread_restarts"],
+                "checkpoint": self.d.checkpointer.status()}
 
     def trace(self, peer: Peer, request: dict[str, Any],
               closing: threading.Event) -> Generator[dict[str, Any], None, None]:

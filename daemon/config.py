@@ -61,6 +61,9 @@ class DaemonSection:
     socket: str = _key(DEFAULT_SOCKET, _absolute, "control socket (any user may connect and read)")
     launches: str = _key("sample", _one_of("all", "sample", "off"), "launch and copy probes: all, sample or off")
     nvml: bool = _key(True, None, "query NVML for GPUs and per-process memory")
+    driver: str = _key("", lambda v: None if v == "" else _absolute(v),
+                       "the driver library whose checkpoint API moves processes not under the interposer; empty: "
+                       "the host's libcuda.so.1, found as the probes find it")
     # a BPF ring buffer's size is a power of two that the kernel allocates at once: at most 256 MiB here
     ring_buffer_pages: int = _number(1024, 1, 65536, "event ring buffer size in 4 KiB pages", power_of_two=True)
     sample_window_ms: int = _number(40, 1, 60000, "sample mode: launch probes attached this long ...")
@@ -95,6 +98,10 @@ class SchedulerSection:
     host_reserve_mib: int = _number(-1, -1, 16777216, "host memory never used for swapped-out memory; -1: the "
                                                       "larger of 4096 and 5 % of RAM")
     host_limit_mib: int = _number(0, 0, 16777216, "at most this much host memory for swapped-out memory; 0: no cap")
+    move_plain: bool = _key(True, None, "lock, checkpoint and restore processes not under the interposer with the "
+                                        "driver's checkpoint API, where it has one (r570 and later)")
+    lock_timeout_ms: int = _number(5000, 10, 600000, "a lock that does not get a process's CUDA calls this soon "
+                                                     "leaves it running (three times: it is unmovable)")
 
 
 @dataclass(frozen=True)

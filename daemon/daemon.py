@@ -16,6 +16,9 @@ from typing import Any
 from ..core import procfs, threads
 from ..core.view import Snapshot
 from ..core.vocabulary import STATE_FILE_NAME
+from ..core.checkpoint import Driver
+from ..core.vocabulary import CHECKPOINTED
+from ..enforcer.checkpointer import Checkpointer, CheckpointSettings
 from ..enforcer.enforcer import Enforcer, SchedulerSettings
 from ..enforcer.hostmemory import HostBudget, HostSettings
 from ..enforcer.interposed import InterposedRegistry
@@ -25,6 +28,7 @@ from ..enforcer.policy import PolicyState
 from ..enforcer.procevents import ProcEvents
 from ..enforcer.quota import QuotaEnforcer
 from ..enforcer.records import Enforcement
+from ..enforcer.roomstops import RoomStops, free_bytes
 from ..enforcer.rules import Policy
 from ..enforcer.seed import Seeder
 from ..enforcer.view import ViewSources, build_view
@@ -32,6 +36,7 @@ from ..exporters.metrics import MetricsServer
 from ..probes import PreflightError, Tracer
 from ..probes.devices import DeviceResolver
 from ..probes.fanout import Subscription
+from ..probes.libraries import host_libraries
 from .commands import commands
 from .config import Config, InterposerSection, SchedulerSection
 from .paths import check_state_directories
@@ -53,7 +58,11 @@ class Daemon:
         # processes stopped and quotas set by hand, for a daemon started after this one was killed
         self.ledger = Ledger(Path(state_file or Path(socket_path).parent / STATE_FILE_NAME))
         self.interposed = InterposedRegistry(interposer.lease_ms, interposer.request_timeout_ms / 1000)
-        self.pauser = Pauser(self.interposed, self.ledger)
+        self.checkpointer = Checkpointer(None, self.ledger, CheckpointSettings(scheduler.move_plain,
+                                                                               scheduler.lock_timeout_ms),
+                                         why_not="the driver is opened at start")
+        self._driver_path = config.daemon.driver if config is not None else ""
+        self.pauser = Pauser(self.interposed, self.ledger, self.checkpointer, self.room_for, self.device_holding)
         self.quota = QuotaEnforcer(tracer.quota, self.ledger)
         # the [[rule]]s: applied at exec (process events), at attach, at start and at every reload (SIGHUP)
         self.config, self._load_config, self._reload = config, reload, threading.Event()
@@ -61,10 +70,11 @@ class Daemon:
         self.policy = PolicyState(Policy(config.rules if config else ()), self.interposed, self.quota)
         self.interposed.on_attach = self.policy.attached
         self.procevents = ProcEvents(self.policy.apply, self._process_exit, on_lost=self.policy.apply_all)
-        self.host = HostBudget(HostSettings.from_config(scheduler))
+        self.host = HostBudget(HostSettings.from_config(scheduler), checkpointed=self._checkpointed_bytes)
         self.enforcer = Enforcer(self.view_and_pages, self.interposed, self.pauser,
                                  SchedulerSettings.from_config(scheduler), priority_of=self.policy.priority_of,
-                                 exclusive=self.policy.exclusive, host=self.host) if scheduler.enabled else None
+                                 exclusive=self.policy.exclusive, host=self.host,
+                                 room=RoomStops(tracer.room, self.ledger)) if scheduler.enabled else None
         self.interposed.room = self.enforcer is not None
         self._devices = DeviceResolver()
         # what processes held before the probes attached (a restart): in their device figures and quotas
@@ -86,6 +96,8 @@ class Daemon:
         pages = self.interposed.enforcement()
         sources = ViewSources(
             facts=self.tracer.facts(), pages=pages, stopped=self.ledger.stopped(), quotas=self.quota.enforcement(),
+            moved={pid: how for pid in self.ledger.stopped() if (how := self.ledger.moved(pid)[0])},
+            unmovable=self.checkpointer.unmovable_now(),
             scheduling=self.enforcer.scheduling() if self.enforcer else {},
             summary=self.enforcer.summary() if self.enforcer else None, priority_of=self.policy.priority_of,
             reasons=self.enforcer.reasons if self.enforcer else {},
@@ -94,6 +106,37 @@ class Daemon:
 
     def view(self) -> Snapshot:
         return self.view_and_pages()[0]
+
+    def device_holding(self, pid: int) -> tuple[int, list[int]]:
+        """What a process not under the interposer holds on the device (NVML's figure, its context included,
+        else the probes' and a context) and on which GPUs: what a checkpoint of it moves."""
+        rows = [r for r in self.view().processes if r.pid == pid and r.gpu is not None]
+        context = self.enforcer.settings.context_bytes if self.enforcer else 0
+        return (sum(r.nvml_bytes if r.nvml_bytes is not None else r.device_bytes + context for r in rows),
+                sorted({r.gpu for r in rows if r.gpu is not None}))
+
+    def room_for(self, nbytes: int, gpus: list[int]) -> bool:
+        """Whether every GPU in `gpus` (all, if none is known) has room for `nbytes` beside what the others hold
+        now and the reserve: a restore is asked for only then."""
+        settings = self.enforcer.settings if self.enforcer else SchedulerSettings()
+        free = free_bytes(self.view(), settings.reserve_bytes, settings.context_bytes)
+        wanted = [free.get(gpu) for gpu in gpus] if gpus else list(free.values())
+        return bool(wanted) and all(f is not None and f >= nbytes for f in wanted)
+
+    def _checkpointed_bytes(self) -> int:
+        """What the driver holds in host memory for the processes it checkpointed."""
+        return sum(self.ledger.moved(pid)[1] for pid in self.ledger.stopped()
+                   if self.ledger.moved(pid)[0] == CHECKPOINTED)
+
+    def _open_driver(self) -> None:
+        """The checkpoint API: never a reason not to start; `status` says why it is not there."""
+        path = self._driver_path or next((lib.path for lib in host_libraries()), "")
+        if not path:
+            self.checkpointer.why_not = "no libcuda.so.1 found on the host"
+        else:
+            self.checkpointer.driver = Driver(path)
+            self.checkpointer.why_not = self.checkpointer.driver.why_not
+        log.info("checkpoint API: %s", f"in {path}" if self.checkpointer.available else self.checkpointer.why_not)
 
     def _describe(self, pid: int) -> procfs.ProcInfo | None:
         info = self._described.get(pid)
@@ -188,6 +231,9 @@ class Daemon:
             part("Kubernetes", self.kube.start, self.kube.stop)
         part("the rules", self.policy.apply_all)
         part("the quotas set by hand", lambda: self.quota.restore(saved_quotas))  # after the rules: the later word
+        part("the driver's checkpoint API", self._open_driver)
+        part("processes a previous daemon checkpointed", lambda: self.checkpointer.take_over(self.room_for),
+             lambda: self.checkpointer.release_all(self.room_for))
         if self.enforcer:
             part("the scheduler", self.enforcer.start, self.enforcer.close)
         metrics: MetricsServer | None = None
@@ -230,6 +276,7 @@ class Daemon:
         self.policy.forget(pid)
         self.quota.forget(pid)
         self.ledger.forget(pid)
+        self.checkpointer.forget(pid)
 
     def _quota_loop(self, events: Subscription) -> None:
         """Quota stops as they happen; frees, exits and libcuda opens as they come; the rest every 0.1 s."""

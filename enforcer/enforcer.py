@@ -1,9 +1,9 @@
 """The enforcer's loop: for every GPU, ask the scheduler who runs, then make it so.
 
 Processes under the interposer are paused, swapped out and resumed through their libraries; others are
-stopped and continued with signals (the ledger records it). Everything it reads comes from the one view
-(enforcer/view.py) and the pages that view was built from; what it decides shows up in the next view
-(states, slice and wait seconds, preemptions)."""
+locked, checkpointed and restored by the driver where it can (enforcer/plainplan.py), else stopped and
+continued with signals (the ledger records it). Everything it reads comes from the one view and the pages
+that view was built from; what it decides shows up in the next view (states, waits, preemptions)."""
 from __future__ import annotations
 
 import logging
@@ -15,18 +15,22 @@ from dataclasses import replace
 from functools import partial
 
 from ..core import threads
+from ..core.procfs import alive
 from ..core.protocol import ControlError
 from ..core.view import HostMemory, ProcessGpu, SchedulerSummary, Snapshot
-from ..core.vocabulary import PRIORITY_NAMES, STOPPED, WAITING_FOR_HOST_MEMORY, Priority
+from ..core.vocabulary import CHECKPOINTED, PRIORITY_NAMES, STOPPED, WAITING_FOR_HOST_MEMORY, Priority
 from .hostmemory import HostBudget, new_pinned_bytes
 from .interposed import InterposedRegistry
-from .ledger import SCHEDULER
+from .checkpointer import NotMoved
+from .ledger import ROOM, SCHEDULER
 from .pause import Pauser
 from .requests import Aside
+from .plainplan import PlainPlanner
+from .roomstops import RoomStops
 from .roomwaits import RoomWaits
 from .records import Enforcement
 from .scheduler import Client, Decision, Scheduler, SwitchCost, Verdict, default_quantum, strictest
-from .settings import WAIT_BUCKETS, SchedulerSettings, SchedulingStats
+from .settings import WAIT_BUCKETS, SchedulerSettings, SchedulingStats, account
 from .view import SchedulingFigures
 
 log = logging.getLogger(__name__)
@@ -40,11 +44,14 @@ class Enforcer:
     def __init__(self, view: Callable[[], tuple[Snapshot, Mapping[int, Enforcement]]], interposed: InterposedRegistry,
                  pauser: Pauser, settings: SchedulerSettings = SchedulerSettings(),
                  priority_of: Callable[[int], Priority | None] = lambda pid: None,
-                 exclusive: Callable[[int], bool] = lambda pid: False, host: HostBudget | None = None) -> None:
+                 exclusive: Callable[[int], bool] = lambda pid: False, host: HostBudget | None = None,
+                 room: RoomStops | None = None) -> None:
         """view: the one view and the interposers' pages it was built from; host: the host memory budget
-        (None: swap-outs are not held to one)."""
+        (None: swap-outs are not held to one); room: allocations of processes without the interposer that wait
+        for room (None: never stopped for room)."""
         self.view, self.interposed, self.pauser, self.settings = view, interposed, pauser, settings
         self.host = host
+        self.plain = PlainPlanner(pauser, host, room)
         self.priority_of, self.exclusive = priority_of, exclusive
         self.stats: dict[int, SchedulingStats] = {}
         self._waits = SchedulingStats()         # every wait of every process, for the histogram
@@ -83,11 +90,9 @@ class Enforcer:
         return {pid: SchedulingFigures(s.slice_seconds, s.wait_seconds, s.preemptions)
                 for pid, s in list(self.stats.items())}
 
-    def quantum(self, switch_seconds: float) -> float:
-        return self.settings.quantum_s or default_quantum(switch_seconds)
-
     def _loop(self) -> None:
-        while not self._stop.wait(self.settings.tick_s if self.interposed.pids() or self._stopping_anyone() else 1.0):
+        while not self._stop.wait(self.settings.tick_s if self.interposed.pids() or self._stopping_anyone() or
+                                  self.plain.room_on() else 1.0):
             try:
                 self.tick(time.monotonic())
             except Exception:  # one bad tick must not end scheduling
@@ -96,15 +101,17 @@ class Enforcer:
     # one decision round
 
     def _stopping_anyone(self) -> bool:
-        return any(SCHEDULER in by for by in self.pauser.ledger.stopped().values())
+        return any(by & {SCHEDULER, ROOM} for by in self.pauser.ledger.stopped().values())
 
     def tick(self, now: float) -> dict[int, Decision]:
         snap, pages = self.view()
+        self.plain.begin()
         decisions: dict[int, list[Decision]] = {}
         leaving = self.interposed.detached_within(LEAVING_S) - set(pages)
         # paused by hand or stopped at a quota: planned around, never resumed or stopped by the scheduler
-        held = {pid for pid, by in self.pauser.ledger.stopped().items() if by - {SCHEDULER}}
+        held = {pid for pid, by in self.pauser.ledger.stopped().items() if by - {SCHEDULER, ROOM}}
         unplaceable: set[int] = set()
+        hopeless: set[int] = set()  # cannot fit even alone
         self._host_bound: dict[int, int] = {}  # what a process could move but for the host budget
         short_of_host: set[int] = set()
         # the view read the host with these same pages: one reading serves the whole tick
@@ -117,16 +124,21 @@ class Enforcer:
                 continue
             scheduler = self._schedulers.setdefault(gpu.index, Scheduler(capacity))
             usable = max(capacity - self._fixed_bytes(snap, gpu.index, pages, leaving, held), 0)
-            switch = self.switch_cost.switch_seconds(sum(c.need_bytes for c in clients) - usable)
+            excess = sum(c.need_bytes for c in clients) - usable
+            fast = min(excess, sum(c.movable_bytes for c in clients if c.interposed))  # the rest: checkpoints
+            switch = self.switch_cost.switch_seconds(fast) + \
+                self.pauser.checkpointer.cost.switch_seconds(excess - max(fast, 0))
             scheduler.capacity, scheduler.idle, scheduler.switch_cost = usable, self.settings.idle_s, switch
-            scheduler.quantum, scheduler.slack = self.quantum(switch), capacity // SLACK_DIVISOR
+            scheduler.quantum = self.settings.quantum_s or default_quantum(switch)
+            scheduler.slack = capacity // SLACK_DIVISOR
             for pid, d in scheduler.decide(clients, now).items():
                 decisions.setdefault(pid, []).append(d)
             for c in clients:
-                if not (pages.get(c.pid) and pages[c.pid].wanted_bytes):
+                if not (pages.get(c.pid) and pages[c.pid].wanted_bytes) and c.pid not in self.plain.wanted:
                     continue
                 if c.need_bytes > capacity:
                     self._deny(c.pid)  # it cannot fit even alone: its allocation fails as the driver said
+                    hopeless.add(c.pid)
                 elif not scheduler.placeable(c, clients):
                     unplaceable.add(c.pid)  # what cannot move holds the room: it waits, bounded
                     unbounded = [replace(o, movable_bytes=self._host_bound[o.pid],
@@ -147,9 +159,12 @@ class Enforcer:
         self.reasons = {pid: d.reason for pid, d in combined.items() if d.verdict is not Verdict.RUN and d.reason}
         self.reasons.update(dict.fromkeys(short_of_host, WAITING_FOR_HOST_MEMORY))
         combined = self._within_host_budget(combined, pages, host)
-        self._account(combined, pages, now)
+        account(self.stats, self._waits, combined, any(s.contended for s in self._schedulers.values()),
+                self.settings.tick_s, now)
         self._apply(combined, pages)
         self._give_back_pinned(snap, pages, combined)
+        self.plain.room_stops(self.view, snap, pages, now, unplaceable, hopeless, self.settings,
+                              set(self.interposed.pids()))
         return combined
 
     def _within_host_budget(self, decisions: dict[int, Decision], pages: Mapping[int, Enforcement],
@@ -266,6 +281,8 @@ class Enforcer:
                 total += row.nvml_bytes if row.nvml_bytes is not None else row.device_bytes
             elif row.pid in held:
                 page = pages.get(row.pid)
+                if row.state == CHECKPOINTED and page is None:
+                    continue  # all it had is in host memory until someone resumes it
                 if page is not None:
                     total += _swappable(page, row) - row.swapped_bytes + row.unswappable_bytes + self._context(row)
                 else:
@@ -295,29 +312,10 @@ class Enforcer:
                                       interposed=True, exclusive=self.exclusive(row.pid),
                                       waiting=page.waiting_threads > 0,
                                       fixed_bytes=need - movable - page.wanted_bytes))
-            elif row.state != STOPPED or self.pauser.held(row.pid, SCHEDULER):
-                need = row.nvml_bytes if row.nvml_bytes is not None else row.device_bytes + self.settings.context_bytes
-                clients.append(Client(row.pid, need, 0, row.launches, priority, interposed=False,
-                                      exclusive=self.exclusive(row.pid)))
+            elif row.state != STOPPED or self.pauser.held(row.pid, SCHEDULER) or self.pauser.held(row.pid, ROOM):
+                clients.append(self.plain.client(row, priority, self.exclusive(row.pid), host, self.settings,
+                                                 self._host_bound))
         return clients
-
-    def _account(self, decisions: dict[int, Decision], pages: Mapping[int, Enforcement], now: float) -> None:
-        contended = any(s.contended for s in self._schedulers.values())
-        for pid in set(self.stats) - set(decisions):
-            del self.stats[pid]
-        for pid, d in decisions.items():
-            s = self.stats.setdefault(pid, SchedulingStats())
-            runs = d.verdict is Verdict.RUN
-            if runs and not s.running and s.waiting_since is not None:
-                s.waited(now - s.waiting_since)
-                self._waits.waited(now - s.waiting_since)
-                s.waiting_since = None
-            elif not runs and s.running:
-                s.preemptions += 1
-                s.waiting_since = now
-            if runs and contended:
-                s.slice_seconds += self.settings.tick_s
-            s.running = runs
 
     def _apply(self, decisions: dict[int, Decision], pages: Mapping[int, Enforcement]) -> None:
         """Make room (pause, swap out, stop), then resume: memory must be free before it is taken. Swap-ins
@@ -342,7 +340,10 @@ class Enforcer:
         """Pauses, swaps out or stops one process; returns the bytes it moved to host memory."""
         try:
             if page is None:
-                if d.verdict is Verdict.STOP and not self.pauser.held(pid):
+                if d.verdict is Verdict.SWAP and self.pauser.checkpointer.movable(pid) and \
+                        self.pauser.ledger.moved(pid)[0] != CHECKPOINTED:
+                    self.pauser.pause(pid, swap=True, by=SCHEDULER)
+                elif d.verdict in (Verdict.STOP, Verdict.SWAP) and not self.pauser.held(pid):
                     self.pauser.pause(pid, by=SCHEDULER)
                 return 0
             process = self.interposed.get(pid)
@@ -381,7 +382,9 @@ class Enforcer:
 
     def _failed(self, pid: int, what: str, exc: Exception) -> None:
         """A request that failed because the process just went away is no news; anything else is."""
-        if self.interposed.get(pid) is None:
+        if isinstance(exc, NotMoved):  # it runs on; the checkpointer counts timeouts and marks refusals
+            log.info("%s", exc)
+        elif not alive(pid) or (self.interposed.get(pid) is None and pid in self.interposed.detached_within(LEAVING_S)):
             log.debug("pid %d: %s: it detached meanwhile (%s)", pid, what, exc)
         else:
             log.warning("pid %d: %s: %s", pid, what, exc)

@@ -35,8 +35,11 @@ class HostSettings:
 class HostBudget:
     def __init__(self, settings: HostSettings = HostSettings(),
                  meminfo: Callable[[], dict[str, int]] = procfs.meminfo,
-                 headroom: Callable[[int], tuple[int, int] | None] = procfs.cgroup_memory_headroom) -> None:
+                 headroom: Callable[[int], tuple[int, int] | None] = procfs.cgroup_memory_headroom,
+                 checkpointed: Callable[[], int] = lambda: 0) -> None:
+        """checkpointed: what the driver holds in host memory for processes it checkpointed."""
         self.settings, self._meminfo, self._headroom = settings, meminfo, headroom
+        self.checkpointed = checkpointed
 
     def reading(self, pages: Mapping[int, Enforcement]) -> HostMemory:
         info = self._meminfo()
@@ -44,8 +47,9 @@ class HostBudget:
         reserve = self.settings.reserve_bytes
         if reserve is None:
             reserve = max(RESERVE_FLOOR, int(total * RESERVE_SHARE))
-        pinned = sum(p.pinned_bytes for p in pages.values())
-        swapped = sum(d.swapped_bytes for p in pages.values() for d in p.devices)
+        checkpointed = self.checkpointed()
+        pinned = sum(p.pinned_bytes for p in pages.values()) + checkpointed
+        swapped = sum(d.swapped_bytes for p in pages.values() for d in p.devices) + checkpointed
         spare = max(available - reserve, 0)
         if self.settings.limit_bytes is not None:
             spare = min(spare, max(self.settings.limit_bytes - pinned, 0))

@@ -26,7 +26,8 @@ from typing import Any
 from ..core.procfs import proc_stat, send_signal
 
 log = logging.getLogger(__name__)
-HAND, QUOTA, SCHEDULER = "hand", "quota", "scheduler"  # who stopped a process
+HAND, QUOTA, SCHEDULER, ROOM = "hand", "quota", "scheduler", "room"  # who stopped a process (ROOM: the probe,
+# at an allocation that did not fit the device, while the daemon makes room)
 VERSION = 2
 MAX_BYTES = 16 << 20  # a state file larger than this is not read
 
@@ -35,7 +36,10 @@ MAX_BYTES = 16 << 20  # a state file larger than this is not read
 class _Held:
     start_time: int          # tells the process from a later one with its pid
     by: set[str] = field(default_factory=set)
-    signalled: bool = True   # stopped with SIGSTOP; False: its interposer's gate holds it (the lease ends that)
+    signalled: bool = True   # stopped with SIGSTOP; False: its interposer's gate or the driver's lock holds it
+    moved: str = ""          # "locked" or "checkpointed": the driver's checkpoint API holds it (enforcer/checkpointer)
+    moved_bytes: int = 0     # what it held on the device when checkpointed: its restore needs that much room
+    gpus: list[int] = field(default_factory=list)  # the GPUs it was on
 
 
 class Ledger:
@@ -45,6 +49,7 @@ class Ledger:
         self._quotas: list[dict[str, Any]] = []
         self._lock = threading.RLock()
         self.save_error: str | None = None  # why the last save failed; None: it succeeded (or none was needed)
+        self.recovered_moved: list[dict[str, Any]] = []  # entries a previous daemon left to the driver's API
 
     # start and stop
 
@@ -56,6 +61,9 @@ class Ledger:
             try:
                 pid, start = int(entry["pid"]), int(entry["start_time"])
             except (KeyError, TypeError, ValueError):
+                continue
+            if entry.get("moved") in ("locked", "checkpointed"):
+                self.recovered_moved.append(entry)  # the driver still holds it: the checkpointer decides
                 continue
             if entry.get("signalled", True) is False:
                 continue  # an interposed process: its lease lapsed and it resumed by itself
@@ -74,6 +82,10 @@ class Ledger:
         with self._lock:
             held, self._held = self._held, {}
             for pid, h in held.items():
+                if h.moved:
+                    log.warning("pid %d stays %s by the driver: `gpuwatch resume %d` as root brings it back", pid,
+                                h.moved, pid)
+                    continue
                 stat = proc_stat(pid)
                 if h.signalled and stat is not None and stat.start_time == h.start_time and \
                         send_signal(pid, signal.SIGCONT):
@@ -90,6 +102,29 @@ class Ledger:
             if h is None or h.start_time != start_time:
                 h = self._held[pid] = _Held(start_time, signalled=signalled)
             h.by.add(by)
+            self.save()
+
+    def moved(self, pid: int) -> tuple[str, int, list[int]]:
+        """How the driver holds the process: ("", 0, []) when it does not."""
+        with self._lock:
+            h = self._held.get(pid)
+            return (h.moved, h.moved_bytes, list(h.gpus)) if h is not None else ("", 0, [])
+
+    def set_moved(self, pid: int, moved: str, nbytes: int = 0, gpus: list[int] | None = None) -> None:
+        with self._lock:
+            h = self._held.get(pid)
+            if h is not None:
+                h.moved, h.moved_bytes = moved, nbytes
+                if gpus is not None:
+                    h.gpus = list(gpus)
+                self.save()
+
+    def restore_moved(self, entry: dict[str, Any], by: set[str]) -> None:
+        """A previous daemon's driver-held process, taken over as it was."""
+        with self._lock:
+            self._held[int(entry["pid"])] = _Held(int(entry["start_time"]), set(by), False, str(entry["moved"]),
+                                                  int(entry.get("moved_bytes", 0)),
+                                                  [int(g) for g in entry.get("gpus", []) if type(g) is int])
             self.save()
 
     def release(self, pid: int, by: str) -> bool:
@@ -176,7 +211,8 @@ class Ledger:
             return True
         with self._lock:
             data = {"version": VERSION,
-                    "stopped": [{"pid": pid, "start_time": h.start_time, "by": sorted(h.by), "signalled": h.signalled}
+                    "stopped": [{"pid": pid, "start_time": h.start_time, "by": sorted(h.by), "signalled": h.signalled,
+                                 "moved": h.moved, "moved_bytes": h.moved_bytes, "gpus": h.gpus}
                                 for pid, h in sorted(self._held.items())],
                     "quotas": self._quotas}
             try:

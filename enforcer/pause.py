@@ -1,17 +1,23 @@
 """Pause and resume a process: through its interposer when it runs under `gpuwatch exec` (the gate closes,
-memory may move to host memory), with SIGSTOP and SIGCONT otherwise (the ledger records whom and why)."""
+memory may move to host memory); otherwise with the driver's lock (and checkpoint) where the driver has the
+checkpoint API and the process is movable, else with SIGSTOP and SIGCONT. The ledger records whom and why."""
 from __future__ import annotations
 
 import logging
 import os
 import signal
+from collections.abc import Callable
 from typing import Any
 
 from ..core.procfs import PF_KTHREAD, ProcStat, proc_stat
 from ..core.protocol import ControlError
-from ..core.vocabulary import STOPPED, pid_problem
+from ..core.checkpoint import CHECKPOINTED, RUNNING, CheckpointError
+from ..core.vocabulary import PAUSED, STOPPED, pid_problem
+from .checkpointer import Checkpointer, NotMoved
 from .interposed import InterposedRegistry
-from .ledger import HAND, QUOTA, Ledger
+from .ledger import HAND, QUOTA, SCHEDULER, Ledger
+
+Room = Callable[[int, list[int]], bool]  # whether a GPU has room for a restore of so many bytes (gpus: where it was)
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +31,13 @@ def pid_argument(request: dict[str, Any]) -> int:
 
 
 class Pauser:
-    def __init__(self, interposed: InterposedRegistry, ledger: Ledger) -> None:
+    def __init__(self, interposed: InterposedRegistry, ledger: Ledger, checkpointer: Checkpointer | None = None,
+                 room: Room = lambda nbytes, gpus: False, describe: Callable[[int], tuple[int, list[int]]] =
+                 lambda pid: (0, [])) -> None:
+        """room: whether a restore fits now; describe: a plain process's device bytes and GPUs, from the view."""
         self.interposed, self.ledger = interposed, ledger
+        self.checkpointer = checkpointer or Checkpointer(None, ledger, why_not="no driver")
+        self.room, self.describe = room, describe
 
     def pause(self, pid: int, swap: bool = False, nbytes: int = 0, by: str = HAND) -> dict[str, Any]:
         process = self.interposed.get(pid)
@@ -44,10 +55,22 @@ class Pauser:
             if swap:
                 result["bytes"] = reply.moved_bytes
             return result
-        if swap:
-            raise ControlError(f"pid {pid} does not run under the interposer, so its memory cannot be swapped out "
-                               "(start it with `gpuwatch exec`); pause without --swap stops it with SIGSTOP")
         stat = self._stoppable(pid)
+        if self.checkpointer.movable(pid) or self.ledger.moved(pid)[0]:
+            nbytes, gpus = self.describe(pid)
+            try:
+                state = self.checkpointer.pause(pid, stat.start_time, by, swap, nbytes, gpus)
+                return {"pid": pid, "interposed": False, "state": CHECKPOINTED if state == CHECKPOINTED else PAUSED,
+                        **({"bytes": nbytes} if swap else {})}
+            except NotMoved as exc:
+                if swap or by != HAND or exc.retry or self.ledger.moved(pid)[0]:
+                    raise
+                # the driver refused (not a timeout): a pause by hand stops it with SIGSTOP instead
+        if swap:
+            why = self.checkpointer.unmovable(pid) or self.checkpointer.status()["why_not"]
+            raise ControlError(f"pid {pid} does not run under the interposer and cannot be checkpointed ({why}), "
+                               "so its memory cannot be swapped out (start it with `gpuwatch exec`); pause without "
+                               "--swap stops it with SIGSTOP")
         self.ledger.hold(pid, stat.start_time, by)
         try:
             os.kill(pid, signal.SIGSTOP)
@@ -72,6 +95,8 @@ class Pauser:
             if proc_stat(pid) is None:
                 raise ControlError(f"no process with pid {pid}")
             raise ControlError(f"pid {pid} was not paused by gpuwatch")
+        if self.ledger.moved(pid)[0]:
+            return self._resume_moved(pid, holders)
         free = False
         for holder in holders:
             free = self.ledger.release(pid, holder)
@@ -82,6 +107,30 @@ class Pauser:
             raise ControlError(f"no process with pid {pid}") from None
         log.info("pid %d continued (SIGCONT)", pid)
         return {"pid": pid, "interposed": False, "state": "running"}
+
+    def _resume_moved(self, pid: int, holders: set[str]) -> dict[str, Any]:
+        """The driver holds it: restore (if the device has room) and unlock once the last holder lets go. A
+        process that cannot come back yet is handed to the scheduler, which restores it when there is room."""
+        if self.ledger.holders(pid) - holders:
+            for holder in holders:
+                self.ledger.release(pid, holder)
+            return {"pid": pid, "interposed": False, "state": self.ledger.moved(pid)[0]}
+        try:
+            state = self.checkpointer.resume(pid, self.room)
+        except CheckpointError as exc:
+            raise ControlError(f"pid {pid} could not be unlocked: {exc}") from None
+        if state == RUNNING:
+            for holder in holders:
+                self.ledger.release(pid, holder)
+            log.info("pid %d continued (restored and unlocked)", pid)
+            return {"pid": pid, "interposed": False, "state": RUNNING}
+        stat = proc_stat(pid)
+        if stat is not None:
+            self.ledger.hold(pid, stat.start_time, SCHEDULER, signalled=False)
+        for holder in holders - {SCHEDULER}:
+            self.ledger.release(pid, holder)
+        return {"pid": pid, "interposed": False, "state": CHECKPOINTED,
+                "waiting": "the device has no room for it yet: the scheduler restores it as soon as there is"}
 
     def held(self, pid: int, by: str | None = None) -> bool:
         """Whether the daemon holds the process stopped (for `by`, or for anyone)."""

@@ -14,8 +14,9 @@ from ..core.vocabulary import Priority
 class Verdict(str, Enum):
     RUN = "run"        # running, or resumed
     PAUSE = "pause"    # gate closed, memory stays on the device (interposed)
-    SWAP = "swap"      # gate closed and `swap_bytes` moved to host memory (interposed)
-    STOP = "stop"      # SIGSTOP: not under the interposer, its memory stays on the device
+    SWAP = "swap"      # gate closed and `swap_bytes` moved to host memory (interposed); not under the interposer:
+                       # locked and checkpointed, all it holds moved (the driver's checkpoint API)
+    STOP = "stop"      # not under the interposer: locked (the driver's API) or SIGSTOP, its memory stays
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,7 @@ class Client:
     """One process on one GPU, as the scheduler sees it."""
     pid: int
     need_bytes: int          # device memory it must have to run: its allocations and its context
-    movable_bytes: int = 0   # of that, what its interposer can move to host memory
+    movable_bytes: int = 0   # of that, what its interposer (or the driver's checkpoint, all of it) can move
     launches: int = 0        # cumulative launches: progress tells busy from idle
     priority: Priority = Priority.NORMAL
     interposed: bool = True
@@ -98,7 +99,8 @@ class Scheduler:
         # A process without the interposer is never stopped to make memory room: its memory stays on the
         # device, so stopping it helps nobody. Only an exclusive rule keeps it out.
         for c in clients:
-            if not c.interposed and c.pid not in run and self._feasible(clients, run | {c.pid}, memory=False):
+            if not c.interposed and not c.movable_bytes and c.pid not in run and \
+                    self._feasible(clients, run | {c.pid}, memory=False):
                 run.add(c.pid)
         return run
 
@@ -148,14 +150,20 @@ class Scheduler:
         excess = sum(c.need_bytes for c in clients) - self.capacity if run else 0
         excess += self.slack if excess > 0 else 0
         out: dict[int, Decision] = {}
-        # Make room from those that ran least recently first, and only as much as the running set needs.
-        for c in sorted(clients, key=lambda c: self._seen[c.pid].last_ran):
+        # Make room from those that ran least recently first, and only as much as the running set needs: first
+        # from interposed processes (fast), then idle processes without the interposer, then busy ones (a
+        # checkpoint moves all they hold, about 25 times slower).
+        for c in sorted(clients, key=lambda c: (not c.interposed, not c.interposed and self.busy(c, now),
+                                                self._seen[c.pid].last_ran)):
             if c.pid in run:
                 out[c.pid] = Decision(Verdict.RUN)
                 continue
             reason = self._reason(c, clients, run, now)
             if not c.interposed:
-                out[c.pid] = Decision(Verdict.STOP, reason=reason)
+                moves = excess > 0 and c.movable_bytes > 0
+                excess -= c.movable_bytes if moves else 0
+                out[c.pid] = Decision(Verdict.SWAP, c.movable_bytes, reason) if moves else \
+                    Decision(Verdict.STOP, reason=reason)
             elif excess > 0 and c.movable_bytes > 0:
                 moved = min(excess, c.movable_bytes)
                 excess -= moved

@@ -2,6 +2,7 @@
 metrics and `top`."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,3 +44,24 @@ class SchedulerSettings:
     def from_config(cls, section: Any) -> SchedulerSettings:  # daemon.config.SchedulerSection
         return cls(section.quantum_ms / 1000 or None, section.idle_ms / 1000, section.reserve_mib * MiB,
                    section.context_mib * MiB, section.tick_ms / 1000, section.room_wait_ms / 1000)
+
+
+def account(stats: dict[int, SchedulingStats], waits: SchedulingStats, runs: Mapping[int, Any], contended: bool,
+            tick_s: float, now: float) -> None:
+    """One tick's decisions (pid -> a Decision, or anything with a `verdict`) into each process's figures and
+    the histogram of every wait (`waits`)."""
+    for pid in set(stats) - set(runs):
+        del stats[pid]
+    for pid, d in runs.items():
+        s = stats.setdefault(pid, SchedulingStats())
+        running = d.verdict.value == "run"
+        if running and not s.running and s.waiting_since is not None:
+            s.waited(now - s.waiting_since)
+            waits.waited(now - s.waiting_since)
+            s.waiting_since = None
+        elif not running and s.running:
+            s.preemptions += 1
+            s.waiting_since = now
+        if running and contended:
+            s.slice_seconds += tick_s
+        s.running = running

@@ -10,9 +10,10 @@ from dataclasses import dataclass, field, replace
 
 from ..core.procfs import ProcInfo
 from ..core.view import Gpu, HostMemory, ProcessGpu, SchedulerSummary, Snapshot
-from ..core.vocabulary import PAUSED_BY_HAND, QUOTA_STOP, STOPPED, Priority
+from ..core.vocabulary import (CHECKPOINTED, PAUSED, PAUSED_BY_HAND, QUOTA_STOP, STOPPED,
+                               WAITING_FOR_DEVICE_MEMORY, Priority)
 from ..probes.model import ProbeFacts
-from .ledger import HAND, QUOTA
+from .ledger import HAND, QUOTA, ROOM
 from .records import DeviceEnforcement, Enforcement
 
 Resolve = Callable[[int, int, list[Gpu], dict[tuple[int, int], str]], tuple[int | None, str | None]]
@@ -31,6 +32,8 @@ class ViewSources:
     facts: ProbeFacts
     pages: Mapping[int, Enforcement] = field(default_factory=dict)      # interposed processes, read once
     stopped: Mapping[int, set[str]] = field(default_factory=dict)       # the ledger: pid -> who holds it
+    moved: Mapping[int, str] = field(default_factory=dict)              # ... and "locked" or "checkpointed"
+    unmovable: Mapping[int, str] = field(default_factory=dict)          # why the driver's API cannot move it
     reasons: Mapping[int, str] = field(default_factory=dict)            # the scheduler's: why it waits
     quotas: Mapping[int, Enforcement] = field(default_factory=dict)     # quota members and quota stops
     scheduling: Mapping[int, SchedulingFigures] = field(default_factory=dict)
@@ -50,8 +53,10 @@ def enforcement_records(sources: ViewSources) -> dict[int, Enforcement]:
     for pid in sources.stopped:
         if pid in sources.pages:
             continue  # paused by hand through its interposer: its page says its state
-        merged[pid] = replace(merged[pid], state=STOPPED) if pid in merged else \
-            Enforcement(pid=pid, interposed=False, state=STOPPED)
+        how = sources.moved.get(pid)
+        state = CHECKPOINTED if how == CHECKPOINTED else PAUSED if how else STOPPED
+        merged[pid] = replace(merged[pid], state=state) if pid in merged else \
+            Enforcement(pid=pid, interposed=False, state=state)
     for pid, page in sources.pages.items():
         held = pid in merged and merged[pid].state == STOPPED
         merged[pid] = replace(page, state=STOPPED, quota_pauses=merged[pid].quota_pauses) if held else page
@@ -110,6 +115,9 @@ def build_view(sources: ViewSources) -> Snapshot:
     for r in live:  # the priority the scheduler uses: set with `gpuwatch priority`, its rule's, or its own
         if (chosen := sources.priority_of(r.pid)) is not None:
             r.priority = chosen.label
+        r.unmovable = sources.unmovable.get(r.pid)
+        if r.state == CHECKPOINTED and not r.interposed:  # all it had on the device is in host memory now
+            r.swapped_bytes = r.device_bytes
         r.reason = _reason(r, sources)
     live.sort(key=lambda r: (r.pid, -1 if r.gpu is None else r.gpu))
     return Snapshot(live, gpus, facts.health, sources.summary, sources.host)
@@ -121,7 +129,10 @@ def _reason(row: ProcessGpu, sources: ViewSources) -> str | None:
         return PAUSED_BY_HAND
     if QUOTA in by or (row.state == STOPPED and row.quota_bytes is not None and not by):
         return QUOTA_STOP
-    return sources.reasons.get(row.pid)
+    if ROOM in by:
+        return WAITING_FOR_DEVICE_MEMORY
+    reason = sources.reasons.get(row.pid)
+    return reason if reason is not None or row.state != CHECKPOINTED else WAITING_FOR_DEVICE_MEMORY
 
 
 def _add_enforcement(rows: dict[tuple[int, int | None], ProcessGpu], enforcement: dict[int, Enforcement],

@@ -24,6 +24,7 @@ from .fanout import SUBSCRIBER_QUEUE, EventFanout, Subscription
 from .model import Event, EventType, Kind, ProbeFacts, ProbeRow
 from .nvml import Nvml, NvmlSampler
 from .quotamaps import QuotaMaps, signed
+from .roommaps import RoomMaps
 from .seeds import SeedMaps
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,7 @@ class Tracer:
         self.libraries = LibraryWatch(self._lock, work_always=self.launch_mode == LaunchMode.ALL)
         self.events = EventFanout()
         self.quota = QuotaMaps(lambda: self._bpf, self._lock)
+        self.room = RoomMaps(lambda: self._bpf, self._lock)
         self.seeds = SeedMaps(lambda: self._bpf, self._lock)
         self.exit_listeners: list[Callable[[int], None]] = []  # told of each exited pid, after the map GC
 

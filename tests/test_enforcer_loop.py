@@ -11,6 +11,7 @@ from typing import Any
 from gpuwatch.enforcer.enforcer import Enforcer, SchedulerSettings
 from gpuwatch.enforcer.hostmemory import HostBudget, HostSettings
 from gpuwatch.enforcer.interposed import InterposedRegistry
+from gpuwatch.enforcer.checkpointer import Checkpointer
 from gpuwatch.enforcer.ledger import Ledger
 from gpuwatch.enforcer.scheduler import Verdict
 from conftest import wait_for
@@ -57,6 +58,7 @@ class RecordingPauser:
     def __init__(self) -> None:
         self.paused: list[int] = []
         self.ledger = Ledger()
+        self.checkpointer = Checkpointer(None, self.ledger, why_not="no driver in this test")
 
     def held(self, pid: int, by: str | None = None) -> bool:
         return pid in self.paused

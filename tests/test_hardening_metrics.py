@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gpuwatch.core.view import Gpu, ProcessGpu, Snapshot, TracerHealth
 from gpuwatch.enforcer.enforcer import Enforcer
 from gpuwatch.enforcer.scheduler import Decision, Verdict
-from gpuwatch.enforcer.settings import WAIT_BUCKETS, SchedulerSettings
+from gpuwatch.enforcer.settings import WAIT_BUCKETS, SchedulerSettings, account
 from gpuwatch.exporters.metrics import families, render
 
 HISTOGRAM = "gpuwatch_scheduler_wait_seconds"
@@ -29,10 +29,9 @@ def enforcer_after(waits: Iterable[float]) -> Enforcer:
     now = 1000.0
     for i, wait in enumerate(waits):
         pid = 100 + i
-        enforcer._account({pid: Decision(Verdict.RUN)}, {}, now)
-        enforcer._account({pid: Decision(Verdict.STOP)}, {}, now)
+        for verdict, at in ((Verdict.RUN, now), (Verdict.STOP, now), (Verdict.RUN, now + wait)):
+            account(enforcer.stats, enforcer._waits, {pid: Decision(verdict)}, False, 0.05, at)
         now += wait
-        enforcer._account({pid: Decision(Verdict.RUN)}, {}, now)
     enforcer.close()
     return enforcer
 

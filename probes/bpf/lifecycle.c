@@ -15,6 +15,7 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
         gw_quota_settle(tgid, pending, 0);  /* it died inside an allocation: give its reservation back */
     calls.delete(&id);
     quota_stops.delete(&id);
+    room_stops.delete(&id);
     quota_forks.delete(&tid);  /* a thread of a member, or a child that never allocated */
 #ifdef GW_HAVE_GROUP_DEAD
     if (!args->group_dead)
@@ -23,6 +24,7 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
     if (tid != tgid)
         return 0;
 #endif
+    room_exempt.delete(&tgid);
     for (int bit = 0; bit <= GW_MAX_GPUS; bit++) {  /* what it held before the probes saw it: out of its group */
         struct gw_proc_gpu seed_key = {.tgid = tgid, .gpu = bit - 1};
         struct gw_seed *seed = seeds.lookup(&seed_key);

@@ -68,4 +68,12 @@ BPF_HASH(quota_granted, struct gw_proc_gpu, u64, 65536);
 /* pid_tgid -> the allocation the thread waits to make. Writes: quota.h, lifecycle.c (exit), quotamaps.py. Reads: quotamaps.py */
 BPF_HASH(quota_stops, u64, struct gw_stop, 65536);
 
+/* ---- room on the device for processes not under the interposer (room.h) */
+/* GPU ordinal -> bytes it can still give; absent: no room check. Writes: roommaps.py, room.h. Reads: room.h */
+BPF_HASH(room_free, s32, s64, 64);
+/* tgid -> 1: interposed (their interposer waits for room) or held by the driver. Writes: roommaps.py, lifecycle.c (exit). Reads: room.h */
+BPF_HASH(room_exempt, u32, u32, 65536);
+/* pid_tgid -> the allocation the thread waits to make. Writes: room.h, lifecycle.c (exit), roommaps.py. Reads: roommaps.py */
+BPF_HASH(room_stops, u64, struct gw_stop, 65536);
+
 #endif

@@ -3,12 +3,13 @@
 #include "accounting.h"
 #include "calls.h"
 #include "quota.h"
+#include "room.h"
 
 static __always_inline int gw_alloc_enter(u64 out, u64 size, u32 kind)
 {
     u32 tgid = gw_tgid();
     struct gw_call c = {.out = out, .size = size, .kind = kind, .gpu = gw_current_gpu(tgid)};
-    gw_quota_check(tgid, &c);
+    gw_room_check(tgid, &c, gw_quota_check(tgid, &c));
     gw_park(&c);
     return 0;
 }
@@ -54,7 +55,7 @@ static __always_inline int alloc_pitch(struct pt_regs *ctx)
     struct gw_call c = {.out = PT_REGS_PARM1(ctx), .out2 = PT_REGS_PARM2(ctx), .arg = PT_REGS_PARM4(ctx),
                         .size = PT_REGS_PARM3(ctx) * PT_REGS_PARM4(ctx), .kind = GW_PITCH,
                         .gpu = gw_current_gpu(tgid)};
-    gw_quota_check(tgid, &c);
+    gw_room_check(tgid, &c, gw_quota_check(tgid, &c));
     gw_park(&c);
     return 0;
 }

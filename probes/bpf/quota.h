@@ -39,23 +39,23 @@ static __always_inline void gw_quota_add(u32 tgid, s32 gpu, u64 bytes)
  * cannot both pass; if the group's total then crosses its quota, take the reservation back and stop the
  * process before the call runs, holding exactly what it held. User space continues it once the
  * allocation fits (granting its bytes in quota_granted first), or kills it. */
-static __always_inline void gw_quota_check(u32 tgid, struct gw_call *c)
+static __always_inline int gw_quota_check(u32 tgid, struct gw_call *c)
 {
     if (c->kind == GW_MANAGED || c->kind == GW_HOST)
-        return;
+        return 0;
     u32 *groupp = gw_quota_group(tgid);
     if (!groupp)
-        return;
+        return 0;
     u32 group = *groupp;
     u64 *limitp = quota_limit.lookup(&group);
     if (!limitp || !*limitp)
-        return;
+        return 0;
     u64 limit = *limitp;
     struct gw_proc_gpu key = {.tgid = group, .gpu = c->gpu};
     u64 zero = 0;
     u64 *used = quota_used.lookup_or_try_init(&key, &zero);
     if (!used)
-        return;  /* map full: fail open, as accounting does */
+        return 0;  /* map full: fail open, as accounting does */
     u64 *base = quota_base.lookup(&key), *granted = quota_granted.lookup(&key);
     u64 others = (base ? *base : 0) + (granted ? *granted : 0);
     s64 total;
@@ -65,7 +65,7 @@ static __always_inline void gw_quota_check(u32 tgid, struct gw_call *c)
         if (total <= (s64)limit) {
             c->qgroup = group;
             c->reserved = 1;
-            return;
+            return 0;
         }
         __sync_fetch_and_add(used, -c->size);
         total -= c->size;
@@ -76,9 +76,10 @@ static __always_inline void gw_quota_check(u32 tgid, struct gw_call *c)
     struct gw_stop stop = {.size = c->size, .gpu = c->gpu, .kind = c->kind,
                            .group_used = total > 0 ? total : 0, .limit = limit};
     if (quota_stops.update(&id, &stop))
-        return;  /* no record, no stop: user space could never continue it */
+        return 0;  /* no record, no stop: user space could never continue it */
     bpf_send_signal(GW_SIGSTOP);
     gw_emit(GW_EV_QUOTA_STOP, tgid, c->gpu, c->kind, 0, c->size, 0);
+    return 1;
 }
 
 /* An allocation returned: its reservation becomes what it allocated (`bytes`, 0 when it failed); an

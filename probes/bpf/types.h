@@ -13,7 +13,7 @@
 
 enum gw_kind { GW_DEVICE = 0, GW_PITCH = 1, GW_ASYNC = 2, GW_MANAGED = 3, GW_HOST = 4, GW_VMM = 5 };
 enum gw_event_type { GW_EV_ALLOC = 1, GW_EV_FREE = 2, GW_EV_ALLOC_FAIL = 3, GW_EV_EXIT = 4,
-                     GW_EV_LIB_OPEN = 5, GW_EV_QUOTA_STOP = 6 };
+                     GW_EV_LIB_OPEN = 5, GW_EV_QUOTA_STOP = 6, GW_EV_ROOM_STOP = 7 };
 #define GW_SIGSTOP 19
 #define GW_QUOTA_INHERIT 0x80000000u /* a group id with this bit: a member's forked children join it */
 enum gw_copy { GW_H2D = 0, GW_D2H = 1, GW_D2D = 2, GW_COPY_ANY = 3 };

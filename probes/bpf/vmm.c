@@ -3,6 +3,7 @@
 #include "accounting.h"
 #include "calls.h"
 #include "quota.h"
+#include "room.h"
 
 static __always_inline void gw_handle_gone(u32 tgid, u64 handle, struct gw_handle *h)
 {
@@ -19,7 +20,7 @@ static __always_inline int vmm_create(struct pt_regs *ctx)
     s32 dev = GW_GPU_UNKNOWN;
     bpf_probe_read_user(&dev, sizeof(dev), (void *)(PT_REGS_PARM3(ctx) + 12));
     struct gw_call c = {.out = PT_REGS_PARM1(ctx), .size = PT_REGS_PARM2(ctx), .gpu = dev, .kind = GW_VMM};
-    gw_quota_check(gw_tgid(), &c);
+    gw_room_check(gw_tgid(), &c, gw_quota_check(gw_tgid(), &c));
     gw_park(&c);
     return 0;
 }

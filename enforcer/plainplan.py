@@ -1,0 +1,61 @@
+"""How the enforcer plans with processes that do not run under the interposer: each is movable as a whole
+where the driver's checkpoint API can move it and the host can take all it holds; an allocation the probes
+stopped for want of room is what it asks for on top; and every tick the probes learn what each GPU can still
+give (enforcer/roomstops.py)."""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+from ..core.view import HostMemory, ProcessGpu, Snapshot
+from ..core.vocabulary import CHECKPOINTED, Priority
+from .hostmemory import HostBudget
+from .pause import Pauser
+from .records import Enforcement
+from .roomstops import RoomStops, free_bytes
+from .scheduler import Client
+from .settings import SchedulerSettings
+
+
+class PlainPlanner:
+    def __init__(self, pauser: Pauser, host: HostBudget | None, room: RoomStops | None) -> None:
+        self.pauser, self.host, self.room = pauser, host, room
+        self.wanted: dict[int, dict[int, int]] = {}  # pid -> what its stopped allocations ask, per GPU
+
+    def room_on(self) -> bool:
+        """Whether allocations of processes without the interposer are held to the room their GPU has."""
+        return self.room is not None and self.pauser.checkpointer.usable()
+
+    def begin(self) -> None:
+        self.wanted = self.room.wanted() if self.room is not None else {}
+
+    def client(self, row: ProcessGpu, priority: Priority, exclusive: bool, host: HostMemory | None,
+               settings: SchedulerSettings, host_bound: dict[int, int]) -> Client:
+        """The process as the scheduler sees it (host_bound: gets what it could move but for the host)."""
+        ledger = self.pauser.ledger
+        moved, moved_bytes, _ = ledger.moved(row.pid)
+        if moved == CHECKPOINTED:
+            need = moved_bytes
+        else:
+            need = row.nvml_bytes if row.nvml_bytes is not None else row.device_bytes + settings.context_bytes
+        # stopped at an allocation (SIGSTOP): it cannot be locked now, and it needs what it asks for
+        movable = need if self.pauser.checkpointer.movable(row.pid) and row.pid not in self.wanted else 0
+        if movable and moved != CHECKPOINTED and host is not None and self.host is not None and \
+                self.host.room_for(row.pid, need, host) is not None:
+            host_bound[row.pid], movable = need, 0
+        need += self.wanted.get(row.pid, {}).get(row.gpu if row.gpu is not None else -1, 0)
+        return Client(row.pid, need, movable, row.launches, priority, interposed=False, exclusive=exclusive)
+
+    def room_stops(self, view: Callable[[], tuple[Snapshot, Mapping[int, Enforcement]]], snap: Snapshot,
+                   pages: Mapping[int, Enforcement], now: float, unplaceable: set[int], hopeless: set[int],
+                   settings: SchedulerSettings, interposed: set[int]) -> None:
+        """Continue the allocations that fit now (or waited long enough), then tell the probes what each GPU can
+        still give and whom to leave alone (interposed processes wait at their own gate; the driver's are held)."""
+        if self.room is None:
+            return
+        if self.wanted:
+            snap = view()[0]  # after this tick's moves
+        free = free_bytes(snap, settings.reserve_bytes, settings.context_bytes)
+        self.room.reconcile(now, free, settings.room_wait_s, unplaceable, hopeless)
+        ledger = self.pauser.ledger
+        moved = {pid for pid in ledger.stopped() if ledger.moved(pid)[0]}
+        self.room.publish(free if self.room_on() else None, set(pages) | interposed | moved)
