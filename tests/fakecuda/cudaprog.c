@@ -642,6 +642,18 @@ static int c_ipc(char **a, u64 *n, char *v)
 
 static int c_sync(char **a, u64 *n, char *v) { return cuCtxSynchronize(); }
 
+static void sleep_ms(void *arg)
+{
+	const u64 *ms = arg;
+	struct timespec left = {*ms / 1000, *ms % 1000 * 1000000};
+	while (nanosleep(&left, &left))
+		;
+}
+
+// busy MS: a call that keeps the driver busy MS milliseconds, as a long kernel would (a host function that
+// sleeps, which the test double runs inside cuLaunchHostFunc).
+static int c_busy(char **a, u64 *n, char *v) { return cuLaunchHostFunc(NULL, sleep_ms, &n[1]); }
+
 // ---- the three ways to find a driver function, and the interposer's in-process API ----
 
 // HOW: dlsym on the driver's handle, dlvsym@VERSION (dlvsym: version ""; glibc 2.36 crashes on that for a
@@ -1005,6 +1017,7 @@ static const struct command {
 	{"gwshm", "", c_gwshm, false},         {"submit", "wwn", c_submit, true},
 	{"spin", "www", c_spin, true},         {"spinstat", "w", c_spinstat, false},
 	{"spinstop", "w", c_spinstop, false},  {"counts", "", c_counts, true},
+	{"busy", "n", c_busy, true},
 };
 
 static void exec(char *line, char *reply);

@@ -69,6 +69,7 @@ SIGNATURES = {
     "cuLaunchCooperativeKernel": LAUNCH[:-1],
     "cuGraphLaunch": [VP, VP],
     "cuGetProcAddress_v2": [C.c_char_p, P(VP), INT, U64, P(INT)],
+    "cuLaunchHostFunc": [VP, VP, VP],
 }
 
 MEM, HOST, HANDLE, RES, CTX = "mem", "host", "handle", "res", "ctx"
@@ -254,6 +255,17 @@ def c_proc(name):
     return 1
 
 
+@C.CFUNCTYPE(None, VP)
+def sleep_ms(arg):
+    time.sleep(C.cast(arg, P(U64))[0] / 1000)
+
+
+def c_busy(ms):
+    """A call that keeps the driver busy MS milliseconds (a host function that sleeps)."""
+    arg = U64(number(ms))
+    call("cuLaunchHostFunc", None, sleep_ms, C.byref(arg))
+
+
 def c_exit(code):
     status = number(code)
     print("ok", flush=True)
@@ -300,6 +312,7 @@ COMMANDS = {
     "pid": (os.getpid, 0, False),
     "sleep": (lambda ms: time.sleep(number(ms) / 1000), 1, False),
     "exit": (c_exit, 1, False),
+    "busy": (c_busy, 1, True),
 }
 
 

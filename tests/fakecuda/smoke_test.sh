@@ -30,7 +30,9 @@ for f in cuInit cuDriverGetVersion cuDeviceGetCount cuDeviceGet cuDeviceGetName 
 	cuMemcpyAsync cuMemcpyAsync_ptsz cuMemsetD8_v2 cuMemsetD32_v2 cuStreamCreate \
 	cuStreamDestroy_v2 cuStreamSynchronize cuLaunchKernel cuLaunchKernel_ptsz cuLaunchKernelEx \
 	cuLaunchKernelEx_ptsz cuLaunchCooperativeKernel cuLaunchCooperativeKernel_ptsz cuGraphLaunch \
-	cuGraphLaunch_ptsz cuModuleGetFunction cuGetProcAddress cuGetProcAddress_v2; do
+	cuGraphLaunch_ptsz cuModuleGetFunction cuGetProcAddress cuGetProcAddress_v2 cuLaunchHostFunc \
+	cuCheckpointProcessGetState cuCheckpointProcessLock cuCheckpointProcessCheckpoint \
+	cuCheckpointProcessRestore cuCheckpointProcessUnlock cuCheckpointProcessGetRestoreThreadId; do
 	grep -q " $f\$" <<<"$exports" || fail "$f is not exported"
 done
 dups=$(awk '{print $1}' <<<"$exports" | sort | uniq -d)
@@ -131,6 +133,7 @@ session() {
 	q "launchex 3" ok
 	q "coop 1" ok
 	q "graph 4" ok
+	q "busy 5" ok
 	q "proc cuMemAlloc" "ok 1"
 	q "proc cuLaunchKernel" "ok 1"
 	q "proc cuMemcpyHtoDAsync" "ok 1"

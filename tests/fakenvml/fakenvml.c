@@ -5,13 +5,20 @@
 // '#' starts a comment. A GPU's used memory is its processes' bytes plus 1 GiB held by others.
 // No file (or no $FAKENVML_STATE) means no GPUs; a malformed line fails the call with
 // NVML_ERROR_UNKNOWN and a message on stderr. The ABI is the one pynvml's ctypes wrappers use.
+// With FAKENVML_CUDA_STATE=FILE (the FAKECUDA_SHARED_STATE of the test-double driver, tests/fakecuda) the
+// processes that driver's process table lists count too, as if each had a proc line per GPU it holds memory
+// on; a checkpointed process is listed with 0 bytes, as NVML lists it (the GPU index is the driver's ordinal).
 #define _POSIX_C_SOURCE 200809L
 #include <ctype.h>
+#include <fcntl.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 typedef enum {
 	NVML_SUCCESS = 0,
@@ -49,6 +56,30 @@ struct state {
 	unsigned int ngpus, nprocs; // nprocs: processes on the GPU that load() was asked about
 };
 
+// The test-double driver's process table (tests/fakecuda/fakecuda.c, "the shared state file"): a copy of its
+// layout, checked against the version and sizes in the table's header.
+#define CUDA_TABLE_OFFSET 4096
+#define CUDA_TABLE_MAGIC 0x4b435046u
+#define CUDA_TABLE_VERSION 1
+#define CUDA_MAX_DEVICES 64
+struct cuda_slot {
+	_Atomic int32_t pid, agent_tid;
+	_Atomic uint64_t start;
+	_Atomic uint32_t state;
+	_Atomic int32_t owner;
+	_Atomic uint32_t req_seq, ans_seq, pending;
+	uint32_t op, arg;
+	int32_t result;
+	int8_t remap[CUDA_MAX_DEVICES];
+	_Atomic uint64_t bytes[CUDA_MAX_DEVICES], saved[CUDA_MAX_DEVICES];
+};
+_Static_assert(sizeof(struct cuda_slot) == 1136, "struct slot of fakecuda.c changed: change both");
+struct cuda_table {
+	_Atomic uint32_t magic, version, nslots, slot_size;
+	uint8_t reserved[48];
+	struct cuda_slot slots[];
+};
+
 static atomic_int initialized;   // nvmlInit count less nvmlShutdown count
 static char devices[MAX_GPUS];   // the handle of GPU i is &devices[i]; never dereferenced
 
@@ -59,6 +90,67 @@ static int valid_uuid(const char *u)
 		if (form[i] == 'x' ? !isxdigit((unsigned char)u[i]) : u[i] != form[i])
 			return 0;
 	return 1;
+}
+
+// Start time of thread tid of process pid (field 22 of /proc/PID/task/TID/stat); 0: no such thread, or a zombie.
+static uint64_t thread_start(int pid, int tid)
+{
+	char path[64], buf[1024], *p;
+	snprintf(path, sizeof path, "/proc/%d/task/%d/stat", pid, tid);
+	int fd = open(path, O_RDONLY);
+	if (fd < 0)
+		return 0;
+	ssize_t n = read(fd, buf, sizeof buf - 1);
+	close(fd);
+	if (n <= 0)
+		return 0;
+	buf[n] = 0;
+	if (!(p = strrchr(buf, ')')) || p[1] != ' ' || p[2] == 'Z' || p[2] == 'X')
+		return 0;
+	p += 2;
+	for (int field = 3; field < 22; field++)
+		if (!(p = strchr(p, ' ')))
+			return 0;
+		else
+			p++;
+	return strtoull(p, NULL, 10);
+}
+
+// Adds the live processes of the test-double driver's table (FAKENVML_CUDA_STATE) as load() adds proc lines.
+static void load_cuda(struct state *s, uintptr_t want, nvmlProcessInfo_t *infos, unsigned int cap)
+{
+	const char *path = getenv("FAKENVML_CUDA_STATE");
+	struct stat st;
+	int fd = path && *path ? open(path, O_RDONLY) : -1;
+	void *map = MAP_FAILED;
+	if (fd >= 0 && !fstat(fd, &st) && st.st_size > CUDA_TABLE_OFFSET + (off_t)sizeof(struct cuda_table))
+		map = mmap(NULL, st.st_size, PROT_READ, MAP_SHARED, fd, 0);
+	if (fd >= 0)
+		close(fd);
+	if (map == MAP_FAILED)
+		return;
+	const struct cuda_table *t = (const struct cuda_table *)((char *)map + CUDA_TABLE_OFFSET);
+	uint32_t n = atomic_load(&t->nslots);
+	if (atomic_load(&t->magic) == CUDA_TABLE_MAGIC && atomic_load(&t->version) == CUDA_TABLE_VERSION &&
+	    atomic_load(&t->slot_size) == sizeof(struct cuda_slot) &&
+	    n <= (st.st_size - CUDA_TABLE_OFFSET - sizeof *t) / sizeof(struct cuda_slot))
+		for (uint32_t i = 0; i < n; i++) {
+			const struct cuda_slot *c = &t->slots[i];
+			int32_t pid = atomic_load(&c->pid);
+			uint64_t start = atomic_load(&c->start);
+			if (pid <= 0 || !start || thread_start(pid, atomic_load(&c->agent_tid)) != start)
+				continue; // free, being set up, or its process ended
+			for (unsigned int d = 0; d < CUDA_MAX_DEVICES && d < MAX_GPUS; d++) {
+				unsigned long long bytes = atomic_load(&c->bytes[d]);
+				if (!bytes && !atomic_load(&c->saved[d]))
+					continue;
+				s->gpu[d].used += bytes;
+				if (d == want && s->nprocs++ < cap)
+					infos[s->nprocs - 1] = (nvmlProcessInfo_t){(unsigned int)pid, bytes, NOT_AVAILABLE,
+										   NOT_AVAILABLE};
+			}
+		}
+	munmap(map, st.st_size);
 }
 
 // Reads the state file into *s; the processes on GPU want also go to infos, up to cap of them.
@@ -105,6 +197,8 @@ static nvmlReturn_t load(struct state *s, uintptr_t want, nvmlProcessInfo_t *inf
 	}
 	free(line);
 	fclose(f);
+	if (ret == NVML_SUCCESS)
+		load_cuda(s, want, infos, cap);
 	for (int i = 0; i < MAX_GPUS; i++)
 		s->gpu[i].used += OTHER_BYTES;
 	return ret;
