@@ -10,6 +10,8 @@ Scenarios (default: all, in this order):
   priority       a high-priority inference loop beside a low-priority training: p99 against the loop alone
                  (goal <= 1.5x), and the training's progress
   alone_gpuwatch the oversubscription training alone under `gpuwatch exec` (what the daemon costs a job)
+  oversubscribe_plain  the same two trainings, neither under `gpuwatch exec` (the checkpoint API makes room);
+                 GW_ALONE_JSON=FILE takes the baseline from an earlier run's validate_enforcer.json
   quota          a PyTorch process not under the interposer crosses its quota: stopped before the crossing
                  call, holding exactly what it held; continues correctly when its group's other process frees
 Writes $OUT/validate_enforcer.json and prints a table.
@@ -197,14 +199,27 @@ def oversubscribe() -> None:
     results["oversubscribe"] = {"plain": plain, **runs[0], "runs": runs[1:]}
 
 
-def gpuwatch_pair(alone: dict[str, Any], attempt: int) -> dict[str, Any]:
-    """Both trainings at once, each under `gpuwatch exec`. The makespan counts from their launch to the last
-    one's end. `ratio_from_launch`: against the two run one after the other, from the first one's launch to
-    the second one's end. `ratio` (as first reported, stricter): against twice the time a run spends in its
-    training function, which leaves out the interpreter's start-up that the makespan includes."""
-    log(f"two trainings of ~90 GiB under gpuwatch exec (attempt {attempt + 1}) ...")
+def oversubscribe_plain() -> None:
+    """The same two trainings, neither under `gpuwatch exec`: the daemon stops the second at the allocation that
+    does not fit and makes room with the driver's checkpoint API. The baseline: $GW_ALONE_JSON (a previous
+    run's validate_enforcer.json, same machine and job), else a new one."""
+    given = os.environ.get("GW_ALONE_JSON")
+    alone = json.loads(Path(given).read_text())["alone"] if given else alone_run()
+    results["alone_source"] = given or "this run"
+    results["oversubscribe_plain"] = gpuwatch_pair(alone, 0, under=None)
+
+
+def gpuwatch_pair(alone: dict[str, Any], attempt: int, under: list[str] | None | bool = True) -> dict[str, Any]:
+    """Both trainings at once, each under `gpuwatch exec` (under None: plainly, beside the daemon). The makespan
+    counts from their launch to the last one's end. `ratio_from_launch`: against the two run one after the
+    other, from the first one's launch to the second one's end. `ratio` (as first reported, stricter): against
+    twice the time a run spends in its training function, which leaves out the interpreter's start-up that the
+    makespan includes."""
+    how = "under gpuwatch exec" if under else "plainly beside the daemon"
+    log(f"two trainings of ~90 GiB {how} (attempt {attempt + 1}) ...")
     t0 = time.time()
-    jobs = [Job(f"gw-{n}", ["train", str(BIG_BUFFER_GIB), str(TRAIN_STEPS)], exec_under()) for n in "ab"]
+    prefix = exec_under() if under is True else None
+    jobs = [Job(f"gw-{n}", ["train", str(BIG_BUFFER_GIB), str(TRAIN_STEPS)], prefix) for n in "ab"]
     peak_swapped = 0
     timeline: list = []
     while any(j.proc.poll() is None for j in jobs) and time.time() - t0 < 560:
@@ -371,7 +386,7 @@ def main() -> int:
 
 
 SCENARIOS = {"oversubscribe": oversubscribe, "fits": fits, "priority": priority, "quota": quota,
-             "exec_oom": exec_oom, "alone_gpuwatch": alone_gpuwatch}
+             "exec_oom": exec_oom, "alone_gpuwatch": alone_gpuwatch, "oversubscribe_plain": oversubscribe_plain}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -103,10 +103,12 @@ def job(gib: str, chunk_gib: str = "1", max_s: str = "400") -> None:
 class Job:
     """A job in its own session; RESULT lines collected as they come, stderr into one shared file."""
 
-    def __init__(self, name: str, args: list[str], under: list[str] | None, cgroup: Path | None = None) -> None:
+    def __init__(self, name: str, args: list[str], under: list[str] | None, cgroup: Path | None = None,
+                 script: str = __file__) -> None:
+        """script: the file whose `job` subcommand this runs (another validation script's own jobs)."""
         self.name, self.events, self.killed = name, [], False
         pre = (lambda: (cgroup / "cgroup.procs").write_text(str(os.getpid()))) if cgroup else None
-        self.proc = subprocess.Popen([*(under or []), sys.executable, __file__, "job", *args], text=True,
+        self.proc = subprocess.Popen([*(under or []), sys.executable, script, "job", *args], text=True,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      start_new_session=True, preexec_fn=pre)
         self.pid = self.proc.pid

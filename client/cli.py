@@ -94,6 +94,9 @@ def cmd_pause(args: argparse.Namespace) -> int:
         result = client.call("pause", pid=args.pid, swap=args.swap is not None, bytes=args.swap or 0)
     if result["state"] == "stopped":
         print(f"gpuwatch: pid {args.pid} stopped (SIGSTOP: it does not run under the interposer)")
+    elif not result.get("interposed") and args.swap is None:
+        print(f"gpuwatch: pid {args.pid} {result['state']} (the driver's lock: its CUDA calls wait, its other "
+              "threads run)")
     elif args.swap is not None:
         moved = "?" if result.get("bytes") is None else human_bytes(result["bytes"])
         print(f"gpuwatch: pid {args.pid} {result['state']}: {moved} moved to host memory")
@@ -104,10 +107,20 @@ def cmd_pause(args: argparse.Namespace) -> int:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    with Client(args.socket or socket_path(), timeout=PAUSE_TIMEOUT) as client:
-        result = client.call("resume", pid=args.pid)
-    how = "" if result.get("interposed") else " (SIGCONT)"
-    print(f"gpuwatch: pid {args.pid} {result['state']}{how}")
+    socket = args.socket or socket_path()
+    try:
+        with Client(socket, timeout=PAUSE_TIMEOUT) as client:
+            result = client.call("resume", pid=args.pid)
+    except DaemonUnavailable:
+        from .recover import RecoverError, resume_without_daemon
+        try:
+            print(f"gpuwatch: pid {args.pid} {resume_without_daemon(args.pid, socket, force=args.force)}")
+        except RecoverError as exc:
+            raise UsageError(str(exc)) from None
+        return 0
+    how = "" if result.get("interposed") or result["state"] != "running" else " (SIGCONT)"
+    waiting = f": {result['waiting']}" if result.get("waiting") else ""
+    print(f"gpuwatch: pid {args.pid} {result['state']}{how}{waiting}")
     return 0
 
 
@@ -326,6 +339,9 @@ def parser() -> argparse.ArgumentParser:
 
     resume = sub.add_parser("resume", help="resume a paused process (as root)")
     resume.add_argument("pid", type=positive_pid, metavar="PID")
+    resume.add_argument("--force", action="store_true",
+                        help="with no daemon running: restore a checkpointed process even where NVML cannot show "
+                             "room for it")
     resume.set_defaults(func=cmd_resume)
 
     priority = sub.add_parser("priority", help="read or set a process's scheduling priority",

@@ -37,7 +37,6 @@ log = logging.getLogger(__name__)
 # A process whose interposer disconnected is almost always exiting, its driver freeing its memory: for this
 # long it is not scheduled (never stopped, nobody swapped out for it), its memory only counts as taken.
 LEAVING_S = 30.0
-SLACK_DIVISOR = 50  # a switch moves 1/50 of the device beyond the excess (Scheduler.slack)
 
 
 class Enforcer:
@@ -129,8 +128,7 @@ class Enforcer:
             switch = self.switch_cost.switch_seconds(fast) + \
                 self.pauser.checkpointer.cost.switch_seconds(excess - max(fast, 0))
             scheduler.capacity, scheduler.idle, scheduler.switch_cost = usable, self.settings.idle_s, switch
-            scheduler.quantum = self.settings.quantum_s or default_quantum(switch)
-            scheduler.slack = capacity // SLACK_DIVISOR
+            scheduler.quantum, scheduler.slack = self.settings.quantum_s or default_quantum(switch), capacity // 50
             for pid, d in scheduler.decide(clients, now).items():
                 decisions.setdefault(pid, []).append(d)
             for c in clients:
@@ -315,7 +313,8 @@ class Enforcer:
             elif row.state != STOPPED or self.pauser.held(row.pid, SCHEDULER) or self.pauser.held(row.pid, ROOM):
                 clients.append(self.plain.client(row, priority, self.exclusive(row.pid), host, self.settings,
                                                  self._host_bound))
-        return clients
+        return clients + self.plain.newcomers(gpu, {c.pid for c in clients}, self.settings,
+                                              lambda pid: self._priority(pid, None), self.exclusive)
 
     def _apply(self, decisions: dict[int, Decision], pages: Mapping[int, Enforcement]) -> None:
         """Make room (pause, swap out, stop), then resume: memory must be free before it is taken. Swap-ins

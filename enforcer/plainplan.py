@@ -45,6 +45,13 @@ class PlainPlanner:
         need += self.wanted.get(row.pid, {}).get(row.gpu if row.gpu is not None else -1, 0)
         return Client(row.pid, need, movable, row.launches, priority, interposed=False, exclusive=exclusive)
 
+    def newcomers(self, gpu: int, seen: set[int], settings: SchedulerSettings, priority: Callable[[int], Priority],
+                  exclusive: Callable[[int], bool]) -> list[Client]:
+        """Processes stopped at their first allocation on the GPU: no row there yet, only what they ask for."""
+        return [Client(pid, wanted[gpu] + settings.context_bytes, 0, 0, priority(pid), interposed=False,
+                       exclusive=exclusive(pid))
+                for pid, wanted in self.wanted.items() if gpu in wanted and pid not in seen]
+
     def room_stops(self, view: Callable[[], tuple[Snapshot, Mapping[int, Enforcement]]], snap: Snapshot,
                    pages: Mapping[int, Enforcement], now: float, unplaceable: set[int], hopeless: set[int],
                    settings: SchedulerSettings, interposed: set[int]) -> None:

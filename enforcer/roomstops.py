@@ -76,9 +76,9 @@ class RoomStops:
 
     def reconcile(self, now: float, free: Mapping[int, int], room_wait_s: float, unplaceable: set[int],
                   hopeless: set[int]) -> None:
-        """Take up new stops; continue each process whose allocations fit (`free`: per GPU, now), or that waited
-        room_wait_s, or that cannot fit even alone (`hopeless`), or that cannot be placed beside what cannot
-        move (`unplaceable`) and was refused a moment ago."""
+        """Take up new stops; continue each process whose allocations fit (`free`: per GPU, now), or that cannot
+        fit even alone (`hopeless`), or that cannot be placed beside what cannot move (`unplaceable`) and waited
+        room_wait_s or was refused a moment ago. A process that waits for its turn waits for it."""
         by_pid: dict[int, list[QuotaStop]] = {}
         for s in self.maps.stops():
             by_pid.setdefault(s.pid, []).append(s)
@@ -105,7 +105,7 @@ class RoomStops:
                 for gpu, n in wanted.items():
                     left[gpu] = left.get(gpu, 0) - n
                 self._continue(pid, w, "its allocation fits")
-            elif now - w.since >= room_wait_s:
+            elif pid in unplaceable and now - w.since >= room_wait_s:
                 self._refused[pid] = now
                 self._continue(pid, w, f"no room after {room_wait_s:.0f} s: its allocation fails as the driver says")
             elif pid in hopeless:

@@ -2,7 +2,8 @@
 // on them come from the text file named by $FAKENVML_STATE, re-read on every call:
 //   gpu INDEX UUID TOTAL_BYTES UTIL_PERCENT NAME...
 //   proc PID GPU_INDEX USED_BYTES
-// '#' starts a comment. A GPU's used memory is its processes' bytes plus 1 GiB held by others.
+// '#' starts a comment. A GPU's used memory is its processes' bytes plus 1 GiB held by others
+// ($FAKENVML_OTHER_BYTES bytes where set).
 // No file (or no $FAKENVML_STATE) means no GPUs; a malformed line fails the call with
 // NVML_ERROR_UNKNOWN and a message on stderr. The ABI is the one pynvml's ctypes wrappers use.
 // With FAKENVML_CUDA_STATE=FILE (the FAKECUDA_SHARED_STATE of the test-double driver, tests/fakecuda) the
@@ -199,8 +200,10 @@ static nvmlReturn_t load(struct state *s, uintptr_t want, nvmlProcessInfo_t *inf
 	fclose(f);
 	if (ret == NVML_SUCCESS)
 		load_cuda(s, want, infos, cap);
+	const char *other = getenv("FAKENVML_OTHER_BYTES"); // default OTHER_BYTES
+	unsigned long long others = other && *other ? strtoull(other, NULL, 10) : OTHER_BYTES;
 	for (int i = 0; i < MAX_GPUS; i++)
-		s->gpu[i].used += OTHER_BYTES;
+		s->gpu[i].used += others;
 	return ret;
 }
 
