@@ -120,7 +120,8 @@ def test_a_good_file_gives_every_setting_of_every_rule():
      "rule 1: match.pod: must be a pod uid like 0b6a7f2e-91c4-4d38-a1e2-5f6b7c8d9e0f, not 'frontend'"),
     ('rule = 5', "rule: must be an array of tables ([[rule]]), not int"),
     ('[rule]\nmatch = {}', "rule: must be an array of tables ([[rule]]), not dict"),
-    ('[[rules]]\nmatch = {}', "[rules]: unknown section (known: daemon, metrics, interposer, scheduler, kubernetes, [[rule]])"),
+    ('[[rules]]\nmatch = {}',
+     "[rules]: unknown section (known: daemon, metrics, interposer, scheduler, kubernetes, [[rule]])"),
 ])
 def test_a_bad_rule_is_one_line_naming_the_rule_and_the_key(text, error):
     with pytest.raises(configuration.ConfigError) as caught:
