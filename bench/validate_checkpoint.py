@@ -17,7 +17,7 @@ oversubscribe_plain`, the checkpoint rate is `bench/checkpoint_bench.py`):
             data back once the training ends; how long it waited.
   mixed     a plain job holding 100 GiB and computing, then a `gpuwatch exec` job of 60 GiB: both complete with
             their checksums (the plain one checkpointed while the other runs).
-The daemon runs with [scheduler] quantum_ms = 20000 and room_wait_ms = 120000. Writes
+The daemon runs with [scheduler] quantum_ms = 10000 (notebook: derived) and room_wait_ms = 120000. Writes
 $OUT/validate_checkpoint.json and $OUT/checkpoint-daemon.log; exits 1 if a check failed.
 """
 from __future__ import annotations
@@ -114,8 +114,9 @@ def _managed(nbytes: int) -> None:
 
 def _child(q: Any, back: Any) -> None:
     t = q.get()  # a CUDA tensor through legacy IPC
-    back.put(int(t.sum()))
-    time.sleep(3600)
+    while True:
+        back.put((os.getpid(), int(t.sum())))
+        q.get()  # the next request
 
 
 def _ipc() -> None:
@@ -127,17 +128,20 @@ def _ipc() -> None:
     child = ctx.Process(target=_child, args=(q, back), daemon=True)
     child.start()
     q.put(t)
-    vs.emit(event="allocated", child=child.pid, child_sum=back.get(timeout=120))
-    while sys.stdin.readline().strip() not in ("stop", ""):
-        pass
+    vs.emit(event="allocated", child=child.pid, child_sum=back.get(timeout=120)[1])
+    while (line := sys.stdin.readline().strip()) not in ("stop", ""):
+        if line == "sum":  # the child reads the shared memory again
+            q.put("sum")
+            vs.emit(event="child_sum", sum=back.get(timeout=300)[1], own=int(t.sum()))
     child.kill()
     vs.emit(event="done", intact=int(t.sum()) == GiB // 4)
 
 
 # ------------------------------------------------------------------------------------------------ the daemon
 
-def start_daemon(fresh_log: bool = True) -> subprocess.Popen:
-    CONFIG.write_text("[scheduler]\nquantum_ms = 20000\nroom_wait_ms = 120000\n\n[metrics]\nenabled = false\n")
+def start_daemon(fresh_log: bool = True, quantum_ms: int = 10000) -> subprocess.Popen:
+    """quantum_ms 0: the scheduler derives it from the cost of the moves it plans."""
+    CONFIG.write_text(f"[scheduler]\nquantum_ms = {quantum_ms}\nroom_wait_ms = 120000\n\n[metrics]\nenabled = false\n")
     daemon = subprocess.Popen([*GW, "run", "--config", str(CONFIG)], stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
@@ -157,6 +161,13 @@ def start_daemon(fresh_log: bool = True) -> subprocess.Popen:
                 raise SystemExit("the daemon exited: see checkpoint-daemon.log") from None
             time.sleep(0.1)
     raise SystemExit("the daemon did not answer in 120 s")
+
+
+def restart_daemon(quantum_ms: int) -> None:
+    daemon = DAEMON.pop("proc")
+    daemon.send_signal(signal.SIGTERM)
+    daemon.wait(120)
+    start_daemon(fresh_log=False, quantum_ms=quantum_ms)
 
 
 def kill_daemon() -> None:
@@ -224,24 +235,37 @@ def pause() -> dict[str, Any]:
 
 
 def refused() -> dict[str, Any]:
-    jobs = [Job("managed", ["managed", "1"], None, script=__file__), Job("ipc", ["ipc"], None, script=__file__)]
-    ready = [j.wait_for("allocated", timeout=120) for j in jobs]
-    answers = [gw("pause", str(j.pid), "--swap") for j in jobs]
+    """Managed memory: refused. A legacy IPC pair (exporter, importer): whatever the driver does with each is
+    recorded; what it moves must come back with the data the other side sees intact."""
+    managed, ipc = Job("managed", ["managed", "1"], None, script=__file__), Job("ipc", ["ipc"], None, script=__file__)
+    ready = [j.wait_for("allocated", timeout=120) for j in (managed, ipc)]
+    importer = (ready[1] or {}).get("child", 0)
+    answers = {name: gw("pause", str(pid), "--swap") for name, pid in
+               (("managed", managed.pid), ("exporter", ipc.pid), ("importer", importer))}
     time.sleep(1)
-    rows = [row(j.pid) for j in jobs]
-    alive = [j.proc.poll() is None for j in jobs]
-    again = [gw("pause", str(j.pid), "--swap") for j in jobs]
-    ends = vs.end_all(jobs, 30)
-    out = {"ready": ready, "answers": answers, "unmovable": [r.get("unmovable") for r in rows],
-           "states": [r.get("state") for r in rows], "again": again, "ends": ends}
-    out["checks"] = {"refused": all(a["rc"] != 0 for a in answers),
-                     "marked_unmovable_with_reason": all(rows_u for rows_u in out["unmovable"]),
-                     "kept_running": all(alive) and all(s == "running" for s in out["states"]),
-                     "not_retried": all(a["rc"] != 0 for a in again)}
+    rows = {name: row(pid) for name, pid in (("managed", managed.pid), ("exporter", ipc.pid), ("importer", importer))}
+    again = gw("pause", str(managed.pid), "--swap")
+    resumed = {name: gw("resume", str(pid)) for name, pid in (("importer", importer), ("exporter", ipc.pid))
+               if rows[name].get("state") in ("checkpointed", "paused")}
+    ipc.proc.stdin.write("sum\n")
+    ipc.proc.stdin.flush()
+    child_sum = ipc.wait_for("child_sum", timeout=60)
+    alive = managed.proc.poll() is None and ipc.proc.poll() is None
+    ends = vs.end_all([managed, ipc], 30)
+    out = {"ready": ready, "answers": answers, "rows": {k: {x: r.get(x) for x in ("state", "unmovable")}
+                                                        for k, r in rows.items()},
+           "again": again, "resumed": resumed, "child_sum_after": child_sum, "ends": ends}
+    out["checks"] = {"managed_refused_and_unmovable": answers["managed"]["rc"] != 0
+                     and bool(rows["managed"].get("unmovable")) and rows["managed"].get("state") == "running",
+                     "managed_not_retried": again["rc"] != 0 and "cannot be checkpointed" in again["out"],
+                     "ipc_data_intact_on_both_sides": bool(child_sum) and child_sum["sum"] == GiB // 4
+                     and child_sum["own"] == GiB // 4,
+                     "all_kept_running": alive and all(e.get("intact") for e in ends)}
     return out
 
 
 def notebook() -> dict[str, Any]:
+    restart_daemon(quantum_ms=0)  # derived: a checkpoint of 80 GiB is no reason for a short slice
     idle = Job("notebook-80g", ["hold", "80", "idle"], None, script=__file__)
     assert idle.wait_for("allocated", timeout=180), "the notebook did not allocate"
     t0 = time.time()
@@ -287,10 +311,11 @@ def _train_job(buffer_gib: str, steps: str) -> Any:
 
 
 def mixed() -> dict[str, Any]:
+    restart_daemon(quantum_ms=10000)
     plain = Job("plain-100g", ["hold", "100", "busy", "300"], None, script=__file__)
     assert plain.wait_for("allocated", timeout=180), "the plain job did not allocate"
     t0 = time.time()
-    other = Job("exec-60g", ["hold", "60", "busy", "40"], [*GW, "exec", "--"], script=__file__)
+    other = Job("exec-60g", ["hold", "60", "busy", "10"], [*GW, "exec", "--"], script=__file__)
     states = []
     while other.proc.poll() is None and time.time() - t0 < 420:
         states.append((round(time.time() - t0, 1), row(plain.pid).get("state"), row(other.pid).get("state")))

@@ -118,7 +118,8 @@ def cmd_resume(args: argparse.Namespace) -> int:
         except RecoverError as exc:
             raise UsageError(str(exc)) from None
         return 0
-    how = "" if result.get("interposed") or result["state"] != "running" else " (SIGCONT)"
+    how = "" if result.get("interposed") or result["state"] != "running" else \
+        " (the driver unlocked it)" if result.get("moved") else " (SIGCONT)"
     waiting = f": {result['waiting']}" if result.get("waiting") else ""
     print(f"gpuwatch: pid {args.pid} {result['state']}{how}{waiting}")
     return 0

@@ -123,7 +123,7 @@ class Pauser:
             for holder in holders:
                 self.ledger.release(pid, holder)
             log.info("pid %d continued (restored and unlocked)", pid)
-            return {"pid": pid, "interposed": False, "state": RUNNING}
+            return {"pid": pid, "interposed": False, "state": RUNNING, "moved": True}
         stat = proc_stat(pid)
         if stat is not None:
             self.ledger.hold(pid, stat.start_time, SCHEDULER, signalled=False)
