@@ -63,6 +63,24 @@ def holder(gib: int) -> tuple[subprocess.Popen, list[dict[str, Any]]]:
     return proc, events
 
 
+def diagnostics(pid: int) -> dict[str, Any]:
+    """What a checkpoint uses of the host: the target's memory mappings and RSS, shared memory, the limits."""
+    def read(path: str) -> str:
+        try:
+            return Path(path).read_text()
+        except OSError:
+            return ""
+    status = {k: v.strip() for k, v in (line.split(":", 1) for line in read(f"/proc/{pid}/status").splitlines()
+                                        if ":" in line)}
+    meminfo = {k: int(v.split()[0]) << 10
+               for k, v in (line.split(":", 1) for line in read("/proc/meminfo").splitlines())}
+    shm = subprocess.run(["df", "-B1", "--output=size,used", "/dev/shm"], capture_output=True, text=True).stdout.split()
+    return {"maps": len(read(f"/proc/{pid}/maps").splitlines()), "vm_rss": status.get("VmRSS"),
+            "vm_pin": status.get("VmPin"), "vm_lck": status.get("VmLck"),
+            "mem_available": meminfo.get("MemAvailable"), "shmem": meminfo.get("Shmem"),
+            "dev_shm": shm[-2:], "max_map_count": read("/proc/sys/vm/max_map_count").strip()}
+
+
 def nvml_bytes(pid: int) -> int:
     out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
                          capture_output=True, text=True).stdout
@@ -83,18 +101,27 @@ def main() -> int:
         raw = raw_copy(torch)
         proc, events = holder(gib)
         held = nvml_bytes(proc.pid)
-        reps = 1 if gib >= 80 else int(os.environ.get("REPS", "2"))
+        reps = 1 if gib >= 40 else int(os.environ.get("REPS", "2"))
         times: dict[str, list[float]] = {"lock": [], "checkpoint": [], "restore": [], "unlock": []}
         nvml_checkpointed = []
-        for _ in range(reps):
-            for step in ("lock", "checkpoint", "restore", "unlock"):
-                if step == "restore":
-                    nvml_checkpointed.append(nvml_bytes(proc.pid))
-                t = time.perf_counter()
-                getattr(driver, step)(proc.pid, *((10000,) if step == "lock" else ()))
-                times[step].append(time.perf_counter() - t)
-            cost.observe(held, times["checkpoint"][-1])
-            cost.observe(held, times["restore"][-1])
+        diag: dict[str, Any] = {"before": diagnostics(proc.pid)}
+        try:
+            for _ in range(reps):
+                for step in ("lock", "checkpoint", "restore", "unlock"):
+                    if step == "restore":
+                        nvml_checkpointed.append(nvml_bytes(proc.pid))
+                        diag["checkpointed"] = diagnostics(proc.pid)
+                    t = time.perf_counter()
+                    getattr(driver, step)(proc.pid, *((10000,) if step == "lock" else ()))
+                    times[step].append(time.perf_counter() - t)
+                cost.observe(held, times["checkpoint"][-1])
+                cost.observe(held, times["restore"][-1])
+        except Exception as exc:  # a failed checkpoint: what the host looked like then
+            diag["failed"] = {"error": str(exc), "at": diagnostics(proc.pid), "after_s": time.perf_counter() - t}
+            proc.kill()
+            results["sizes"][gib] = {"raw_copy_gb_s": raw, "held_bytes_nvml": held, "diagnostics": diag}
+            print(json.dumps({gib: results["sizes"][gib]}), flush=True)
+            continue
         assert proc.stdin
         proc.stdin.write("stop\n")
         proc.stdin.flush()
@@ -105,7 +132,8 @@ def main() -> int:
         results["sizes"][gib] = {
             "raw_copy_gb_s": raw, "held_bytes_nvml": held, "nvml_while_checkpointed": nvml_checkpointed,
             "seconds": med, "all_seconds": times, "checkpoint_gb_s": round(held / med["checkpoint"] / 1e9, 2),
-            "restore_gb_s": round(held / med["restore"] / 1e9, 2), "intact": done.get("intact"), "reps": reps}
+            "restore_gb_s": round(held / med["restore"] / 1e9, 2), "intact": done.get("intact"), "reps": reps,
+            "diagnostics": diag}
         print(json.dumps({gib: results["sizes"][gib]}), flush=True)
     results["learnt_bytes_per_s"] = cost.bytes_per_s
     results["quantum_s"] = {f"{x} GiB excess": round(default_quantum(cost.switch_seconds(x * GiB)), 1)

@@ -109,7 +109,8 @@ def exec_under(*opts: str) -> list[str]:
 
 def start_daemon() -> subprocess.Popen:
     config = Path("/tmp/gw-enforcer.toml")
-    config.write_text("[scheduler]\nidle_ms = 300\n")
+    room_wait = os.environ.get("GW_ROOM_WAIT_MS")  # oversubscribe_plain: the second waits for the first to end
+    config.write_text("[scheduler]\nidle_ms = 300\n" + (f"room_wait_ms = {room_wait}\n" if room_wait else ""))
     daemon = subprocess.Popen([*GPUWATCH, "run", "--config", str(config), "--launches", "off", "--no-metrics"],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 

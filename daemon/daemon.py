@@ -58,9 +58,10 @@ class Daemon:
         # processes stopped and quotas set by hand, for a daemon started after this one was killed
         self.ledger = Ledger(Path(state_file or Path(socket_path).parent / STATE_FILE_NAME))
         self.interposed = InterposedRegistry(interposer.lease_ms, interposer.request_timeout_ms / 1000)
-        self.checkpointer = Checkpointer(None, self.ledger, CheckpointSettings(scheduler.move_plain,
-                                                                               scheduler.lock_timeout_ms),
-                                         why_not="the driver is opened at start")
+        self.checkpointer = Checkpointer(
+            None, self.ledger, CheckpointSettings(scheduler.move_plain, scheduler.lock_timeout_ms),
+            why_not="the driver is opened at start", ipc_user=lambda pid: pid in tracer.room.ipc_users(),
+            host_room=lambda pid, n: self.host.room_for(pid, n, self.host.reading(self.interposed.enforcement())))
         self._driver_path = config.daemon.driver if config is not None else ""
         self.pauser = Pauser(self.interposed, self.ledger, self.checkpointer, self.room_for, self.device_holding)
         self.quota = QuotaEnforcer(tracer.quota, self.ledger)

@@ -24,6 +24,11 @@ from .scheduler import SwitchCost
 
 log = logging.getLogger(__name__)
 TIMEOUTS_BEFORE_UNMOVABLE = 3
+# A checkpoint puts what the process held into its own anonymous memory (H200, driver 580: 60 GiB checkpointed
+# with 124.6 GB available; 80 and 100 GiB with about 123 GB available failed half way with
+# CUDA_ERROR_OPERATING_SYSTEM and left the process without a usable CUDA state). Until the cause is known a
+# checkpoint is asked for only where the host can spare this many times what the process holds.
+HOST_FACTOR = 1.5
 # Until measured: the H200's checkpoint of 20 GiB took 10-11.5 s, its restore 3.4-3.8 s (docs/validation.md).
 CHECKPOINT_BYTES_PER_S = 3.2e9
 
@@ -44,9 +49,14 @@ class CheckpointSettings:
 
 class Checkpointer:
     def __init__(self, driver: Driver | None, ledger: Ledger, settings: CheckpointSettings = CheckpointSettings(),
-                 why_not: str | None = None) -> None:
-        """driver None: no driver library was named or found (why_not says so)."""
+                 why_not: str | None = None, host_room: Callable[[int, int], str | None] = lambda pid, n: None,
+                 ipc_user: Callable[[int], bool] = lambda pid: False) -> None:
+        """driver None: no driver library was named or found (why_not says so). host_room(pid, bytes): why the
+        host cannot take so much more for the process (None: it can); ipc_user: whether the probes saw the
+        process use legacy CUDA IPC."""
         self.driver, self.ledger, self.settings = driver, ledger, settings
+        self.host_room, self.ipc_user = host_room, ipc_user
+        self._broken: dict[int, str] = {}  # a checkpoint or restore the driver failed half way: never touched again
         self.why_not = why_not if driver is None else driver.why_not
         self.cost = SwitchCost(bytes_per_s=CHECKPOINT_BYTES_PER_S, latency=0.2, min_sample=1 << 30)
         self._unmovable: dict[int, tuple[int, str]] = {}  # pid -> (start time, why)
@@ -82,11 +92,15 @@ class Checkpointer:
         return {pid: why for pid in list(self._unmovable) if (why := self.unmovable(pid)) is not None}
 
     def movable(self, pid: int) -> bool:
+        if self.usable() and self.unmovable(pid) is None and self.ipc_user(pid):
+            self._mark(pid, "it uses legacy CUDA IPC (cuIpcGetMemHandle or cuIpcOpenMemHandle): on the H200 "
+                            "(driver 580) an importer checkpointed beside its exporter could not be restored")
         return self.usable() and self.unmovable(pid) is None
 
     def forget(self, pid: int) -> None:
         self._unmovable.pop(pid, None)
         self._timeouts.pop(pid, None)
+        self._broken.pop(pid, None)
         with self._guard:
             self._locks.pop(pid, None)
 
@@ -97,6 +111,11 @@ class Checkpointer:
         """Lock the process (and checkpoint it), held by `by`; returns its state. NotMoved where the driver did
         not, with its words: the process then runs on exactly as before."""
         assert self.driver is not None
+        if checkpoint and not self.ledger.moved(pid)[0] == CHECKPOINTED and \
+                (why := self.host_room(pid, int(nbytes * HOST_FACTOR))) is not None:
+            raise NotMoved(f"pid {pid} was not checkpointed: {why} (a checkpoint takes what the process holds, "
+                           f"{nbytes >> 20} MiB, into its own memory; it is asked for only with {HOST_FACTOR}x that "
+                           "spare)", retry=True)
         with self._lock_of(pid):
             moved = self.ledger.moved(pid)[0]
             if not moved:
@@ -113,7 +132,11 @@ class Checkpointer:
                 except CheckpointError as exc:
                     self._refused(pid, exc)
                     if self.ledger.holders(pid) == {by}:  # nobody else wants it held: it runs on
-                        self._unlock(pid)
+                        try:
+                            self._unlock(pid)
+                        except CheckpointError as unlock:
+                            self._broke(pid, f"its checkpoint failed ({exc}) and it cannot be unlocked ({unlock})")
+                        self.ledger.set_moved(pid, "")
                         self.ledger.release(pid, by)
                     raise NotMoved(f"pid {pid} could not be checkpointed: {exc}; it was not moved") from None
                 self.cost.observe(nbytes, time.monotonic() - began)
@@ -129,6 +152,8 @@ class Checkpointer:
         assert self.driver is not None
         with self._lock_of(pid):
             moved, nbytes, gpus = self.ledger.moved(pid)
+            if pid in self._broken:
+                return moved or RUNNING
             if moved == CHECKPOINTED:
                 if not room(nbytes, gpus):
                     return CHECKPOINTED
@@ -139,7 +164,7 @@ class Checkpointer:
                     if exc.code == OUT_OF_MEMORY:
                         log.warning("pid %d: restore found no room after all (%s): it stays checkpointed", pid, exc)
                     else:
-                        log.error("pid %d: restore failed: %s; it stays checkpointed", pid, exc)
+                        self._broke(pid, f"its restore failed: {exc}")
                     return CHECKPOINTED
                 self.cost.observe(nbytes, time.monotonic() - began)
                 log.info("pid %d restored: %.1f GiB back on the device in %.2f s", pid, nbytes / (1 << 30),
@@ -219,6 +244,13 @@ class Checkpointer:
     def _unlock(self, pid: int) -> None:
         assert self.driver is not None
         self.driver.unlock(pid)
+
+    def _broke(self, pid: int, why: str) -> None:
+        """The driver failed half way: the process is never asked anything again, and people are told once."""
+        if pid not in self._broken:
+            self._broken[pid] = why
+            self._mark(pid, why)
+            log.error("pid %d: %s; the driver may have lost its CUDA state: gpuwatch leaves it alone", pid, why)
 
     def _refused(self, pid: int, exc: CheckpointError) -> None:
         self._mark(pid, f"the driver refused: {exc.name} ({exc.text}) at {exc.call}")

@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping
 
 from ..core.view import HostMemory, ProcessGpu, Snapshot
 from ..core.vocabulary import CHECKPOINTED, Priority
+from .checkpointer import HOST_FACTOR
 from .hostmemory import HostBudget
 from .pause import Pauser
 from .records import Enforcement
@@ -40,7 +41,7 @@ class PlainPlanner:
         # stopped at an allocation (SIGSTOP): it cannot be locked now, and it needs what it asks for
         movable = need if self.pauser.checkpointer.movable(row.pid) and row.pid not in self.wanted else 0
         if movable and moved != CHECKPOINTED and host is not None and self.host is not None and \
-                self.host.room_for(row.pid, need, host) is not None:
+                self.host.room_for(row.pid, int(need * HOST_FACTOR), host) is not None:
             host_bound[row.pid], movable = need, 0
         need += self.wanted.get(row.pid, {}).get(row.gpu if row.gpu is not None else -1, 0)
         return Client(row.pid, need, movable, row.launches, priority, interposed=False, exclusive=exclusive)

@@ -43,3 +43,8 @@ class RoomMaps:
     def clear_stop(self, bpf: Any, pid: int, tid: int) -> None:
         table = bpf["room_stops"]
         table.pop(table.Key(ctypes.c_uint64(pid << 32 | tid).value), None)
+
+    @_loaded(set)
+    def ipc_users(self, bpf: Any) -> set[int]:
+        """Processes seen exporting or importing memory through legacy CUDA IPC."""
+        return {k.value for k in bpf["ipc_users"].keys()}

@@ -32,13 +32,13 @@ def shared(tmp_path: Path) -> Path:
 
 
 def checkpoint_daemon(gpu: tuple[Path, Path], fakecuda: Path, shared: Path, workdir: Path | None = None,
-                      driver: bool = True) -> Daemon:
+                      driver: bool = True, host_limit_mib: int = 0) -> Daemon:
     """A daemon whose driver is the test double (its checkpoint API reaches the programs on `shared`)."""
     workdir = workdir or Path(tempfile.mkdtemp(prefix="gpuwatch-ckpt-"))
     workdir.chmod(0o755)
     config = workdir / "gpuwatch.toml"
     config.write_text((f'[daemon]\ndriver = "{fakecuda / "libcuda.so.1"}"\n' if driver else "")
-                      + f"[scheduler]\n{SCHEDULER}")
+                      + f"[scheduler]\n{SCHEDULER}host_limit_mib = {host_limit_mib}\n")
     lib_dir, state = gpu
     env = {"LD_LIBRARY_PATH": str(lib_dir), "FAKENVML_STATE": str(state), "FAKENVML_CUDA_STATE": str(shared),
            **gpu_env(fakecuda, shared)}
@@ -187,6 +187,34 @@ def test_a_process_the_driver_refuses_runs_on_and_is_marked_unmovable(fakecuda, 
     again = cdaemon.cli("pause", str(managed.pid), "--swap", check=False)  # not retried with the driver
     assert again.returncode != 0 and "cannot be checkpointed" in again.stderr
     for p in (refusing, managed):
+        p.close()
+
+
+def test_a_process_that_used_legacy_cuda_ipc_is_never_checkpointed(fakecuda, shared, cdaemon):
+    p = Plain(fakecuda, cdaemon, shared)
+    holding(p, "a", 8 * MiB, 4)
+    p.ok("ipc a")  # cuIpcGetMemHandle: the probes see it
+    failed = cdaemon.cli("pause", str(p.pid), "--swap", check=False)
+    assert failed.returncode != 0 and "legacy CUDA IPC" in failed.stderr, failed.stderr
+    r = row(cdaemon, p.pid)
+    assert r["state"] == "running" and "legacy CUDA IPC" in r["unmovable"]
+    assert driver_used(shared) == 8 * MiB
+    p.ok("check a 4")
+    p.close()
+
+
+def test_a_checkpoint_the_host_cannot_take_is_not_asked_for(gpu, fakecuda, shared, cdaemon):
+    p = Plain(fakecuda, cdaemon, shared)
+    holding(p, "a", 8 * MiB, 6)
+    limited = tempfile.mkdtemp(prefix="gpuwatch-ckpt-host-")
+    d = checkpoint_daemon(gpu, fakecuda, shared, Path(limited), host_limit_mib=10)  # 1.5 x 8 MiB does not fit
+    try:
+        failed = d.cli("pause", str(p.pid), "--swap", check=False)
+        assert failed.returncode != 0 and "was not checkpointed" in failed.stderr, failed.stderr
+        assert row(d, p.pid)["state"] == "running" and driver_used(shared) == 8 * MiB
+        p.ok("check a 6")
+    finally:
+        d.stop()
         p.close()
 
 

@@ -25,6 +25,7 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
         return 0;
 #endif
     room_exempt.delete(&tgid);
+    ipc_users.delete(&tgid);
     for (int bit = 0; bit <= GW_MAX_GPUS; bit++) {  /* what it held before the probes saw it: out of its group */
         struct gw_proc_gpu seed_key = {.tgid = tgid, .gpu = bit - 1};
         struct gw_seed *seed = seeds.lookup(&seed_key);

@@ -75,5 +75,7 @@ BPF_HASH(room_free, s32, s64, 64);
 BPF_HASH(room_exempt, u32, u32, 65536);
 /* pid_tgid -> the allocation the thread waits to make. Writes: room.h, lifecycle.c (exit), roommaps.py. Reads: roommaps.py */
 BPF_HASH(room_stops, u64, struct gw_stop, 65536);
+/* tgid -> 1: it called cuIpcGetMemHandle or cuIpcOpenMemHandle. Writes: ipc.c, lifecycle.c (exit). Reads: roommaps.py */
+BPF_HASH(ipc_users, u32, u32, 16384);
 
 #endif
