@@ -7,7 +7,7 @@ each result compared with the plain run's. On the GPU machine, from the reposito
 Writes $OUT/compat.json and $OUT/compat.md (the table, the commands, the versions). Without bcc the daemon
 column says why and the swaps use the interposer's in-process API; a case whose library (torch, transformers,
 jax, cupy, triton) is missing is skipped with the reason. Cases: bench/compat_cases.py (Python) and
-bench/compat_driver.cu (runtime and driver API, built here with nvcc). About three minutes on an H200."""
+bench/compat_driver.cu (runtime and driver API, built here with nvcc). About four minutes on an H200."""
 from __future__ import annotations
 
 import importlib.util
@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ OUT = Path(os.environ.get("OUT", "/tmp/gw-compat"))
 WORK = Path("/tmp/gw-compat")
 DRIVER = WORK / "compat_driver"
 SOCKET = private_socket("gw-compat")
+PARALLEL = 3  # runs at a time
 GPUWATCH = [sys.executable, "-P", "-m", "gpuwatch.client.cli", "--socket", SOCKET]
 PY = [sys.executable, str(ROOT / "bench" / "compat_cases.py")]
 ENV = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8", "PYTHONUNBUFFERED": "1", "TORCHINDUCTOR_CACHE_DIR": str(WORK / "inductor"),
@@ -45,7 +47,8 @@ class Case:
     needs: tuple[str, ...] = ()  # Python modules
     state: bool = True           # swapped out and back mid-run under gpuwatch exec
     exec_args: tuple[str, ...] = ()
-    compare: bool = True         # runs compared by value (not timings)
+    compare: bool = True         # runs compared by value
+    timing: bool = False         # it measures time: alone, and not under the daemon's probes
     timeout: float = 90
     env: tuple[tuple[str, str], ...] = ()
     refused: str = ""            # under gpuwatch exec it is refused, as documented: what the user is told
@@ -78,9 +81,9 @@ CASES = [
     Case("cupy_array_quota", "CuPy CUDA arrays of 512 MiB until 4 or refused (exec: --mem-limit 1GiB)",
          [*PY, "cupy_array_quota"], ("cupy",), state=False, exec_args=("--mem-limit", "1GiB"), compare=False),
     Case("ipc_cost", "nvcc C: 16 IPC handles of 64 MiB opened and closed by a second process (timings)",
-         [str(DRIVER), "ipccost"], state=False, compare=False),
+         [str(DRIVER), "ipccost"], state=False, compare=False, timing=True),
     Case("vmm_cost", "nvcc C: cuMemCreate+map, plain vs exportable (POSIX fd) handles (timings)",
-         [str(DRIVER), "createcost"], state=False, compare=False),
+         [str(DRIVER), "createcost"], state=False, compare=False, timing=True),
 ]
 
 
@@ -105,9 +108,10 @@ def gw(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
 
 def versions() -> dict[str, str]:
     found = {"python": sys.version.split()[0]}
-    smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
-                         capture_output=True, text=True)
-    found["gpu"] = smi.stdout.strip() or smi.stderr.strip()
+    if shutil.which("nvidia-smi"):
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True)
+        found["gpu"] = smi.stdout.strip() or smi.stderr.strip()
     nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
     if os.path.exists(nvcc):
         release = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.strip()
@@ -151,11 +155,12 @@ def start_daemon() -> tuple[subprocess.Popen | None, str]:
 
 
 class Watch(threading.Thread):
-    """Reads a run's stdout: its RESULT, and at MIDPOINT a swap out and back through the daemon."""
+    """Reads a run's stdout: its RESULT, and at MIDPOINT what the daemon's ps shows of the process (NVML is read
+    every 0.25 s) and, where asked, a swap out and back through the daemon."""
 
-    def __init__(self, proc: subprocess.Popen, run: Run) -> None:
+    def __init__(self, proc: subprocess.Popen, run: Run, swap: bool) -> None:
         super().__init__(daemon=True)
-        self.proc, self.run_ = proc, run
+        self.proc, self.run_, self.swap = proc, run, swap
 
     def run(self) -> None:
         assert self.proc.stdout and self.proc.stdin
@@ -165,9 +170,12 @@ class Watch(threading.Thread):
             elif line.startswith("FAILED") or line.startswith("EXPORTED") or line.startswith("SWAPPED"):
                 self.run_.detail = (self.run_.detail + " " + line.strip()).strip()
             elif line.strip() == "MIDPOINT":
-                pause = gw("pause", str(self.proc.pid), "--swap", timeout=120)
-                resume = gw("resume", str(self.proc.pid), timeout=120)
-                self.run_.swap = (pause.stdout + pause.stderr + " / " + resume.stdout + resume.stderr).strip()
+                time.sleep(0.6)
+                sample(self.proc.pid, self.run_)
+                if self.swap:
+                    pause = gw("pause", str(self.proc.pid), "--swap", timeout=120)
+                    resume = gw("resume", str(self.proc.pid), timeout=120)
+                    self.run_.swap = (pause.stdout + pause.stderr + " / " + resume.stdout + resume.stderr).strip()
                 self.proc.stdin.write("go\n")
                 self.proc.stdin.flush()
 
@@ -181,16 +189,19 @@ def sample(pid: int, run: Run) -> None:
 def execute(case: Case, mode: str, daemon: bool) -> Run:
     env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "GW_COMPAT_SWAP")} | ENV | dict(case.env)
     argv = case.argv
+    swap = mode == "exec" and case.state
     if mode == "exec":
         argv = [*GPUWATCH, "exec", *case.exec_args, "--", *argv]
-        if case.state:
-            env["GW_COMPAT_SWAP"] = "daemon" if daemon else "self"
+    if daemon and mode != "plain":
+        env["GW_COMPAT_SWAP"] = "daemon" if swap else "hold"  # the harness reads ps there, and swaps
+    elif swap:
+        env["GW_COMPAT_SWAP"] = "self"
     shown = " ".join(a if a != sys.executable else "python3" for a in argv).replace(str(ROOT) + "/", "")
     run = Run(mode, shown)
     start = time.monotonic()
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env, cwd=ROOT, start_new_session=True)
-    watch = Watch(proc, run)
+    watch = Watch(proc, run, swap and daemon)
     watch.start()
     err: list[str] = []
     reader = threading.Thread(target=lambda: err.extend(proc.stderr or []), daemon=True)
@@ -257,6 +268,23 @@ def table(report: dict[str, Any]) -> str:
     return "\n".join(head + lines + commands) + "\n"
 
 
+def run_all(jobs: list[tuple[Case, str]], daemon: bool) -> dict[tuple[str, str], Run]:
+    """Runs (case, mode) jobs, PARALLEL at a time (they share the GPU: results, not times, are compared), the
+    timing cases one by one after the others."""
+    done: dict[tuple[str, str], Run] = {}
+
+    def one(job: tuple[Case, str]) -> None:
+        case, mode = job
+        r = done[case.name, mode] = execute(case, mode, daemon)
+        print(f"{case.name} {mode}: {r.verdict or ('ok' if r.result else 'no result')} in {r.seconds} s", flush=True)
+
+    with ThreadPoolExecutor(PARALLEL) as pool:
+        list(pool.map(one, [j for j in jobs if not j[0].timing]))
+    for job in (j for j in jobs if j[0].timing):
+        one(job)
+    return done
+
+
 def main() -> int:
     chosen = set(sys.argv[1:])
     OUT.mkdir(parents=True, exist_ok=True)
@@ -264,30 +292,35 @@ def main() -> int:
     started = time.monotonic()
     report: dict[str, Any] = {"versions": versions(), "cases": []}
     no_c = build()
+    cases, skipped = [], {}
+    for case in CASES:
+        if chosen and case.name not in chosen:
+            continue
+        missing = [m for m in case.needs if importlib.util.find_spec(m) is None]
+        skip = f"{', '.join(missing)} missing" if missing else no_c if case.argv[0] == str(DRIVER) else None
+        if skip:
+            skipped[case.name] = skip
+        cases.append(case)
+    ready = [c for c in cases if c.name not in skipped]
+    runs = run_all([(c, "plain") for c in ready], False)  # before the daemon starts: no probes at all
     daemon, why = start_daemon()
     report["daemon"] = why
     try:
-        for case in CASES:
-            if chosen and case.name not in chosen:
-                continue
-            entry = asdict(case) | {"runs": []}
-            missing = [m for m in case.needs if importlib.util.find_spec(m) is None]
-            skip = f"{', '.join(missing)} missing" if missing else no_c if case.argv[0] == str(DRIVER) else None
-            if skip:
-                entry["skipped"] = skip
-            else:
-                runs = [execute(case, "plain", False)]
-                if daemon:
-                    runs.append(execute(case, "daemon", True))
-                runs.append(execute(case, "exec", daemon is not None))
-                judge(case, runs)
-                entry["runs"] = [asdict(r) for r in runs]
-                print(f"{case.name}: " + ", ".join(f"{r.mode} {r.verdict} {r.seconds}s" for r in runs), flush=True)
-            report["cases"].append(entry)
+        modes = ("daemon", "exec") if daemon else ("exec",)
+        runs |= run_all([(c, m) for c in ready for m in modes if m == "exec" or not c.timing], daemon is not None)
     finally:
         if daemon:
             daemon.terminate()
             daemon.wait(10)
+    for case in cases:
+        entry = asdict(case) | {"runs": []}
+        if case.name in skipped:
+            entry["skipped"] = skipped[case.name]
+        else:
+            mine = [runs[case.name, m] for m in ("plain", "daemon", "exec") if (case.name, m) in runs]
+            judge(case, mine)
+            entry["runs"] = [asdict(r) for r in mine]
+        report["cases"].append(entry)
     report["seconds"] = round(time.monotonic() - started, 1)
     (OUT / "compat.json").write_text(json.dumps(report, indent=1) + "\n")
     (OUT / "compat.md").write_text(table(report))

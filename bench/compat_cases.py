@@ -3,10 +3,10 @@
     python3 bench/compat_cases.py NAME
 
 prints `RESULT {"value": ...}` (what the runs of a case are compared by) or fails as the library fails. A case
-with state calls midpoint() half way: with GW_COMPAT_SWAP=daemon it prints MIDPOINT and waits for a line on
-stdin while bench/compat.py swaps the process out and back through the daemon; with GW_COMPAT_SWAP=self it
-swaps itself out and back with the interposer's in-process API (no daemon). Imports are inside the cases: a case
-needs only its own library."""
+calls midpoint() half way: with GW_COMPAT_SWAP=daemon or hold it prints MIDPOINT and waits for a line on stdin
+while bench/compat.py reads `gpuwatch ps` and (daemon) swaps the process out and back through the daemon; with
+GW_COMPAT_SWAP=self it swaps itself out and back with the interposer's in-process API (no daemon). Imports are
+inside the cases: a case needs only its own library."""
 from __future__ import annotations
 
 import ctypes
@@ -23,12 +23,16 @@ MiB = 1 << 20
 def midpoint(sync: Callable[[], Any]) -> None:
     sync()
     how = os.environ.get("GW_COMPAT_SWAP")
-    if how == "daemon":
+    if how in ("daemon", "hold"):
         print("MIDPOINT", flush=True)
         sys.stdin.readline()
     elif how == "self":
         lib = ctypes.CDLL(None)
-        print(f"SWAPPED {lib.gpuwatch_swap_out(ctypes.c_ulonglong(0))} {lib.gpuwatch_resume()}", flush=True)
+        lib.gpuwatch_shm.restype = ctypes.POINTER(ctypes.c_uint64)
+        out = lib.gpuwatch_swap_out(ctypes.c_ulonglong(0))
+        page = lib.gpuwatch_shm()  # docs/interposer.md: swap_out_bytes_total at 40, device 0 at 256
+        moved, used, unswappable = page[5], page[33], page[35]
+        print(f"SWAPPED {out} {lib.gpuwatch_resume()} moved={moved} used={used} unswappable={unswappable}", flush=True)
 
 
 def result(value: Any, **extra: Any) -> None:
@@ -200,6 +204,7 @@ def case_cupy_array_quota() -> None:
         except cp.cuda.runtime.CUDARuntimeError as exc:
             error = str(exc)
             break
+    midpoint(runtime.deviceSynchronize)
     free, total = runtime.memGetInfo()
     result(len(made), error=error, mem_get_info_total=total)
 

@@ -3,9 +3,9 @@
 //   compat_driver arrays|ipc|graphs|pools|fork|ipccost|createcost
 // Each case prints one line `RESULT {"value": ...}` (a checksum, or timings for the two *cost cases); a CUDA
 // error prints `FAILED <call>: <error name> <error string>` and exits 1. At its midpoint a case with state calls
-// midpoint(): with GW_COMPAT_SWAP=daemon it prints MIDPOINT and waits for a line on stdin (the harness swaps the
-// process out and back meanwhile); with GW_COMPAT_SWAP=self it swaps itself out and back with the interposer's
-// in-process API. ipc runs a second copy of itself (`ipc-child HANDLE EVENT`) that opens the memory; with
+// midpoint(): with GW_COMPAT_SWAP=daemon or hold it prints MIDPOINT and waits for a line on stdin (the harness
+// reads `gpuwatch ps` and, for daemon, swaps the process out and back meanwhile); with GW_COMPAT_SWAP=self it
+// swaps itself out and back with the interposer's in-process API. ipc runs a second copy of itself (`ipc-child HANDLE EVENT`) that opens the memory; with
 // GW_COMPAT_CHILD_PLAIN set, that copy runs without LD_PRELOAD (an importer not under gpuwatch exec).
 #include <cuda.h>
 #include <cuda_runtime.h>
@@ -52,7 +52,7 @@ static void midpoint(void)
 	const char *how = getenv("GW_COMPAT_SWAP");
 	char line[64];
 	RT(cudaDeviceSynchronize());
-	if (how && !strcmp(how, "daemon")) {
+	if (how && (!strcmp(how, "daemon") || !strcmp(how, "hold"))) {
 		printf("MIDPOINT\n");
 		fflush(stdout);
 		if (!fgets(line, sizeof line, stdin))
@@ -60,8 +60,12 @@ static void midpoint(void)
 	} else if (how && !strcmp(how, "self")) {
 		int (*out)(unsigned long long) = (int (*)(unsigned long long))dlsym(RTLD_DEFAULT, "gpuwatch_swap_out");
 		int (*in)(void) = (int (*)(void))dlsym(RTLD_DEFAULT, "gpuwatch_resume");
-		int r = out && in ? out(0) : -1;
-		printf("SWAPPED %d %d\n", r, in ? in() : -1);
+		const uint64_t *(*shm)(void) = (const uint64_t *(*)(void))dlsym(RTLD_DEFAULT, "gpuwatch_shm");
+		int r = out && in && shm ? out(0) : -1;
+		const uint64_t *page = shm ? shm() : NULL; // docs/interposer.md: swap_out_bytes_total at 40, device 0 at 256
+		printf("SWAPPED %d %d moved=%llu used=%llu unswappable=%llu\n", r, in ? in() : -1,
+		       page ? (unsigned long long)page[5] : 0ull, page ? (unsigned long long)page[33] : 0ull,
+		       page ? (unsigned long long)page[35] : 0ull);
 	}
 }
 

@@ -1,6 +1,7 @@
 // Regions: address ranges reserved with the VMM API whose physical memory, in pieces of at most
 // GW_PIECE_MAX, can be taken away (swapped out) and given back at the same addresses. A region is one large
-// allocation, or a chunk of small ones (suballoc.c).
+// allocation, or a chunk of small ones (suballoc.c). Pieces are made exportable (POSIX file descriptors) where
+// the device allows it, so that CUDA IPC can share them (ipc.c); a region another process imported stays put.
 #include "interposer.h"
 
 #include <stdlib.h>
@@ -10,12 +11,35 @@ static struct gw_region *regions;
 HIDDEN struct gw_region *gw_regions(void) { return regions; }
 HIDDEN void gw_regions_reset(void) { regions = NULL; } // in a forked child: the parent's are not ours
 
+HIDDEN bool gw_region_swappable(const struct gw_region *r) { return !r->imports; }
+
+HIDDEN void gw_region_imported(struct gw_region *r, bool more)
+{
+	if (more ? r->imports++ == 0 : --r->imports == 0)
+		gw_recount(r->dev, r->size, !more);
+}
+
+// Physical memory for one piece: exportable where the device allows it (a driver that refuses the handle
+// type for this memory is not asked again).
+static CUresult create(struct gw_device_info *d, struct gw_region *r, struct gw_piece *p, CUmemGenericAllocationHandle *h)
+{
+	CUmemAllocationProp prop = {.type = CU_MEM_ALLOCATION_TYPE_PINNED, .location = {CU_MEM_LOCATION_TYPE_DEVICE, r->dev}};
+	CUresult e = CUDA_ERROR_NOT_SUPPORTED;
+	if (d->fd_handles) {
+		prop.requestedHandleTypes = CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR;
+		if ((e = real_cuMemCreate(h, p->size, &prop, 0)) == CUDA_ERROR_NOT_SUPPORTED || e == CUDA_ERROR_INVALID_VALUE)
+			d->fd_handles = false;
+		prop.requestedHandleTypes = 0;
+	}
+	p->exportable = !e;
+	return e && !d->fd_handles ? real_cuMemCreate(h, p->size, &prop, 0) : e;
+}
+
 HIDDEN CUresult gw_piece_map(struct gw_region *r, struct gw_piece *p)
 {
 	struct gw_device_info *d = gw_device_info_of(r->dev);
-	CUmemAllocationProp prop = {.type = CU_MEM_ALLOCATION_TYPE_PINNED, .location = {CU_MEM_LOCATION_TYPE_DEVICE, r->dev}};
 	CUmemGenericAllocationHandle h;
-	CUresult e = real_cuMemCreate(&h, p->size, &prop, 0);
+	CUresult e = create(d, r, p, &h);
 	if (e)
 		return e;
 	if ((e = real_cuMemMap(p->va, p->size, 0, h, 0))) {
@@ -107,6 +131,7 @@ HIDDEN CUresult gw_region_new(CUdevice dev, CUcontext ctx, size_t size, int cls,
 
 HIDDEN void gw_region_free(struct gw_region *r)
 {
+	gw_ipc_region_gone(r);
 	gw_physical_unmap(r);
 	for (uint32_t i = 0; i < r->npieces; i++)
 		gw_swap_forget(&r->pieces[i], r->dev);

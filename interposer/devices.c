@@ -25,6 +25,9 @@ HIDDEN struct gw_device_info *gw_device_info_of(CUdevice dev)
 	int vmm = 0, count = 0;
 	d->vmm = gw_cfg.swap && dev < GW_MAX_DEVICES && real_cuMemCreate && real_cuMemAddressReserve &&
 		 !real_cuDeviceGetAttribute(&vmm, CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED, dev) && vmm;
+	int fd = 0;
+	d->fd_handles = d->vmm && !real_cuDeviceGetAttribute(&fd, CU_DEVICE_ATTRIBUTE_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR_SUPPORTED,
+							      dev) && fd;
 	CUmemAllocationProp prop = {.type = CU_MEM_ALLOCATION_TYPE_PINNED, .location = {CU_MEM_LOCATION_TYPE_DEVICE, dev}};
 	if (!real_cuMemGetAllocationGranularity || real_cuMemGetAllocationGranularity(&d->granularity, &prop, 0) ||
 	    !d->granularity)

@@ -1,6 +1,6 @@
 // What the process is told about memory: free and total bytes within its quota, the address range of an
-// allocation the interposer made (the driver knows only the region or chunk behind it), and why CUDA IPC
-// cannot export such memory.
+// allocation the interposer made (the driver knows only the region or chunk behind it) or opened from another
+// process, and CUDA IPC handles of memory that can move (ipc.c serves them).
 #include "interposer.h"
 
 API CUresult cuMemGetInfo_v2(size_t *free_bytes, size_t *total)
@@ -32,7 +32,7 @@ API CUresult cuDeviceTotalMem_v2(size_t *bytes, CUdevice dev)
 	return e;
 }
 
-static struct gw_alloc *containing(CUdeviceptr ptr) // lock held
+HIDDEN struct gw_alloc *gw_alloc_containing(CUdeviceptr ptr)
 {
 	for (struct gw_region *r = gw_regions(); r; r = r->next) {
 		if (ptr < r->va || ptr >= r->va + r->size)
@@ -51,28 +51,26 @@ API CUresult cuMemGetAddressRange_v2(CUdeviceptr *base, size_t *size, CUdevicept
 	if (!gw_ensure_driver(NULL))
 		return CUDA_ERROR_NOT_INITIALIZED;
 	gw_memory_lock();
-	struct gw_alloc *a = containing(ptr);
-	if (a) {
-		if (base)
-			*base = a->ptr;
-		if (size)
-			*size = a->size;
-	}
+	struct gw_alloc *a = gw_alloc_containing(ptr);
+	CUdeviceptr b = a ? a->ptr : 0;
+	size_t n = a ? a->size : 0;
 	gw_memory_unlock();
-	return a ? CUDA_SUCCESS : real_cuMemGetAddressRange_v2(base, size, ptr);
+	if (!a && !gw_ipc_range(ptr, &b, &n))
+		return real_cuMemGetAddressRange_v2(base, size, ptr);
+	if (base)
+		*base = b;
+	if (size)
+		*size = n;
+	return CUDA_SUCCESS;
 }
 
 API CUresult cuIpcGetMemHandle(void *handle, CUdeviceptr ptr)
 {
-	static atomic_bool said;
 	if (!gw_ensure_driver(NULL))
 		return CUDA_ERROR_NOT_INITIALIZED;
-	CUresult e = real_cuIpcGetMemHandle(handle, ptr);
 	gw_memory_lock();
-	bool ours = e && containing(ptr);
+	struct gw_alloc *a = handle ? gw_alloc_containing(ptr) : NULL;
+	CUresult e = a ? gw_ipc_export(a, handle) : CUDA_SUCCESS;
 	gw_memory_unlock();
-	if (ours)
-		gw_warn_once(&said, "CUDA IPC cannot export swappable memory: run the program with "
-				    "`gpuwatch exec --no-swap` to share device memory between processes");
-	return e;
+	return a ? e : real_cuIpcGetMemHandle(handle, ptr);
 }

@@ -136,10 +136,16 @@ extern HIDDEN __thread bool gw_quota_refused;       // the last refusal was the 
 HIDDEN struct gw_device *gw_dev_stats(CUdevice dev); // the shared page's counters of a device
 HIDDEN bool gw_charge(CUdevice dev, uint64_t bytes, bool swappable); // lock held; false: over the quota
 HIDDEN void gw_uncharge(CUdevice dev, uint64_t bytes, bool swappable);
+HIDDEN void gw_charge_anyway(CUdevice dev, uint64_t bytes);        // unswappable bytes the driver holds already
+// Whether `bytes` more fit the quota if `reusable` bytes already counted could serve them; a refusal is counted
+// and logged as gw_charge's. Lock held.
+HIDDEN bool gw_quota_room(CUdevice dev, uint64_t bytes, uint64_t reusable);
+HIDDEN void gw_recount(CUdevice dev, uint64_t bytes, bool to_swappable); // counted bytes change category
 
 // devices.c: what each device supports, and the contexts that own memory
 struct gw_device_info {
 	bool known, vmm;
+	bool fd_handles; // VMM memory can be exported as a POSIX file descriptor (CUDA IPC of our memory: ipc.c)
 	size_t granularity;
 	int naccess;
 	CUmemAccessDesc access[GW_MAX_DEVICES];
@@ -162,6 +168,8 @@ HIDDEN CUresult gw_piece_map(struct gw_region *r, struct gw_piece *p);
 HIDDEN void gw_piece_unmap(struct gw_piece *p);
 HIDDEN struct gw_region *gw_regions(void);              // the list, lock held
 HIDDEN void gw_regions_reset(void);
+HIDDEN bool gw_region_swappable(const struct gw_region *r); // no other process has it mapped: it may move
+HIDDEN void gw_region_imported(struct gw_region *r, bool more); // lock held: one import more, or one less
 // A region's physical memory comes in pieces of at most 1 GiB, so that a swap-out moves only as much as needed.
 #ifndef GW_PIECE_MAX
 #define GW_PIECE_MAX (1ull << 30)
@@ -176,6 +184,7 @@ struct gw_piece {
 	size_t size;
 	CUmemGenericAllocationHandle handle; // 0 while swapped out
 	void *host;                          // the bytes while swapped out
+	bool exportable;                     // created for POSIX file descriptor export
 };
 struct gw_region {
 	CUdeviceptr va;
@@ -187,6 +196,7 @@ struct gw_region {
 	struct gw_piece *pieces;
 	uint32_t used_slots, nslots;
 	uint64_t *bitmap;
+	uint32_t imports; // other processes that have it mapped (ipc.c): it cannot move, its bytes are unswappable
 	struct gw_region *next;
 };
 
@@ -202,7 +212,51 @@ HIDDEN void gw_suballoc_reset(void);
 // own_vmm.c: the program's own cuMemCreate memory, counted until released and unmapped
 HIDDEN void gw_own_vmm_reset(void);
 
-// info.c: what the process is told about memory (sizes within its quota, address ranges): entry points only
+// info.c: what the process is told about memory (sizes within its quota, address ranges)
+HIDDEN struct gw_alloc *gw_alloc_containing(CUdeviceptr ptr); // lock held: our allocation holding ptr, or NULL
+
+// ipc.c and ipc_import.c: CUDA IPC of memory that can move. A handle of ours names the exporter and one of its
+// regions; the importer gets the region's pieces as file descriptors from the exporter's server (a unix socket)
+// and maps them. The layout (64 bytes, CU_IPC_HANDLE_SIZE):
+struct gw_ipc_handle {
+	char magic[8];     // GW_IPC_MAGIC, NUL-padded
+	int32_t pid;       // the exporter
+	uint32_t id;       // its export (one per region)
+	uint64_t nonce[2]; // random: only who got the handle can open it
+	uint64_t key;      // random: the exporter's server is the abstract socket "gpuwatch-ipc-PID-KEY"
+	uint64_t offset;   // of the allocation in the region
+	uint64_t size;     // of the allocation
+	uint64_t region_size;
+};
+_Static_assert(sizeof(struct gw_ipc_handle) == 64, "CU_IPC_HANDLE_SIZE");
+#define GW_IPC_MAGIC "GWIPC1"
+#define GW_IPC_MAX_PIECES 250 // file descriptors in one message (the kernel's SCM_MAX_FD is 253)
+enum gw_ipc_op { GW_IPC_OPEN = 1, GW_IPC_CLOSE = 2 };
+struct gw_ipc_request {
+	uint32_t op, id;
+	uint64_t nonce[2];
+};
+struct gw_ipc_answer { // to an open: with one descriptor per piece
+	int32_t result;    // a CUresult; CUDA_ERROR_NOT_READY: swapped out, ask again
+	uint32_t npieces;
+	uint64_t piece_size[GW_IPC_MAX_PIECES];
+};
+HIDDEN void gw_ipc_socket_name(char *out, size_t cap, int32_t pid, uint64_t key); // sun_path of the server
+HIDDEN CUresult gw_ipc_export(struct gw_alloc *a, struct gw_ipc_handle *out); // lock held
+HIDDEN void gw_ipc_region_gone(struct gw_region *r);                   // lock held: its export ends
+HIDDEN void gw_ipc_reset(void);                                        // in a forked child
+HIDDEN bool gw_ipc_range(CUdeviceptr ptr, CUdeviceptr *base, size_t *size); // memory opened from another process
+HIDDEN void gw_ipc_import_reset(void);                                 // in a forked child
+
+// arrays.c: CUDA arrays and mipmapped arrays, counted (their exact requirement) and never moved
+HIDDEN void gw_arrays_forget_context(CUcontext ctx); // lock held: a context going away takes its arrays
+HIDDEN void gw_arrays_reset(void);
+
+// graphmem.c: graph memory (memory nodes and captured stream-ordered allocations), counted as the driver's
+// graph pool holds it and never moved
+HIDDEN CUresult gw_graph_captured(CUdevice dev, size_t size); // a memory node or an allocation captured into a
+							       // graph: refused if larger than the quota; lock held
+HIDDEN void gw_graphmem_reset(void);
 
 // ---- swap.c
 HIDDEN int gw_pause(void);

@@ -1,7 +1,8 @@
 // The allocation and free entry points: device memory goes to a region of its own (large) or a chunk's slot
 // (small) when the device backs memory with VMM, so that it can move; otherwise, and for managed and
-// async/pool memory, to the driver, counted against the quota and never moved. Also the lock that guards
-// all memory bookkeeping, and the frees of a context going away.
+// async/pool memory, to the driver, counted against the quota and never moved. An async/pool allocation on a
+// stream being captured is a graph's memory node: graphmem.c counts it when a launch takes it. Also the lock
+// that guards all memory bookkeeping, and the frees of a context going away.
 #include "interposer.h"
 
 #define PITCH_ALIGN 512
@@ -19,6 +20,10 @@ HIDDEN void gw_memory_reset(void) // in a forked child: nothing of the parent's 
 	gw_suballoc_reset();
 	gw_own_vmm_reset();
 	gw_contexts_reset();
+	gw_ipc_reset();
+	gw_ipc_import_reset();
+	gw_arrays_reset();
+	gw_graphmem_reset();
 }
 
 // ---- allocation paths
@@ -51,7 +56,7 @@ static void free_swappable(struct gw_alloc *a)
 	if (r->cls >= 0) {
 		gw_free_small(r, a->ptr, dev);
 	} else {
-		gw_uncharge(dev, a->charged, true);
+		gw_uncharge(dev, a->charged, gw_region_swappable(r));
 		gw_region_free(r);
 	}
 	gw_table_remove(a);
@@ -80,6 +85,14 @@ static CUresult driver_alloc(const struct driver_request *q, CUdeviceptr *dptr)
 	return CUDA_ERROR_INVALID_VALUE;
 }
 
+static bool captured(const struct driver_request *q)
+{
+	int status = 0;
+	CUstream s = !q->stream && (q->op == OP_ASYNC_PTSZ || q->op == OP_POOL_PTSZ) ? CU_STREAM_PER_THREAD : q->stream;
+	return q->op != OP_ALLOC && q->op != OP_MANAGED && real_cuStreamIsCapturing &&
+	       !real_cuStreamIsCapturing(s, &status) && status == CU_STREAM_CAPTURE_STATUS_ACTIVE;
+}
+
 static CUresult alloc_unswappable(CUdeviceptr *dptr, const struct driver_request *q)
 {
 	CUdevice dev;
@@ -87,6 +100,12 @@ static CUresult alloc_unswappable(CUdeviceptr *dptr, const struct driver_request
 	enum gw_alloc_kind kind = q->op == OP_ALLOC ? A_PLAIN : q->op == OP_MANAGED ? A_MANAGED : A_ASYNC;
 	if (gw_current(&dev, &ctx) || !dptr || !q->size)
 		return driver_alloc(q, dptr); // the driver's own answer to a bad call
+	if (captured(q)) {
+		gw_memory_lock();
+		CUresult e = gw_graph_captured(dev, q->size);
+		gw_memory_unlock();
+		return e ? e : driver_alloc(q, dptr);
+	}
 	gw_memory_lock();
 	if (!gw_charge(dev, q->size, false)) {
 		gw_memory_unlock();
@@ -224,4 +243,8 @@ static void free_if_of_context(struct gw_alloc *a, void *ctx)
 	}
 }
 
-HIDDEN void gw_free_context_allocs(CUcontext ctx) { gw_table_each(free_if_of_context, ctx); }
+HIDDEN void gw_free_context_allocs(CUcontext ctx)
+{
+	gw_table_each(free_if_of_context, ctx);
+	gw_arrays_forget_context(ctx);
+}

@@ -84,7 +84,7 @@ HIDDEN void gw_release_empty_chunks(void)
 	for (struct gw_region *r = gw_regions(), *next; r; r = next) {
 		next = r->next;
 		if (r->cls >= 0 && !r->used_slots) {
-			gw_uncharge(r->dev, r->size, true);
+			gw_uncharge(r->dev, r->size, gw_region_swappable(r));
 			gw_region_free(r);
 		}
 	}
@@ -99,7 +99,7 @@ HIDDEN void gw_free_small(struct gw_region *chunk, CUdeviceptr ptr, CUdevice dev
 	// One empty chunk per class stays, so that a program allocating and freeing one small buffer in a
 	// loop does not create and release a chunk every time.
 	if (--r->used_slots == 0 && another_empty_chunk(r)) {
-		gw_uncharge(dev, r->size, true);
+		gw_uncharge(dev, r->size, gw_region_swappable(r));
 		gw_region_free(r);
 	}
 }

@@ -266,20 +266,23 @@ static CUresult release_moved(struct move *m, uint64_t *moved)
 }
 
 // Chooses the pieces to move, at least `want` bytes (0: all), in whole pieces, largest regions first: they
-// are the long-lived ones (a model, a buffer), less likely to be freed soon than small ones. Gets each its
+// are the long-lived ones (a model, a buffer), less likely to be freed soon than small ones; never a region
+// another process imported. Gets each its
 // pinned host memory; false with nothing taken when host memory runs out.
 static int plan_moves(uint64_t want, uint64_t *pinning)
 {
 	uint64_t total = 0, planned = 0;
 	int n = 0;
 	EACH_PIECE(r, p)
-		total += p->handle ? p->size : 0;
+		total += p->handle && gw_region_swappable(r) ? p->size : 0;
 	if (want && want < total)
 		total = want;
 	while (planned < total && n < MAX_MOVES) {
 		struct gw_region *largest = NULL;
 		for (struct gw_region *r = gw_regions(); r; r = r->next) {
 			bool resident = false;
+			if (!gw_region_swappable(r))
+				continue; // another process has it mapped (CUDA IPC): it stays
 			for (uint32_t i = 0; i < r->npieces; i++)
 				resident |= r->pieces[i].handle && !r->pieces[i].host;
 			if (resident && (!largest || r->size > largest->size))

@@ -34,6 +34,12 @@ CTX_CREATE_V4 = "cuCtxCreate with CUctxCreateParams: CUDA 12.5+ drivers only"
 UUID_V2 = "cuDeviceGetUuid that also fills MIG instances' UUIDs: CUDA 11.4+ drivers only"
 LAUNCH_EX = "launch with attributes (clusters): CUDA 11.8+ drivers only"
 PER_THREAD_LAUNCH_EX = "per-thread default stream variant of a CUDA 11.8+ call"
+LEGACY_IPC_OPEN = "the CUDA 10 cuIpcOpenMemHandle: drivers keep it for programs built then"
+GRAPH_MEMORY = "graph memory nodes: CUDA 11.4+ drivers only"
+CAPTURE_TO_GRAPH = "capture into an existing graph: CUDA 12.3+ drivers only"
+INSTANTIATE_PARAMS = "graph instantiation with parameters: CUDA 12.0+ drivers only"
+LEGACY_INSTANTIATE = "the CUDA 11 graph instantiation: drivers keep it for programs built then"
+LEGACY_CAPTURE = "the CUDA 10.0 capture without a mode: drivers keep it for programs built then"
 
 # What a missing entry point costs, by group (a warning names it when every supported driver has it).
 LOST_WITHOUT: dict[Group, str] = {
@@ -55,13 +61,31 @@ M, C, W = Group.MEMORY, Group.CONTEXT, Group.WORK
 PROBES: list[ProbeSpec] = [
     *_specs(M, "alloc_device", "alloc_return", "cuMemAlloc_v2"),
     *_specs(M, "alloc_pitch", "alloc_return", "cuMemAllocPitch_v2"),
-    *_specs(M, "alloc_async", "alloc_return", ("cuMemAllocAsync", STREAM_ORDERED),
-            ("cuMemAllocAsync_ptsz", PER_THREAD_STREAM_ORDERED), ("cuMemAllocFromPoolAsync", STREAM_ORDERED),
+    # async allocations on a capturing stream are graph memory nodes (graphmem.c), others as memory.c counts them
+    *_specs(M, "graph_alloc_async", "alloc_return", ("cuMemAllocAsync", STREAM_ORDERED),
+            ("cuMemAllocAsync_ptsz", PER_THREAD_STREAM_ORDERED)),
+    *_specs(M, "graph_alloc_pool", "alloc_return", ("cuMemAllocFromPoolAsync", STREAM_ORDERED),
             ("cuMemAllocFromPoolAsync_ptsz", PER_THREAD_STREAM_ORDERED)),
     *_specs(M, "alloc_managed", "alloc_return", "cuMemAllocManaged"),
     *_specs(M, "alloc_host", "alloc_return", "cuMemHostAlloc", "cuMemAllocHost_v2"),
     *_specs(M, "park_arg1", "free_return", "cuMemFree_v2", ("cuMemFreeAsync", STREAM_ORDERED),
-            ("cuMemFreeAsync_ptsz", PER_THREAD_STREAM_ORDERED), "cuMemFreeHost"),
+            ("cuMemFreeAsync_ptsz", PER_THREAD_STREAM_ORDERED), "cuMemFreeHost", "cuArrayDestroy",
+            "cuMipmappedArrayDestroy", "cuGraphExecDestroy"),
+    *_specs(M, "array_create", "alloc_return", "cuArrayCreate_v2"),
+    *_specs(M, "array3d_create", "alloc_return", "cuArray3DCreate_v2"),
+    *_specs(M, "mipmap_create", "alloc_return", "cuMipmappedArrayCreate"),
+    *_specs(M, "graph_alloc_node", "graph_alloc_node_return", ("cuGraphAddMemAllocNode", GRAPH_MEMORY)),
+    *_specs(M, "park_arg1", "graph_capture_return", ("cuStreamBeginCapture", LEGACY_CAPTURE),
+            ("cuStreamBeginCapture_ptsz", LEGACY_CAPTURE), "cuStreamBeginCapture_v2",
+            ("cuStreamBeginCapture_v2_ptsz", PER_THREAD), ("cuStreamBeginCaptureToGraph", CAPTURE_TO_GRAPH),
+            ("cuStreamBeginCaptureToGraph_ptsz", CAPTURE_TO_GRAPH)),
+    *_specs(M, "graph_end_capture", "graph_end_capture_return", "cuStreamEndCapture",
+            ("cuStreamEndCapture_ptsz", PER_THREAD)),
+    *_specs(M, "graph_instantiate", "alloc_return", ("cuGraphInstantiateWithFlags", GRAPH_MEMORY),
+            ("cuGraphInstantiate_v2", LEGACY_INSTANTIATE), ("cuGraphInstantiateWithParams", INSTANTIATE_PARAMS),
+            ("cuGraphInstantiateWithParams_ptsz", INSTANTIATE_PARAMS)),
+    *_specs(M, "graph_destroy", None, "cuGraphDestroy"),
+    *_specs(M, "ipc_use", None, "cuIpcGetMemHandle", "cuIpcOpenMemHandle_v2", ("cuIpcOpenMemHandle", LEGACY_IPC_OPEN)),
     *_specs(M, "vmm_create", "vmm_create_return", "cuMemCreate"),
     *_specs(M, "park_arg1", "vmm_release_return", "cuMemRelease"),
     *_specs(M, "vmm_map", "vmm_map_return", "cuMemMap"),
@@ -88,7 +112,7 @@ PROBES: list[ProbeSpec] = [
             ("cuMemcpyAsync_ptsz", PER_THREAD)),
 ]
 
-BPF_SOURCES = ["context.c", "memory.c", "vmm.c", "work.c", "lifecycle.c"]
+BPF_SOURCES = ["context.c", "memory.c", "vmm.c", "work.c", "lifecycle.c", "arrays.c", "graphmem.c", "ipc.c"]
 
 # Every BPF handler gets a number: the attach cookie that the dispatcher switches on.
 HANDLERS: list[str] = sorted({fn for p in PROBES for fn in (p.entry, p.ret) if fn})

@@ -166,7 +166,7 @@ class Tracer:
         with self._lock:
             if self._bpf is None:
                 return
-            for name in ("allocs", "handles", "mappings", "ctx_dev", "dev_uuid", "seeds"):
+            for name in ("allocs", "handles", "mappings", "ctx_dev", "dev_uuid", "seeds", "graph_mem"):
                 table = self._bpf[name]
                 stale = [k for k in table.keys() if k.tgid in exited or not _alive(k.tgid)]
                 for k in stale:

@@ -49,6 +49,23 @@ typedef struct {
 	size_t dstPitch, WidthInBytes, Height;
 } CUDA_MEMCPY2D;
 
+typedef struct { size_t Width, Height; int Format; unsigned NumChannels; } CUDA_ARRAY_DESCRIPTOR;
+typedef struct { size_t Width, Height, Depth; int Format; unsigned NumChannels, Flags; } CUDA_ARRAY3D_DESCRIPTOR;
+typedef struct {
+	struct {
+		int allocType, handleTypes;
+		CUmemLocation location;
+		void *win32SecurityAttributes;
+		size_t maxSize;
+		unsigned short usage;
+		unsigned char reserved[54];
+	} poolProps;
+	const CUmemAccessDesc *accessDescs;
+	size_t accessDescCount, bytesize;
+	CUdeviceptr dptr;
+} CUDA_MEM_ALLOC_NODE_PARAMS;
+typedef struct { unsigned char bytes[64]; } CUipcHandle; // CUipcMemHandle and CUipcEventHandle
+
 #define LAUNCH_ARGS (void *, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, void *, void **)
 #define FUNCS(X)                                                                   \
 	X(cuInit, (unsigned))                                                      \
@@ -107,7 +124,29 @@ typedef struct {
 	X(cuEventQuery, (void *))                                                  \
 	X(cuEventDestroy_v2, (void *))                                             \
 	X(cuStreamQuery, (void *))                                                 \
-	X(cuStreamWaitEvent, (void *, void *, unsigned))
+	X(cuStreamWaitEvent, (void *, void *, unsigned))                          \
+	X(cuArrayCreate_v2, (void **, const CUDA_ARRAY_DESCRIPTOR *))              \
+	X(cuArray3DCreate_v2, (void **, const CUDA_ARRAY3D_DESCRIPTOR *))          \
+	X(cuMipmappedArrayCreate, (void **, const CUDA_ARRAY3D_DESCRIPTOR *, unsigned)) \
+	X(cuArrayDestroy, (void *))                                                \
+	X(cuMipmappedArrayDestroy, (void *))                                       \
+	X(cuMemcpyHtoA_v2, (void *, size_t, const void *, size_t))                 \
+	X(cuMemcpyAtoH_v2, (void *, void *, size_t, size_t))                       \
+	X(cuStreamCreate, (void **, unsigned))                                     \
+	X(cuStreamBeginCapture_v2, (void *, int))                                  \
+	X(cuStreamEndCapture, (void *, void **))                                   \
+	X(cuGraphCreate, (void **, unsigned))                                      \
+	X(cuGraphAddMemAllocNode, (void **, void *, void **, size_t, CUDA_MEM_ALLOC_NODE_PARAMS *)) \
+	X(cuGraphAddMemFreeNode, (void **, void *, void **, size_t, CUdeviceptr))  \
+	X(cuGraphInstantiateWithFlags, (void **, void *, u64))                     \
+	X(cuGraphExecDestroy, (void *))                                            \
+	X(cuGraphDestroy, (void *))                                                \
+	X(cuDeviceGraphMemTrim, (int))                                             \
+	X(cuDeviceGetGraphMemAttribute, (int, int, u64 *))                         \
+	X(cuIpcOpenMemHandle_v2, (CUdeviceptr *, CUipcHandle, unsigned))           \
+	X(cuIpcCloseMemHandle, (CUdeviceptr))                                      \
+	X(cuIpcGetEventHandle, (CUipcHandle *, void *))                            \
+	X(cuIpcOpenEventHandle, (void **, CUipcHandle))
 // The pointers' assembler names differ from the functions' (cudaprog-linked refers to both).
 #define DECLARE(name, args) static CUresult(*name) args __asm__("fp_" #name);
 FUNCS(DECLARE)
@@ -125,7 +164,8 @@ static void *lib;
 
 // ---- named objects ----
 
-enum kind { MEM = 1, HOST = 2, HANDLE = 4, RES = 8, CTX = 16 };
+enum kind { MEM = 1, HOST = 2, HANDLE = 4, RES = 8, CTX = 16, ARR = 32, MIP = 64, GRAPH = 128, EXEC = 256,
+	    STREAM = 512, EVENT = 1024 };
 struct obj {
 	char *name;
 	enum kind kind;
@@ -506,7 +546,8 @@ static int fill_one(struct obj *o, u64 seed, unsigned char *buf, char *v)
 	for (size_t off = 0, len; !r && off < o->size; off += len) {
 		len = o->size - off < CHUNK ? o->size - off : CHUNK;
 		pattern(buf, off, len, seed);
-		r = cuMemcpyHtoD_v2(o->val + off, buf, len);
+		r = o->kind == ARR ? cuMemcpyHtoA_v2((void *)(uintptr_t)o->val, off, buf, len)
+				   : cuMemcpyHtoD_v2(o->val + off, buf, len);
 	}
 	return r;
 }
@@ -519,7 +560,8 @@ static int check_one(struct obj *o, u64 seed, unsigned char *buf, char *v)
 	for (size_t off = 0, len; !r && off < o->size; off += len) {
 		len = o->size - off < CHUNK ? o->size - off : CHUNK;
 		pattern(want, off, len, seed);
-		if ((r = cuMemcpyDtoH_v2(buf, o->val + off, len)))
+		if ((r = o->kind == ARR ? cuMemcpyAtoH_v2(buf, (void *)(uintptr_t)o->val, off, len)
+					: cuMemcpyDtoH_v2(buf, o->val + off, len)))
 			break;
 		for (size_t i = 0; i < len; i++)
 			if (buf[i] != want[i])
@@ -549,8 +591,8 @@ static int each(const char *name, int kinds, u64 seed, int (*fn)(struct obj *, u
 	return r;
 }
 
-static int c_fill(char **a, u64 *n, char *v) { return each(a[1], MEM | HOST | RES, n[2], fill_one, v); }
-static int c_check(char **a, u64 *n, char *v) { return each(a[1], MEM | HOST | RES, n[2], check_one, v); }
+static int c_fill(char **a, u64 *n, char *v) { return each(a[1], MEM | HOST | RES | ARR, n[2], fill_one, v); }
+static int c_check(char **a, u64 *n, char *v) { return each(a[1], MEM | HOST | RES | ARR, n[2], check_one, v); }
 
 static int c_ptr(char **a, u64 *n, char *v)
 {
@@ -641,6 +683,9 @@ static int c_ipc(char **a, u64 *n, char *v)
 }
 
 static int c_sync(char **a, u64 *n, char *v) { return cuCtxSynchronize(); }
+
+#include "cudaprog_more.c"
+
 
 static void sleep_ms(void *arg)
 {
@@ -1018,6 +1063,7 @@ static const struct command {
 	{"spin", "www", c_spin, true},         {"spinstat", "w", c_spinstat, false},
 	{"spinstop", "w", c_spinstop, false},  {"counts", "", c_counts, true},
 	{"busy", "n", c_busy, true},
+	MORE_COMMANDS
 };
 
 static void exec(char *line, char *reply);

@@ -2,7 +2,9 @@
 // Every cu* entry point is a distinct, non-inlined exported function and never calls
 // another export, so a uprobe on one symbol fires exactly once per API call.
 // With FAKECUDA_SHARED_STATE it also emulates the driver's process checkpoint API across processes
-// (cuCheckpointProcess*: see "the checkpoint API" below).
+// (cuCheckpointProcess*: see "the checkpoint API" below). CUDA arrays, graphs with memory nodes and stream
+// capture, and IPC (legacy, VMM export and import, events) are in fakecuda_arrays.c, fakecuda_graphs.c and
+// fakecuda_ipc.c, included at the end: one library, one translation unit.
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <elf.h>
@@ -90,7 +92,7 @@ __attribute__((visibility("default"))) _Atomic unsigned long long fakecuda_launc
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_once_t config_once = PTHREAD_ONCE_INIT;
 static atomic_bool inited;
-static bool config_failed, no_vmm;
+static bool config_failed, no_vmm, no_fd_handles;
 static int ndev;
 static size_t capacity;
 // Device bytes in use (cuMemAlloc* and cuMemCreate): here, or with FAKECUDA_SHARED_STATE=FILE in that file
@@ -271,6 +273,7 @@ static void configure(void)
 	ndev = n > MAX_DEVICES ? MAX_DEVICES : (int)n;
 	capacity = env_size("FAKECUDA_MEM_BYTES", 8ULL << 30);
 	no_vmm = nv && !strcmp(nv, "1");
+	no_fd_handles = (nv = getenv("FAKECUDA_NO_FD_HANDLES")) && !strcmp(nv, "1");
 	const char *pl = getenv("FAKECUDA_PIN_LIMIT");
 	pin_limited = pl && *pl;
 	pin_limit = env_size("FAKECUDA_PIN_LIMIT", 0);
@@ -467,7 +470,9 @@ API CUresult cuDeviceGetAttribute(int *value, int attrib, CUdevice dev)
 	TRY(check_dev(dev));
 	if (!value)
 		return E_VALUE;
-	*value = attrib == 102 /* VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED */ ? !no_vmm : 0;
+	// 102: VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED; 103: HANDLE_TYPE_POSIX_FILE_DESCRIPTOR_SUPPORTED (exportable VMM
+	// memory), unless FAKECUDA_NO_FD_HANDLES=1
+	*value = attrib == 102 ? !no_vmm : attrib == 103 ? !no_vmm && !no_fd_handles : 0;
 	return OK;
 }
 
@@ -628,7 +633,7 @@ API CUresult cuCtxSynchronize(void)
 
 // ---- ordinary allocations ----
 
-enum kind { K_DEVICE, K_MANAGED, K_HOST };
+enum kind { K_DEVICE, K_MANAGED, K_HOST, K_IPC }; // K_IPC: another process's, opened by legacy IPC (not counted)
 struct alloc {
 	CUdeviceptr ptr;
 	size_t size;
@@ -636,11 +641,19 @@ struct alloc {
 	enum kind kind;
 	void *host; // K_DEVICE while the process is checkpointed: where its bytes are
 	struct alloc *next;
+	int ipc_fd; // K_DEVICE exported by legacy IPC, and K_IPC: the memfd behind the mapping; 0: none
 };
 #define BUCKETS 256
 static struct alloc *allocs[BUCKETS];
 
 static struct alloc **bucket(CUdeviceptr p) { return &allocs[(p >> 12) % BUCKETS]; }
+
+// fakecuda_graphs.c: stream capture and graph memory
+static CUresult async_alloc(CUdeviceptr *dptr, size_t size, CUstream s);
+static CUresult async_free(CUdeviceptr dptr, CUstream s);
+static CUresult graph_free_outside(CUdeviceptr dptr);
+static CUresult graph_launch(CUgraphExec exec);
+static int capture_status(CUstream s);
 
 static CUresult mem_alloc(CUdeviceptr *out, size_t size, enum kind kind)
 {
@@ -666,7 +679,7 @@ static CUresult mem_alloc(CUdeviceptr *out, size_t size, enum kind kind)
 		if (took && kind == K_HOST)
 			pinned -= size;
 	} else {
-		*a = (struct alloc){(uintptr_t)p, size, dev, kind, NULL, *bucket((uintptr_t)p)};
+		*a = (struct alloc){(uintptr_t)p, size, dev, kind, NULL, *bucket((uintptr_t)p), 0};
 		*bucket(a->ptr) = a;
 		*out = a->ptr;
 		if (kind == K_MANAGED)
@@ -685,7 +698,7 @@ static CUresult mem_free(CUdeviceptr ptr, bool host)
 	struct alloc **pp = bucket(ptr), *a;
 	while (*pp && (*pp)->ptr != ptr)
 		pp = &(*pp)->next;
-	if (!(a = *pp) || (a->kind == K_HOST) != host) {
+	if (!(a = *pp) || (a->kind == K_HOST) != host || a->kind == K_IPC) {
 		r = E_VALUE;
 	} else {
 		*pp = a->next;
@@ -694,10 +707,12 @@ static CUresult mem_free(CUdeviceptr ptr, bool host)
 		if (a->kind == K_HOST)
 			pinned -= a->size;
 		munmap((void *)(uintptr_t)a->ptr, a->size);
+		if (a->ipc_fd)
+			close(a->ipc_fd);
 		free(a);
 	}
 	pthread_mutex_unlock(&lock);
-	return r;
+	return r && !host ? graph_free_outside(ptr) : r; // a graph's allocation that outlived its launch
 }
 
 static CUresult host_alloc(void **pp, size_t size)
@@ -728,22 +743,23 @@ API CUresult cuMemAllocManaged(CUdeviceptr *dptr, size_t size, unsigned flags)
 	return mem_alloc(dptr, size, K_MANAGED);
 }
 
-API CUresult cuMemAllocAsync(CUdeviceptr *dptr, size_t size, CUstream s) { return mem_alloc(dptr, size, K_DEVICE); }
-API CUresult cuMemAllocAsync_ptsz(CUdeviceptr *dptr, size_t size, CUstream s) { return mem_alloc(dptr, size, K_DEVICE); }
+// Stream-ordered allocations and frees on a stream being captured become memory nodes of its graph.
+API CUresult cuMemAllocAsync(CUdeviceptr *dptr, size_t size, CUstream s) { return async_alloc(dptr, size, s); }
+API CUresult cuMemAllocAsync_ptsz(CUdeviceptr *dptr, size_t size, CUstream s) { return async_alloc(dptr, size, s); }
 
 API CUresult cuMemAllocFromPoolAsync(CUdeviceptr *dptr, size_t size, CUmemoryPool pool, CUstream s)
 {
-	return mem_alloc(dptr, size, K_DEVICE);
+	return async_alloc(dptr, size, s);
 }
 
 API CUresult cuMemAllocFromPoolAsync_ptsz(CUdeviceptr *dptr, size_t size, CUmemoryPool pool, CUstream s)
 {
-	return mem_alloc(dptr, size, K_DEVICE);
+	return async_alloc(dptr, size, s);
 }
 
 API CUresult cuMemFree_v2(CUdeviceptr dptr) { return mem_free(dptr, false); }
-API CUresult cuMemFreeAsync(CUdeviceptr dptr, CUstream s) { return mem_free(dptr, false); }
-API CUresult cuMemFreeAsync_ptsz(CUdeviceptr dptr, CUstream s) { return mem_free(dptr, false); }
+API CUresult cuMemFreeAsync(CUdeviceptr dptr, CUstream s) { return async_free(dptr, s); }
+API CUresult cuMemFreeAsync_ptsz(CUdeviceptr dptr, CUstream s) { return async_free(dptr, s); }
 API CUresult cuMemHostAlloc(void **pp, size_t size, unsigned flags) { return host_alloc(pp, size); }
 API CUresult cuMemAllocHost_v2(void **pp, size_t size) { return host_alloc(pp, size); }
 API CUresult cuMemFreeHost(void *p) { return mem_free((uintptr_t)p, true); }
@@ -810,6 +826,8 @@ struct handle {
 	size_t size;
 	int maps; // live mappings; memory stays counted until released and unmapped
 	bool released;
+	bool imported; // made from another process's exported descriptor: its capacity is the exporter's
+	int types;     // the shareable handle types it was created for (1: POSIX file descriptor)
 	struct handle *next;
 };
 struct range { // a reservation (h == NULL) or a mapping
@@ -835,7 +853,8 @@ static void handle_put(struct handle *h)
 {
 	if (!h->released || h->maps)
 		return;
-	give(h->dev, h->size);
+	if (!h->imported)
+		give(h->dev, h->size);
 	close(h->fd);
 	*handle_find(h->id) = h->next;
 	free(h);
@@ -903,7 +922,9 @@ API CUresult cuMemCreate(CUmemGenericAllocationHandle *handle, size_t size, cons
 		return E_OOM;
 	pthread_mutex_lock(&lock);
 	bool took = take(dev, size);
-	int fd = took ? memfd_create("fakecuda-vmm", MFD_CLOEXEC) : -1;
+	char name[32]; // the device is in the name: cuMemImportFromShareableHandle reads it back
+	snprintf(name, sizeof name, "fakecuda-vmm-d%d", dev);
+	int fd = took ? memfd_create(name, MFD_CLOEXEC) : -1;
 	if (fd < 0 || ftruncate(fd, size)) {
 		r = E_OOM;
 		if (fd >= 0)
@@ -912,7 +933,8 @@ API CUresult cuMemCreate(CUmemGenericAllocationHandle *handle, size_t size, cons
 			give(dev, size);
 		free(h);
 	} else {
-		*h = (struct handle){.id = next_handle++, .fd = fd, .dev = dev, .size = size, .next = handles};
+		*h = (struct handle){.id = next_handle++, .fd = fd, .dev = dev, .size = size, .next = handles,
+				     .types = prop->requestedHandleTypes};
 		handles = h;
 		*handle = h->id;
 	}
@@ -1187,7 +1209,7 @@ API CUresult cuMemPrefetchAsync_ptsz(CUdeviceptr p, size_t n, CUdevice dev, CUst
 
 // ---- address ranges and IPC ----
 
-enum { R_NONE, R_DEVICE, R_MANAGED, R_HOST, R_VMM };
+enum { R_NONE, R_DEVICE, R_MANAGED, R_HOST, R_VMM, R_IPC };
 
 // The allocation (ordinary, or a VMM mapping) containing p, and its kind. Lock held.
 static int find_range(CUdeviceptr p, CUdeviceptr *base, size_t *size)
@@ -1196,7 +1218,8 @@ static int find_range(CUdeviceptr p, CUdeviceptr *base, size_t *size)
 		for (struct alloc *a = allocs[b]; a; a = a->next)
 			if (p >= a->ptr && p - a->ptr < a->size) {
 				*base = a->ptr, *size = a->size;
-				return a->kind == K_DEVICE ? R_DEVICE : a->kind == K_MANAGED ? R_MANAGED : R_HOST;
+				return a->kind == K_DEVICE ? R_DEVICE : a->kind == K_MANAGED ? R_MANAGED
+				       : a->kind == K_IPC ? R_IPC : R_HOST;
 			}
 	for (struct range *m = mappings; m; m = m->next)
 		if (p >= m->va && p - m->va < m->size) {
@@ -1224,7 +1247,10 @@ API CUresult cuMemGetAddressRange_v2(CUdeviceptr *base, size_t *size, CUdevicept
 	return OK;
 }
 
-// cuMemAlloc memory can be shared with another process; VMM memory cannot (it has its own export path).
+static CUresult share_alloc(CUdeviceptr base, int *fd); // fakecuda_ipc.c
+
+// cuMemAlloc memory can be shared with another process; VMM memory cannot (it has its own export path). The
+// handle names this process and a descriptor of the memfd the allocation now lives in (fakecuda_ipc.c).
 API CUresult cuIpcGetMemHandle(void *handle, CUdeviceptr p)
 {
 	GATED;
@@ -1234,12 +1260,13 @@ API CUresult cuIpcGetMemHandle(void *handle, CUdeviceptr p)
 	if (!handle)
 		return E_VALUE;
 	pthread_mutex_lock(&lock);
-	int kind = find_range(p, &b, &n);
+	int kind = find_range(p, &b, &n), fd = 0;
+	CUresult r = kind != R_DEVICE ? E_VALUE : share_alloc(b, &fd);
 	pthread_mutex_unlock(&lock);
-	if (kind != R_DEVICE)
-		return E_VALUE;
+	if (r)
+		return r;
 	memset(handle, 0, 64);
-	snprintf(handle, 64, "fakecuda-ipc %d %llx %zx", getpid(), b, n);
+	snprintf(handle, 64, "fakecuda-ipc %d %d %zx", getpid(), fd, n);
 	uses_ipc = true;
 	return OK;
 }
@@ -1248,6 +1275,7 @@ API CUresult cuIpcGetMemHandle(void *handle, CUdeviceptr p)
 
 struct CUstream_st {
 	CUdevice dev;
+	struct CUgraph_st *capture; // the graph being captured on it (fakecuda_graphs.c); NULL: none
 };
 
 API CUresult cuStreamCreate(CUstream *stream, unsigned flags)
@@ -1259,7 +1287,7 @@ API CUresult cuStreamCreate(CUstream *stream, unsigned flags)
 		return E_VALUE;
 	if (!(*stream = malloc(sizeof **stream)))
 		return E_OOM;
-	(*stream)->dev = dev;
+	**stream = (struct CUstream_st){.dev = dev};
 	return OK;
 }
 
@@ -1287,11 +1315,11 @@ API CUresult cuStreamQuery_ptsz(CUstream stream)
 	GATED;
 	return current(NULL);
 }
-API CUresult cuStreamIsCapturing(CUstream stream, int *status) // never: graphs are not emulated
+API CUresult cuStreamIsCapturing(CUstream stream, int *status)
 {
 	if (!status)
 		return E_VALUE;
-	*status = 0;
+	*status = capture_status(stream);
 	return current(NULL);
 }
 
@@ -1413,8 +1441,8 @@ API CUresult cuLaunchCooperativeKernel_ptsz(CUfunction f, unsigned gx, unsigned 
 	return launch();
 }
 
-API CUresult cuGraphLaunch(CUgraphExec exec, CUstream s) { return launch(); }
-API CUresult cuGraphLaunch_ptsz(CUgraphExec exec, CUstream s) { return launch(); }
+API CUresult cuGraphLaunch(CUgraphExec exec, CUstream s) { return graph_launch(exec); }
+API CUresult cuGraphLaunch_ptsz(CUgraphExec exec, CUstream s) { return graph_launch(exec); }
 
 API CUresult cuModuleGetFunction(CUfunction *f, void *module, const char *name)
 {
@@ -1601,7 +1629,7 @@ static CUresult checkpoint_memory(void)
 			}
 	if (!r) {
 		for (struct handle *h = handles; h; h = h->next)
-			out[phys[h->dev]] += h->size;
+			out[phys[h->dev]] += h->imported ? 0 : h->size;
 		for (struct range *m = mappings; m; m = m->next)
 			mmap((void *)(uintptr_t)m->va, m->size, PROT_NONE, ANON | MAP_FIXED, -1, 0);
 		for (int p = 0; p < MAX_DEVICES; p++)
@@ -2019,3 +2047,7 @@ API CUresult cuGetProcAddress_v2(const char *symbol, void **pfn, int cudaVersion
 {
 	return proc_address(symbol, pfn, flags, symbolStatus);
 }
+
+#include "fakecuda_arrays.c"
+#include "fakecuda_graphs.c"
+#include "fakecuda_ipc.c"
