@@ -160,6 +160,12 @@ def alive(pid: int) -> bool:
     return os.path.exists(f"/proc/{pid}")
 
 
+def stopped(pid: int) -> bool:
+    """Whether the process is stopped by a signal (state T), not traced."""
+    stat = proc_stat(pid)
+    return stat is not None and stat.state == "T"
+
+
 def pids() -> list[int]:
     return [int(name) for name in os.listdir("/proc") if name.isdigit()]
 

@@ -61,6 +61,7 @@ class Daemon:
         self.checkpointer = Checkpointer(
             None, self.ledger, CheckpointSettings(scheduler.move_plain, scheduler.lock_timeout_ms),
             why_not="the driver is opened at start", ipc_user=lambda pid: pid in tracer.room.ipc_users(),
+            stopped_beside=self._stopped_beside,
             host_room=lambda pid, n: self.host.room_for(pid, n, self.host.reading(self.interposed.enforcement())))
         self._driver_path = config.daemon.driver if config is not None else ""
         self.pauser = Pauser(self.interposed, self.ledger, self.checkpointer, self.room_for, self.device_holding)
@@ -123,6 +124,12 @@ class Daemon:
         free = free_bytes(self.view(), settings.reserve_bytes, settings.context_bytes)
         wanted = [free.get(gpu) for gpu in gpus] if gpus else list(free.values())
         return bool(wanted) and all(f is not None and f >= nbytes for f in wanted)
+
+    def _stopped_beside(self, pid: int) -> int | None:
+        """A CUDA process stopped (SIGSTOP, by anyone) other than `pid`, if any: on any GPU, or on none yet (stopped
+        at its first allocation)."""
+        candidates = {r.pid for r in self.view().processes} | set(self.ledger.stopped())
+        return next((p for p in sorted(candidates - {pid}) if procfs.stopped(p)), None)
 
     def _checkpointed_bytes(self) -> int:
         """What the driver holds in host memory for the processes it checkpointed."""

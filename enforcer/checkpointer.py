@@ -27,7 +27,9 @@ TIMEOUTS_BEFORE_UNMOVABLE = 3
 # A checkpoint puts what the process held into its own anonymous memory (H200, driver 580: 60 GiB checkpointed
 # with 124.6 GB available; 80 and 100 GiB with about 123 GB available failed half way with
 # CUDA_ERROR_OPERATING_SYSTEM and left the process without a usable CUDA state). Until the cause is known a
-# checkpoint is asked for only where the host can spare this many times what the process holds.
+# checkpoint is asked for only where the host can spare this many times what the process holds. Both failed
+# checkpoints of the notebook runs (80 and 60 GiB) had a SIGSTOPped CUDA process beside them (stopped at its
+# allocation), every successful one did not: no checkpoint is asked for beside a stopped process.
 HOST_FACTOR = 1.5
 # Until measured: the H200's checkpoint of 20 GiB took 10-11.5 s, its restore 3.4-3.8 s (docs/validation.md).
 CHECKPOINT_BYTES_PER_S = 3.2e9
@@ -50,12 +52,13 @@ class CheckpointSettings:
 class Checkpointer:
     def __init__(self, driver: Driver | None, ledger: Ledger, settings: CheckpointSettings = CheckpointSettings(),
                  why_not: str | None = None, host_room: Callable[[int, int], str | None] = lambda pid, n: None,
-                 ipc_user: Callable[[int], bool] = lambda pid: False) -> None:
+                 ipc_user: Callable[[int], bool] = lambda pid: False,
+                 stopped_beside: Callable[[int], int | None] = lambda pid: None) -> None:
         """driver None: no driver library was named or found (why_not says so). host_room(pid, bytes): why the
         host cannot take so much more for the process (None: it can); ipc_user: whether the probes saw the
-        process use legacy CUDA IPC."""
+        process use legacy CUDA IPC; stopped_beside: a stopped process (SIGSTOP) on the process's GPUs."""
         self.driver, self.ledger, self.settings = driver, ledger, settings
-        self.host_room, self.ipc_user = host_room, ipc_user
+        self.host_room, self.ipc_user, self.stopped_beside = host_room, ipc_user, stopped_beside
         self._broken: dict[int, str] = {}  # a checkpoint or restore the driver failed half way: never touched again
         self.why_not = why_not if driver is None else driver.why_not
         self.cost = SwitchCost(bytes_per_s=CHECKPOINT_BYTES_PER_S, latency=0.2, min_sample=1 << 30)
@@ -116,6 +119,11 @@ class Checkpointer:
             raise NotMoved(f"pid {pid} was not checkpointed: {why} (a checkpoint takes what the process holds, "
                            f"{nbytes >> 20} MiB, into its own memory; it is asked for only with {HOST_FACTOR}x that "
                            "spare)", retry=True)
+        if checkpoint and not self.ledger.moved(pid)[0] == CHECKPOINTED and \
+                (other := self.stopped_beside(pid)) is not None:
+            raise NotMoved(f"pid {pid} was not checkpointed: pid {other} on its GPU is stopped (SIGSTOP), and on "
+                           "the H200 (driver 580) checkpoints beside a stopped CUDA process failed half way and "
+                           "lost the process's CUDA state", retry=True)
         with self._lock_of(pid):
             moved = self.ledger.moved(pid)[0]
             if not moved:

@@ -79,8 +79,7 @@ class Enforcer:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._aside.close()
 
-    def summary(self) -> SchedulerSummary:
-        # SchedulingStats.waited counts a wait in every bucket at or above it: the buckets are cumulative already
+    def summary(self) -> SchedulerSummary:  # the wait buckets are cumulative already (SchedulingStats.waited)
         return SchedulerSummary(tuple(zip(WAIT_BUCKETS, self._waits.wait_buckets)), self._waits.wait_count,
                                 self._waits.wait_seconds)
 
@@ -104,7 +103,7 @@ class Enforcer:
 
     def tick(self, now: float) -> dict[int, Decision]:
         snap, pages = self.view()
-        self.plain.begin()
+        self.plain.begin(snap)
         decisions: dict[int, list[Decision]] = {}
         leaving = self.interposed.detached_within(LEAVING_S) - set(pages)
         # paused by hand or stopped at a quota: planned around, never resumed or stopped by the scheduler
@@ -160,6 +159,8 @@ class Enforcer:
         account(self.stats, self._waits, combined, any(s.contended for s in self._schedulers.values()),
                 self.settings.tick_s, now)
         self._apply(combined, pages)
+        for scheduler in self._schedulers.values():
+            scheduler.started(time.monotonic())
         self._give_back_pinned(snap, pages, combined)
         self.plain.room_stops(self.view, snap, pages, now, unplaceable, hopeless, self.settings,
                               set(self.interposed.pids()))

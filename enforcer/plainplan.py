@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
+from ..core.procfs import stopped
 from ..core.view import HostMemory, ProcessGpu, Snapshot
 from ..core.vocabulary import CHECKPOINTED, Priority
 from .checkpointer import HOST_FACTOR
@@ -21,13 +22,16 @@ class PlainPlanner:
     def __init__(self, pauser: Pauser, host: HostBudget | None, room: RoomStops | None) -> None:
         self.pauser, self.host, self.room = pauser, host, room
         self.wanted: dict[int, dict[int, int]] = {}  # pid -> what its stopped allocations ask, per GPU
+        self._stopped: set[int] = set()
 
     def room_on(self) -> bool:
         """Whether allocations of processes without the interposer are held to the room their GPU has."""
         return self.room is not None and self.pauser.checkpointer.usable()
 
-    def begin(self) -> None:
+    def begin(self, snap: Snapshot) -> None:
         self.wanted = self.room.wanted() if self.room is not None else {}
+        # beside a stopped CUDA process no checkpoint is asked for (Checkpointer.stopped_beside): any, on any GPU
+        self._stopped = {r.pid for r in snap.processes if stopped(r.pid)} | set(self.wanted)
 
     def client(self, row: ProcessGpu, priority: Priority, exclusive: bool, host: HostMemory | None,
                settings: SchedulerSettings, host_bound: dict[int, int]) -> Client:
@@ -39,7 +43,7 @@ class PlainPlanner:
         else:
             need = row.nvml_bytes if row.nvml_bytes is not None else row.device_bytes + settings.context_bytes
         # stopped at an allocation (SIGSTOP): it cannot be locked now, and it needs what it asks for
-        movable = need if self.pauser.checkpointer.movable(row.pid) and row.pid not in self.wanted else 0
+        movable = need if self.pauser.checkpointer.movable(row.pid) and not self._stopped - {row.pid} else 0
         if movable and moved != CHECKPOINTED and host is not None and self.host is not None and \
                 self.host.room_for(row.pid, int(need * HOST_FACTOR), host) is not None:
             host_bound[row.pid], movable = need, 0

@@ -63,6 +63,7 @@ class Scheduler:
     slack: int = 0                # bytes moved beyond the running set's need, so that it can grow a little
                                   # (a training's first steps) without waiting for room again
     _seen: dict[int, _History] = field(default_factory=dict)
+    _fresh: set[int] = field(default_factory=set)  # started running at the last decision
     contended: bool = False
 
     def decide(self, clients: list[Client], now: float) -> dict[int, Decision]:
@@ -135,10 +136,22 @@ class Scheduler:
         fixed = sum(o.fixed for o in clients if o.pid != c.pid)
         return fixed + c.need_bytes <= self.capacity
 
+    def started(self, at: float) -> None:
+        """The moves that let the last decision's newcomers run ended at `at`: their slices start then, not
+        when the decision was made (a checkpoint of 60 GiB takes 30 s, which is no part of anyone's slice)."""
+        for pid in self._fresh:
+            h = self._seen.get(pid)
+            if h is not None and h.running_since is not None:
+                h.running_since = max(h.running_since, at)
+                h.busy_at = max(h.busy_at, at)
+        self._fresh = set()
+
     def _account(self, clients: list[Client], run: set[int], now: float) -> None:
+        self._fresh = set()
         for c in clients:
             h = self._seen[c.pid]
             if c.pid in run and h.running_since is None:
+                self._fresh.add(c.pid)
                 h.running_since = now
                 h.busy_at = max(h.busy_at, now)  # a fresh slice starts busy: the gate just opened
             elif c.pid not in run and h.running_since is not None:

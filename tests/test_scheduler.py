@@ -176,3 +176,19 @@ def test_slack_moves_a_little_more_than_the_running_set_needs() -> None:
     assert sorted(d.swap_bytes for d in decisions.values()) == [0, 22 * GiB]
     fits = s.decide([Client(1, 40 * GiB, 40 * GiB), Client(2, 60 * GiB, 60 * GiB)], 1.0)
     assert all(d == Decision(Verdict.RUN) for d in fits.values())  # no slack where nothing moves
+
+
+def test_a_slice_starts_when_the_moves_that_made_room_for_it_end() -> None:
+    """A checkpoint of a plain process takes tens of seconds inside the decision that ran the other: that
+    time is no part of the other's slice, or it would be sent back at once (the H200's mixed run did that)."""
+    s = Scheduler(capacity=100 * GiB, quantum=10.0)
+    plain = Client(1, 60 * GiB, movable_bytes=60 * GiB, interposed=False, launches=1)
+    newcomer = Client(2, 90 * GiB, movable_bytes=90 * GiB, launches=1)
+    assert s.decide([plain], 0.0)[1].verdict is Verdict.RUN
+    d = s.decide([replace(plain, launches=2), newcomer], 11.0)  # the plain one's quantum is over
+    assert d[2].verdict is Verdict.RUN and d[1].verdict is Verdict.SWAP
+    s.started(41.0)  # its checkpoint took 30 s
+    d = s.decide([replace(plain, launches=2), replace(newcomer, launches=5)], 41.05)
+    assert d[2].verdict is Verdict.RUN and d[1].verdict is Verdict.SWAP  # its slice runs from 41 s
+    d = s.decide([replace(plain, launches=2), replace(newcomer, launches=9)], 51.1)
+    assert d[1].verdict is Verdict.RUN  # and ends 10 s later
