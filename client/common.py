@@ -1,12 +1,23 @@
-"""What the commands share: `--socket` and `-v`, given before the command or after it, and the warning when
-the daemon made a change that its state file does not hold."""
+"""What the commands share: `--socket` and `-v`, given before the command or after it, sizes, the one-line
+error, and the warning when the daemon made a change that its state file does not hold."""
 from __future__ import annotations
 
 import argparse
 import sys
 from typing import Any
 
-from ..core.vocabulary import DEFAULT_CONFIG, DEFAULT_SOCKET
+from ..core.vocabulary import DEFAULT_CONFIG, DEFAULT_SOCKET, SizeError, parse_size
+
+
+class UsageError(Exception):
+    """Raised by a command with one line for the user (the daemon's start-up problems among them)."""
+
+
+def size_argument(text: str) -> int:
+    try:
+        return parse_size(text)
+    except SizeError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def common_options(p: argparse.ArgumentParser, top: bool = False, run: bool = False) -> None:
