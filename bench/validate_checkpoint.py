@@ -38,7 +38,6 @@ from validate_sharing import GW, OUT, Job, call, gw, log
 
 GiB = 1 << 30
 JOB = str(Path(__file__).resolve().parent / "enforcer_job.py")
-CONFIG = Path("/tmp/gw-checkpoint.toml")
 DAEMON: dict[str, subprocess.Popen] = {}
 # The issue's sizes are 80 (notebook) and 100 + 60 (mixed); on the 125 GiB H200 host a checkpoint is asked for
 # only with 1.5x its size spare (enforcer/checkpointer.py HOST_FACTOR), so the plain sides are 60 GiB here.
@@ -145,26 +144,9 @@ def _ipc() -> None:
 
 def start_daemon(fresh_log: bool = True, quantum_ms: int = 10000) -> subprocess.Popen:
     """quantum_ms 0: the scheduler derives it from the cost of the moves it plans."""
-    CONFIG.write_text(f"[scheduler]\nquantum_ms = {quantum_ms}\nroom_wait_ms = 120000\n\n[metrics]\nenabled = false\n")
-    daemon = subprocess.Popen([*GW, "run", "--config", str(CONFIG)], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
-
-    def keep() -> None:
-        with open(OUT / "checkpoint-daemon.log", "w" if fresh_log else "a") as f:
-            for line in daemon.stdout or ():
-                f.write(f"{time.strftime('%H:%M:%S')}.{int(time.time() * 1000) % 1000:03d} {line}")
-                f.flush()
-    threading.Thread(target=keep, daemon=True).start()
-    for _ in range(1200):
-        try:
-            call("status")
-            DAEMON["proc"] = daemon
-            return daemon
-        except Exception:
-            if daemon.poll() is not None:
-                raise SystemExit("the daemon exited: see checkpoint-daemon.log") from None
-            time.sleep(0.1)
-    raise SystemExit("the daemon did not answer in 120 s")
+    DAEMON["proc"] = vs.start_daemon(f"[scheduler]\nquantum_ms = {quantum_ms}\nroom_wait_ms = 120000\n\n"
+                                     "[metrics]\nenabled = false\n", "checkpoint-daemon.log", fresh_log)
+    return DAEMON["proc"]
 
 
 def restart_daemon(quantum_ms: int) -> None:

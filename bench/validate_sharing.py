@@ -381,14 +381,18 @@ def cleanup() -> float:
     return round(time.time() - t, 1)
 
 
-def start_daemon() -> subprocess.Popen:
-    config = Path("/tmp/gw-sharing.toml")
-    config.write_text(f'[scheduler]\nroom_wait_ms = {int(ROOM_WAIT_S * 1000)}\n\n[metrics]\nlisten = "{METRICS}"\n')
+def start_daemon(config_text: str | None = None, log_name: str = "sharing-daemon.log",
+                 fresh_log: bool = True) -> subprocess.Popen:
+    """The checkout's daemon in its own session, its output timestamped into OUT/log_name; returns once it answers.
+    config_text: its configuration (default: this scenario set's)."""
+    config = Path(f"/tmp/gw-{Path(log_name).stem}.toml")
+    config.write_text(config_text or
+                      f'[scheduler]\nroom_wait_ms = {int(ROOM_WAIT_S * 1000)}\n\n[metrics]\nlisten = "{METRICS}"\n')
     daemon = subprocess.Popen([*GW, "run", "--config", str(config)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, start_new_session=True)
 
     def keep() -> None:
-        with open(OUT / "sharing-daemon.log", "w") as f:
+        with open(OUT / log_name, "w" if fresh_log else "a") as f:
             for line in daemon.stdout:
                 f.write(f"{time.strftime('%H:%M:%S')}.{int(time.time() * 1000) % 1000:03d} {line}")
                 f.flush()
@@ -400,7 +404,7 @@ def start_daemon() -> subprocess.Popen:
             return daemon
         except Exception:
             if daemon.poll() is not None:
-                raise SystemExit("the daemon exited: see sharing-daemon.log") from None
+                raise SystemExit(f"the daemon exited: see {log_name}") from None
             time.sleep(0.1)
     raise SystemExit("the daemon did not answer in 120 s")
 

@@ -29,7 +29,7 @@ from ..core.procfs import PF_KTHREAD, cgroup2_root, process_cgroup, proc_stat, s
 from ..core.protocol import ControlError
 from ..core.vocabulary import ACTIONS, MAX_SIZE, STOPPED, size_problem
 from ..probes.model import Event, EventType
-from ..probes.quotamaps import QuotaStop
+from ..probes.quotamaps import QuotaStop, by_process
 from .ledger import QUOTA, Ledger
 from .records import Enforcement
 
@@ -438,15 +438,8 @@ class QuotaEnforcer:
     def _reconcile(self, now: float) -> None:
         """Take up new stops (kill, or wait), then continue every stopped process whose allocation fits."""
         changed = False
-        by_pid: dict[int, list[QuotaStop]] = {}
-        for s in self.maps.stops():
-            by_pid.setdefault(s.pid, []).append(s)
-        for pid, stops in by_pid.items():
-            stat = proc_stat(pid)
-            if stat is None:
-                for s in stops:
-                    self.maps.clear_stop(pid, s.tid)
-                continue
+        by_pid = by_process(self.maps.stops(), self.maps.clear_stop)
+        for pid, (stat, stops) in by_pid.items():
             rec = self._stopped.get(pid)
             if rec is None or rec.start_time != stat.start_time:
                 rec = _Stopped(stat.start_time, self._group_of(pid), now, stops)
@@ -466,8 +459,8 @@ class QuotaEnforcer:
                     log.info("pid %d killed (SIGKILL): it reached the quota of %s", pid, group.name)
             rec.stops = stops
         for pid, rec in list(self._stopped.items()):
-            stat = proc_stat(pid)
-            if pid not in by_pid or stat is None or stat.start_time != rec.start_time:
+            now_stat = proc_stat(pid)
+            if pid not in by_pid or now_stat is None or now_stat.start_time != rec.start_time:
                 del self._stopped[pid]  # it exited (the exit probe dropped its stops)
                 self.ledger.forget(pid)
                 changed = True

@@ -12,10 +12,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from ..core.procfs import proc_stat, send_signal
+from ..core.procfs import send_signal
 from ..core.view import ProcessGpu, Snapshot
 from ..core.vocabulary import CHECKPOINTED
-from ..probes.quotamaps import QuotaStop
+from ..probes.quotamaps import QuotaStop, by_process
 from .ledger import ROOM, Ledger
 
 log = logging.getLogger(__name__)
@@ -79,15 +79,8 @@ class RoomStops:
         """Take up new stops; continue each process whose allocations fit (`free`: per GPU, now), or that cannot
         fit even alone (`hopeless`), or that cannot be placed beside what cannot move (`unplaceable`) and waited
         room_wait_s or was refused a moment ago. A process that waits for its turn waits for it."""
-        by_pid: dict[int, list[QuotaStop]] = {}
-        for s in self.maps.stops():
-            by_pid.setdefault(s.pid, []).append(s)
-        for pid, stops in by_pid.items():
-            stat = proc_stat(pid)
-            if stat is None:
-                for s in stops:
-                    self.maps.clear_stop(pid, s.tid)
-                continue
+        by_pid = by_process(self.maps.stops(), self.maps.clear_stop)
+        for pid, (stat, stops) in by_pid.items():
             w = self._waiting.get(pid)
             if w is None or w.start_time != stat.start_time:
                 w = self._waiting[pid] = _Waiting(stat.start_time, now)

@@ -10,6 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ..core.procfs import ProcStat, proc_stat
+
 
 @dataclass(frozen=True)
 class QuotaStop:
@@ -21,6 +23,24 @@ class QuotaStop:
     kind: int
     group_used: int               # what the quota group held at the stop
     limit: int
+
+
+def by_process(stops: list[QuotaStop],
+               clear: Callable[[int, int], None]) -> dict[int, tuple[ProcStat, list[QuotaStop]]]:
+    """Stopped allocations by process, with its stat; those of a process gone are cleared (its exit probe may not
+    have run yet)."""
+    grouped: dict[int, list[QuotaStop]] = {}
+    for s in stops:
+        grouped.setdefault(s.pid, []).append(s)
+    out = {}
+    for pid, mine in grouped.items():
+        stat = proc_stat(pid)
+        if stat is None:
+            for s in mine:
+                clear(pid, s.tid)
+        else:
+            out[pid] = (stat, mine)
+    return out
 
 
 def signed(v: int) -> int:
