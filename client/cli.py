@@ -108,6 +108,9 @@ def cmd_status(args: argparse.Namespace) -> int:
           f"{h['events_lost']}   NVML: {'yes' if h['nvml'] else 'no'}   processes: {status['processes']}   "
           f"interposed: {status.get('interposed', 0)}")
     print("libraries: " + (", ".join(h["libraries"]) or "none yet (waiting for a process to load libcuda)"))
+    if (checkpoint := status.get("checkpoint")) is not None:
+        print("moving processes not under the interposer (the driver's checkpoint API): " +
+              ("yes" if checkpoint["move_plain"] else f"no ({checkpoint['why_not']})"))
     if (host := status.get("host")) is not None:
         cap = f", cap {human_bytes(host['limit_bytes'])}" if host["limit_bytes"] is not None else ""
         print(f"host memory for swapping: {human_bytes(host['pinned_bytes'])} pinned "

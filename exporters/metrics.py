@@ -72,7 +72,8 @@ LABELLED_METRICS: list[tuple[str, str, str, str, Callable[[ProcessGpu], list[tup
      "(on its first GPU's row)", "counter", "direction",
      lambda r: [("out", r.swap_out_bytes_total), ("in", r.swap_in_bytes_total)] if r.interposed else []),
     ("gpuwatch_process_state", "What the process is doing (1 for the current state): paused and swap states under "
-     "the interposer, stopped when paused with SIGSTOP", "gauge", "state",
+     "the interposer or the driver's lock, stopped when paused with SIGSTOP, checkpointed when the driver holds "
+     "its memory in host memory", "gauge", "state",
      lambda r: [(s, 1 if s == r.state else 0) for s in STATES]),
     ("gpuwatch_process_waiting", "1 while the process does not run, labelled with why (on each of its rows): "
      "paused_by_hand, quota, waiting_for_device_memory, waiting_for_host_memory, preempted, slice, exclusive",
