@@ -14,6 +14,7 @@ from ..core.events import Event, EventType, Kind
 from .common import UsageError, common_options, size_argument
 from .control import cmd_pause, cmd_policy, cmd_priority, cmd_quota, cmd_resume, quota_size
 from .launch import LaunchError, child_environment, exec_command, interposer_library
+from .move import add_move_parser
 
 
 
@@ -232,6 +233,8 @@ def parser() -> argparse.ArgumentParser:
     pause.add_argument("--swap", nargs="?", const=0, type=size_argument, metavar="SIZE",
                        help="also move at least SIZE (default: all it can) of its device memory to host memory")
     pause.set_defaults(func=cmd_pause)
+
+    add_move_parser(sub)
 
     resume = sub.add_parser("resume", help="resume a paused process (as root)")
     resume.add_argument("pid", type=positive_pid, metavar="PID")

@@ -94,6 +94,18 @@ class Driver:
             args.gpuPairs, args.gpuPairsCount = ctypes.cast(array, ctypes.POINTER(GpuPair)), len(pairs)
         self._call("cuCheckpointProcessRestore", self._lib.cuCheckpointProcessRestore, pid, ctypes.byref(args))
 
+    def uuids(self) -> list[bytes]:
+        """The 16-byte UUID of every GPU this driver sees (in the daemon: every GPU of the host)."""
+        count = ctypes.c_int(0)
+        self._call("cuDeviceGetCount", self._lib.cuDeviceGetCount, ctypes.byref(count))
+        get = getattr(self._lib, "cuDeviceGetUuid_v2", None) or self._lib.cuDeviceGetUuid
+        found = []
+        for ordinal in range(count.value):
+            uuid = _Uuid()
+            self._call("cuDeviceGetUuid", get, ctypes.byref(uuid), ordinal)
+            found.append(bytes(uuid))  # all 16 bytes: `.bytes` would stop at a zero byte
+        return found
+
     def unlock(self, pid: int) -> None:
         self._call("cuCheckpointProcessUnlock", self._lib.cuCheckpointProcessUnlock, pid,
                    ctypes.byref(_Reserved()))

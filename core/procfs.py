@@ -19,6 +19,9 @@ class ProcInfo:
     user: str
     container_id: str
     pod_uid: str
+    namespace: str = ""      # Kubernetes' names of its pod and container, as the daemon resolved them
+    pod: str = ""
+    container: str = ""
 
 
 def container_of(cgroup_text: str) -> tuple[str, str]:

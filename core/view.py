@@ -30,6 +30,9 @@ class ProcessGpu:
     user: str = "?"
     container_id: str = ""   # empty on the host
     pod_uid: str = ""        # empty outside Kubernetes
+    namespace: str = ""      # its pod's namespace, the pod's name and the container's: empty outside Kubernetes
+    pod: str = ""
+    container: str = ""
     device_bytes: int = 0
     managed_bytes: int = 0
     host_pinned_bytes: int = 0
@@ -62,6 +65,8 @@ class ProcessGpu:
     slice_seconds: float = 0.0    # time it ran while the scheduler sliced its GPU
     wait_seconds: float = 0.0     # time it waited for its turn
     preemptions: int = 0          # times the scheduler paused, swapped out or stopped it
+    plan: str | None = None       # the scheduler's verdict for it on this GPU at its last round (run, pause, swap,
+                                  # stop); None where it did not plan it
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -1,4 +1,4 @@
-"""The control socket's commands: what `gpuwatch ps`, `status`, `trace`, `pause`, `resume`, `quota`,
+"""The control socket's commands: what `gpuwatch ps`, `status`, `trace`, `pause`, `resume`, `move`, `quota`,
 `priority` and `policy` ask of the daemon, and the interposers' attach. Reads go to the one view."""
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ def commands(daemon: Daemon) -> dict[str, Command]:
         "interposer_attach": Command(takeover=daemon.interposed.attach),
         "pause": Command(c.pause, root_only=True),
         "resume": Command(c.resume, root_only=True),
+        "move": Command(c.move, root_only=True),
         "quota_set": Command(c.quota_set, root_only=True),
         "quota_list": Command(lambda _peer, _request: daemon.quota.groups()),
         "priority": Command(c.priority),  # any user may read; changes are checked per peer
@@ -112,6 +113,13 @@ class _Commands:
 
     def resume(self, _peer: Peer, request: dict[str, Any]) -> dict[str, Any]:
         return self.d.pauser.resume(pid_argument(request))
+
+    def move(self, _peer: Peer, request: dict[str, Any]) -> dict[str, Any]:
+        """A process not under the interposer onto another GPU: `to` is the host's GPU index or its UUID."""
+        pid, to = pid_argument(request), request.get("to")
+        if not ((type(to) is int and to >= 0) or (isinstance(to, str) and 0 < len(to) <= 96)):
+            raise ControlError("move: to must be a GPU's index or UUID")
+        return self._saved(self.d.mover.move(pid, to))
 
     def quota_set(self, _peer: Peer, request: dict[str, Any]) -> dict[str, Any]:
         pid, cgroup, nbytes = request.get("pid"), request.get("cgroup"), request.get("bytes")

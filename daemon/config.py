@@ -102,6 +102,8 @@ class SchedulerSection:
                                         "driver's checkpoint API, where it has one (r570 and later)")
     lock_timeout_ms: int = _number(5000, 10, 600000, "a lock that does not get a process's CUDA calls this soon "
                                                      "leaves it running (three times: it is unmovable)")
+    move_idle: bool = _key(False, None, "move an idle process not under the interposer from an oversubscribed GPU "
+                                        "to another GPU with room for it (the driver's checkpoint API, r580)")
 
 
 @dataclass(frozen=True)

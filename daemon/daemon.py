@@ -10,6 +10,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +20,12 @@ from ..core.vocabulary import STATE_FILE_NAME
 from ..core.checkpoint import Driver
 from ..core.vocabulary import CHECKPOINTED
 from ..enforcer.checkpointer import Checkpointer, CheckpointSettings
+from ..enforcer.contexts import ContextLearner, largest
 from ..enforcer.enforcer import Enforcer, SchedulerSettings
 from ..enforcer.hostmemory import HostBudget, HostSettings
 from ..enforcer.interposed import InterposedRegistry
 from ..enforcer.ledger import Ledger
+from ..enforcer.mover import Mover
 from ..enforcer.pause import Pauser
 from ..enforcer.policy import PolicyState
 from ..enforcer.procevents import ProcEvents
@@ -39,6 +42,7 @@ from ..probes.fanout import Subscription
 from ..probes.libraries import host_libraries
 from .commands import commands
 from .config import Config, InterposerSection, SchedulerSection
+from .kubequota import PodQuotas
 from .paths import check_state_directories
 from .server import ControlServer
 
@@ -78,17 +82,30 @@ class Daemon:
                                  exclusive=self.policy.exclusive, host=self.host,
                                  room=RoomStops(tracer.room, self.ledger)) if scheduler.enabled else None
         self.interposed.room = self.enforcer is not None
-        self._devices = DeviceResolver()
+        self.mover = Mover(self.pauser, lambda: self.view().gpus, self.free_bytes, self.room_for,
+                           lambda pid: self.interposed.get(pid) is not None)
+        if self.enforcer is not None:
+            self.enforcer.placement.mover = self.mover  # [scheduler] move_idle
+        self._devices = DeviceResolver(self.ledger.placement)  # where `gpuwatch move` put processes
         # what processes held before the probes attached (a restart): in their device figures and quotas
         self.seeder = Seeder(tracer.seeds, self._devices.resolve,
                              SchedulerSettings.from_config(scheduler).context_bytes,
                              lambda: tracer.facts(work=False), self.interposed.enforcement)
+        # each process's CUDA context, counted against its quota
+        self.contexts = ContextLearner(lambda: tracer.facts(work=False), self._devices.resolve, lambda: (
+            self.enforcer.settings if self.enforcer else SchedulerSettings.from_config(scheduler)).context_bytes,
+            [self.quota.set_contexts, lambda found: self.policy.recount(sorted(found))])
+        self.policy.context_of = lambda pid: largest(self.contexts.of(pid))
         self._described: dict[int, procfs.ProcInfo] = {}
         tracer.exit_listeners.append(self._forget_exited)
         self.kube: Any = None
         if config is not None and config.kubernetes.enabled:
             from ..kube.node import Kubernetes  # only here: grpc loads only where Kubernetes is on
             self.kube = Kubernetes(config.kubernetes, socket_path)
+        self.pod_quotas = PodQuotas(self.kube, self.quota) if self.kube is not None else None
+        if self.pod_quotas is not None:  # containers' quotas and priorities, applied as the rules' are
+            self.policy.pods, self.pod_quotas.reapply = self.pod_quotas.terms, self.policy.apply
+            self.contexts.each_round.append(self.pod_quotas.retry)
         self.commands = commands(self)
 
     # the view
@@ -103,25 +120,33 @@ class Daemon:
             scheduling=self.enforcer.scheduling() if self.enforcer else {},
             summary=self.enforcer.summary() if self.enforcer else None, priority_of=self.policy.priority_of,
             reasons=self.enforcer.reasons if self.enforcer else {},
+            plans=self.enforcer.placement.plans if self.enforcer else {},
             resolve=self._devices.resolve, describe=self._describe, alive=procfs.alive, host=self.host.reading(pages))
         return build_view(sources), pages
 
     def view(self) -> Snapshot:
         return self.view_and_pages()[0]
 
-    def device_holding(self, pid: int) -> tuple[int, list[int]]:
+    def device_holding(self, pid: int) -> tuple[int, dict[int, int]]:
         """What a process not under the interposer holds on the device (NVML's figure, its context included,
-        else the probes' and a context) and on which GPUs: what a checkpoint of it moves."""
-        rows = [r for r in self.view().processes if r.pid == pid and r.gpu is not None]
+        else the probes' and a context), in all and on each GPU: what a checkpoint of it moves."""
         context = self.enforcer.settings.context_bytes if self.enforcer else 0
-        return (sum(r.nvml_bytes if r.nvml_bytes is not None else r.device_bytes + context for r in rows),
-                sorted({r.gpu for r in rows if r.gpu is not None}))
+        on_gpus: dict[int, int] = {}
+        for r in self.view().processes:
+            if r.pid == pid and r.gpu is not None:
+                on_gpus[r.gpu] = on_gpus.get(r.gpu, 0) + (r.nvml_bytes if r.nvml_bytes is not None else
+                                                          r.device_bytes + context)
+        return sum(on_gpus.values()), on_gpus
+
+    def free_bytes(self) -> dict[int, int]:
+        """What each GPU can still give beside what its processes hold now and the reserve."""
+        settings = self.enforcer.settings if self.enforcer else SchedulerSettings()
+        return free_bytes(self.view(), settings.reserve_bytes, settings.context_bytes)
 
     def room_for(self, nbytes: int, gpus: list[int]) -> bool:
         """Whether every GPU in `gpus` (all, if none is known) has room for `nbytes` beside what the others hold
         now and the reserve: a restore is asked for only then."""
-        settings = self.enforcer.settings if self.enforcer else SchedulerSettings()
-        free = free_bytes(self.view(), settings.reserve_bytes, settings.context_bytes)
+        free = self.free_bytes()
         wanted = [free.get(gpu) for gpu in gpus] if gpus else list(free.values())
         return bool(wanted) and all(f is not None and f >= nbytes for f in wanted)
 
@@ -149,6 +174,9 @@ class Daemon:
     def _describe(self, pid: int) -> procfs.ProcInfo | None:
         info = self._described.get(pid)
         if info is None and (info := procfs.read(pid)) is not None:
+            if self.kube is not None:
+                namespace, pod, container = self.kube.labels_for(pid)
+                info = replace(info, namespace=namespace, pod=pod, container=container)
             self._described[pid] = info
         return info
 
@@ -233,6 +261,7 @@ class Daemon:
             quota_thread.join(timeout=2)
             self.quota.close()
         part("the quota thread", quota_thread.start, stop_quota)
+        part("the contexts", self.contexts.start, self.contexts.close)
         part("the interposers' leases", self.interposed.start, self.interposed.close)
         part("process events", self.procevents.start, self.procevents.close)
         if self.kube is not None:
@@ -285,6 +314,9 @@ class Daemon:
         self.quota.forget(pid)
         self.ledger.forget(pid)
         self.checkpointer.forget(pid)
+        if self.kube is not None and self.pod_quotas is not None:
+            self.kube.forget(pid)
+            self.pod_quotas.forget(pid)
 
     def _quota_loop(self, events: Subscription) -> None:
         """Quota stops as they happen; frees, exits and libcuda opens as they come; the rest every 0.1 s."""

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from ..core.checkpoint import CHECKPOINTED, LOCKED, OUT_OF_MEMORY, RUNNING, TIMEOUT, CheckpointError, Driver
 from ..core.procfs import proc_stat
 from ..core.protocol import ControlError
-from .ledger import SCHEDULER, Ledger
+from .ledger import MOVE, SCHEDULER, Ledger
 from .scheduler import SwitchCost
 
 log = logging.getLogger(__name__)
@@ -110,9 +110,9 @@ class Checkpointer:
     # moves
 
     def pause(self, pid: int, start_time: int, by: str, checkpoint: bool, nbytes: int = 0,
-              gpus: list[int] | None = None) -> str:
+              gpus: list[int] | None = None, gpu_bytes: dict[int, int] | None = None) -> str:
         """Lock the process (and checkpoint it), held by `by`; returns its state. NotMoved where the driver did
-        not, with its words: the process then runs on exactly as before."""
+        not, with its words: the process then runs on exactly as before. gpu_bytes: of nbytes, each GPU's."""
         assert self.driver is not None
         if checkpoint and not self.ledger.moved(pid)[0] == CHECKPOINTED and \
                 (why := self.host_room(pid, int(nbytes * HOST_FACTOR))) is not None:
@@ -148,26 +148,31 @@ class Checkpointer:
                         self.ledger.release(pid, by)
                     raise NotMoved(f"pid {pid} could not be checkpointed: {exc}; it was not moved") from None
                 self.cost.observe(nbytes, time.monotonic() - began)
-                self.ledger.set_moved(pid, CHECKPOINTED, nbytes, gpus)
+                self.ledger.set_moved(pid, CHECKPOINTED, nbytes, gpus, gpu_bytes)
                 log.info("pid %d checkpointed: %.1f GiB to host memory in %.2f s", pid, nbytes / (1 << 30),
                          time.monotonic() - began)
                 moved = CHECKPOINTED
             return moved
 
-    def resume(self, pid: int, room: Callable[[int, list[int]], bool]) -> str:
-        """Restore (when `room(bytes, gpus)` says the device has room for all it held) and unlock. Returns the
-        state it is left in: running, or still checkpointed (no room yet: the caller keeps holding it)."""
+    def resume(self, pid: int, room: Callable[[int, list[int]], bool], pairs: list[tuple[bytes, bytes]] | None = None,
+               onto: dict[int, int] | None = None) -> str:
+        """Restore (when `room(bytes, gpus)` says the GPUs have room for all it held: each GPU for its part where
+        that is known) and unlock. Returns the state it is left in: running, or still checkpointed (no room yet:
+        the caller keeps holding it). pairs: the driver's gpuPairs, to restore onto other GPUs; onto: the same as
+        host indices (source: target), where room is looked for."""
         assert self.driver is not None
         with self._lock_of(pid):
             moved, nbytes, gpus = self.ledger.moved(pid)
             if pid in self._broken:
                 return moved or RUNNING
             if moved == CHECKPOINTED:
-                if not room(nbytes, gpus):
+                parts = self.ledger.moved_on(pid) or ({gpus[0]: nbytes} if len(gpus) == 1 else {})
+                wanted = {(onto or {}).get(gpu, gpu): n for gpu, n in parts.items()}
+                if not (all(room(n, [gpu]) for gpu, n in wanted.items()) if wanted else room(nbytes, gpus)):
                     return CHECKPOINTED
                 began = time.monotonic()
                 try:
-                    self.driver.restore(pid)
+                    self.driver.restore(pid, pairs)
                 except CheckpointError as exc:
                     if exc.code == OUT_OF_MEMORY:
                         log.warning("pid %d: restore found no room after all (%s): it stays checkpointed", pid, exc)
@@ -207,7 +212,8 @@ class Checkpointer:
                 continue
             if state == RUNNING:
                 continue
-            by = {str(b) for b in entry.get("by", [])} or {SCHEDULER}
+            # a move the previous daemon did not finish: the scheduler restores it where it was, once there is room
+            by = {SCHEDULER if b == MOVE else str(b) for b in entry.get("by", [])} or {SCHEDULER}
             self.ledger.restore_moved({**entry, "moved": state if state in (LOCKED, CHECKPOINTED) else entry["moved"]},
                                       by)
             log.info("pid %d is %s (a previous daemon's doing): held by %s", pid, state, ", ".join(sorted(by)))

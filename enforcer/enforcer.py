@@ -25,11 +25,12 @@ from .checkpointer import NotMoved
 from .ledger import ROOM, SCHEDULER
 from .pause import Pauser
 from .requests import Aside
+from .placement import Placement
 from .plainplan import PlainPlanner
 from .roomstops import RoomStops
 from .roomwaits import RoomWaits
 from .records import Enforcement
-from .scheduler import Client, Decision, Scheduler, SwitchCost, Verdict, default_quantum, strictest
+from .scheduler import Client, Decision, Scheduler, SwitchCost, Verdict, default_quantum
 from .settings import WAIT_BUCKETS, SchedulerSettings, SchedulingStats, account
 from .view import SchedulingFigures
 
@@ -48,9 +49,8 @@ class Enforcer:
         """view: the one view and the interposers' pages it was built from; host: the host memory budget
         (None: swap-outs are not held to one); room: allocations of processes without the interposer that wait
         for room (None: never stopped for room)."""
-        self.view, self.interposed, self.pauser, self.settings = view, interposed, pauser, settings
-        self.host = host
-        self.plain = PlainPlanner(pauser, host, room)
+        self.view, self.interposed, self.pauser, self.settings, self.host = view, interposed, pauser, settings, host
+        self.plain, self.placement = PlainPlanner(pauser, host, room), Placement()
         self.priority_of, self.exclusive = priority_of, exclusive
         self.stats: dict[int, SchedulingStats] = {}
         self._waits = SchedulingStats()         # every wait of every process, for the histogram
@@ -128,8 +128,7 @@ class Enforcer:
                 self.pauser.checkpointer.cost.switch_seconds(excess - max(fast, 0))
             scheduler.capacity, scheduler.idle, scheduler.switch_cost = usable, self.settings.idle_s, switch
             scheduler.quantum, scheduler.slack = self.settings.quantum_s or default_quantum(switch), capacity // 50
-            for pid, d in scheduler.decide(clients, now).items():
-                decisions.setdefault(pid, []).append(d)
+            self.placement.planned(gpu.index, scheduler, clients, scheduler.decide(clients, now), decisions, now)
             for c in clients:
                 if not (pages.get(c.pid) and pages[c.pid].wanted_bytes) and c.pid not in self.plain.wanted:
                     continue
@@ -144,7 +143,7 @@ class Enforcer:
                     if scheduler.placeable(c, unbounded):
                         short_of_host.add(c.pid)  # it would fit if the host could take what others hold
         self._bound_queues(snap, pages)
-        combined = {pid: strictest(ds) for pid, ds in decisions.items()}
+        combined = self.placement.combine(decisions)
         # Waiting for room that cannot come: nobody moves for it and it is sent nothing (no swap-out of its own
         # memory, no resume that would only make its allocation fail again): it waits, then gets out-of-memory.
         self._left_alone = (unplaceable | self._short_of_host) & {pid for pid, p in pages.items() if p.wanted_bytes}
@@ -155,7 +154,7 @@ class Enforcer:
                 self._deny(pid)  # on no GPU the scheduler can plan (no NVML): nobody will make room
         self.reasons = {pid: d.reason for pid, d in combined.items() if d.verdict is not Verdict.RUN and d.reason}
         self.reasons.update(dict.fromkeys(short_of_host, WAITING_FOR_HOST_MEMORY))
-        combined = self._within_host_budget(combined, pages, host)
+        combined = self.placement.relocate(self._within_host_budget(combined, pages, host), snap, self.settings, now)
         account(self.stats, self._waits, combined, any(s.contended for s in self._schedulers.values()),
                 self.settings.tick_s, now)
         self._apply(combined, pages)

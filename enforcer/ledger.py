@@ -26,8 +26,8 @@ from typing import Any
 from ..core.procfs import proc_stat, send_signal
 
 log = logging.getLogger(__name__)
-HAND, QUOTA, SCHEDULER, ROOM = "hand", "quota", "scheduler", "room"  # who stopped a process (ROOM: the probe,
-# at an allocation that did not fit the device, while the daemon makes room)
+HAND, QUOTA, SCHEDULER, ROOM, MOVE = "hand", "quota", "scheduler", "room", "move"  # who stopped a process (ROOM:
+# the probe, at an allocation that did not fit the device, while the daemon makes room; MOVE: `gpuwatch move`)
 VERSION = 2
 MAX_BYTES = 16 << 20  # a state file larger than this is not read
 
@@ -40,6 +40,7 @@ class _Held:
     moved: str = ""          # "locked" or "checkpointed": the driver's checkpoint API holds it (enforcer/checkpointer)
     moved_bytes: int = 0     # what it held on the device when checkpointed: its restore needs that much room
     gpus: list[int] = field(default_factory=list)  # the GPUs it was on
+    gpu_bytes: dict[int, int] = field(default_factory=dict)  # of moved_bytes, what each GPU held (empty: unknown)
 
 
 class Ledger:
@@ -47,6 +48,7 @@ class Ledger:
         self.path = path
         self._held: dict[int, _Held] = {}
         self._quotas: list[dict[str, Any]] = []
+        self._placed: dict[int, tuple[int, dict[int, int]]] = {}  # pid -> (start time, {started on: now on})
         self._lock = threading.RLock()
         self.save_error: str | None = None  # why the last save failed; None: it succeeded (or none was needed)
         self.recovered_moved: list[dict[str, Any]] = []  # entries a previous daemon left to the driver's API
@@ -72,7 +74,9 @@ class Ledger:
                 if send_signal(pid, signal.SIGCONT):
                     log.info("pid %d continued (SIGCONT): a previous daemon stopped it", pid)
         quotas = data.get("quotas", [])
+        placed = _placements(data.get("placed"))
         with self._lock:
+            self._placed = {pid: (start, gpus) for pid, (start, gpus) in placed.items() if self._same(pid, start)}
             self._quotas = [q for q in quotas if isinstance(q, dict)] if isinstance(quotas, list) else []
             self.save()
             return list(self._quotas)
@@ -104,27 +108,52 @@ class Ledger:
             h.by.add(by)
             self.save()
 
+    def moved_on(self, pid: int) -> dict[int, int]:
+        """What the driver took from each GPU when it checkpointed the process (empty: not known per GPU)."""
+        with self._lock:
+            h = self._held.get(pid)
+            return dict(h.gpu_bytes) if h is not None else {}
+
     def moved(self, pid: int) -> tuple[str, int, list[int]]:
         """How the driver holds the process: ("", 0, []) when it does not."""
         with self._lock:
             h = self._held.get(pid)
             return (h.moved, h.moved_bytes, list(h.gpus)) if h is not None else ("", 0, [])
 
-    def set_moved(self, pid: int, moved: str, nbytes: int = 0, gpus: list[int] | None = None) -> None:
+    def set_moved(self, pid: int, moved: str, nbytes: int = 0, gpus: list[int] | None = None,
+                  gpu_bytes: dict[int, int] | None = None) -> None:
         with self._lock:
             h = self._held.get(pid)
             if h is not None:
                 h.moved, h.moved_bytes = moved, nbytes
                 if gpus is not None:
                     h.gpus = list(gpus)
+                if gpu_bytes is not None or not moved:
+                    h.gpu_bytes = dict(gpu_bytes or {})
                 self.save()
+
+    def placement(self, pid: int) -> dict[int, int]:
+        """Where `gpuwatch move` put the process: {host GPU it started on: host GPU it is on now}."""
+        with self._lock:
+            entry = self._placed.get(pid)
+            return dict(entry[1]) if entry is not None else {}
+
+    def set_placement(self, pid: int, start_time: int, gpus: dict[int, int]) -> None:
+        with self._lock:
+            moved = {old: new for old, new in gpus.items() if old != new}
+            if moved:
+                self._placed[pid] = (start_time, moved)
+            else:
+                self._placed.pop(pid, None)
+            self.save()
 
     def restore_moved(self, entry: dict[str, Any], by: set[str]) -> None:
         """A previous daemon's driver-held process, taken over as it was."""
         with self._lock:
             self._held[int(entry["pid"])] = _Held(int(entry["start_time"]), set(by), False, str(entry["moved"]),
                                                   int(entry.get("moved_bytes", 0)),
-                                                  [int(g) for g in entry.get("gpus", []) if type(g) is int])
+                                                  [int(g) for g in entry.get("gpus", []) if type(g) is int],
+                                                  _gpu_map(entry.get("gpu_bytes")))
             self.save()
 
     def release(self, pid: int, by: str) -> bool:
@@ -159,7 +188,7 @@ class Ledger:
     def forget(self, pid: int) -> None:
         """The process exited."""
         with self._lock:
-            if self._held.pop(pid, None) is not None:
+            if self._held.pop(pid, None) is not None or self._placed.pop(pid, None) is not None:
                 self.save()
 
     def stopped(self) -> dict[int, set[str]]:
@@ -212,9 +241,12 @@ class Ledger:
         with self._lock:
             data = {"version": VERSION,
                     "stopped": [{"pid": pid, "start_time": h.start_time, "by": sorted(h.by), "signalled": h.signalled,
-                                 "moved": h.moved, "moved_bytes": h.moved_bytes, "gpus": h.gpus}
+                                 "moved": h.moved, "moved_bytes": h.moved_bytes, "gpus": h.gpus,
+                                 "gpu_bytes": {str(g): n for g, n in sorted(h.gpu_bytes.items())}}
                                 for pid, h in sorted(self._held.items())],
-                    "quotas": self._quotas}
+                    "quotas": self._quotas,
+                    "placed": [{"pid": pid, "start_time": start, "gpus": {str(o): n for o, n in sorted(gpus.items())}}
+                               for pid, (start, gpus) in sorted(self._placed.items())]}
             try:
                 self.path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
                 write_atomically(self.path, json.dumps(data).encode())
@@ -224,6 +256,23 @@ class Ledger:
                 return False
             self.save_error = None
             return True
+
+
+def _gpu_map(value: Any) -> dict[int, int]:
+    """{"0": 1, ...} as the file keeps it (JSON keys are strings); anything malformed is left out."""
+    if not isinstance(value, dict):
+        return {}
+    return {int(k): v for k, v in value.items() if isinstance(k, str) and k.isdigit() and type(v) is int and v >= 0}
+
+
+def _placements(value: Any) -> dict[int, tuple[int, dict[int, int]]]:
+    """The file's "placed" list (absent in files of daemons before `gpuwatch move`: nothing was moved)."""
+    found: dict[int, tuple[int, dict[int, int]]] = {}
+    for entry in value if isinstance(value, list) else []:
+        if isinstance(entry, dict) and type(entry.get("pid")) is int and type(entry.get("start_time")) is int and \
+                (gpus := _gpu_map(entry.get("gpus"))):
+            found[entry["pid"]] = (entry["start_time"], gpus)
+    return found
 
 
 def unsafe(st: os.stat_result) -> str | None:

@@ -32,9 +32,10 @@ def pid_argument(request: dict[str, Any]) -> int:
 
 class Pauser:
     def __init__(self, interposed: InterposedRegistry, ledger: Ledger, checkpointer: Checkpointer | None = None,
-                 room: Room = lambda nbytes, gpus: False, describe: Callable[[int], tuple[int, list[int]]] =
-                 lambda pid: (0, [])) -> None:
-        """room: whether a restore fits now; describe: a plain process's device bytes and GPUs, from the view."""
+                 room: Room = lambda nbytes, gpus: False, describe: Callable[[int], tuple[int, dict[int, int]]] =
+                 lambda pid: (0, {})) -> None:
+        """room: whether a restore fits now; describe: a plain process's device bytes, and those of each GPU it
+        is on, from the view."""
         self.interposed, self.ledger = interposed, ledger
         self.checkpointer = checkpointer or Checkpointer(None, ledger, why_not="no driver")
         self.room, self.describe = room, describe
@@ -57,9 +58,9 @@ class Pauser:
             return result
         stat = self._stoppable(pid)
         if self.checkpointer.movable(pid) or self.ledger.moved(pid)[0]:
-            nbytes, gpus = self.describe(pid)
+            nbytes, on_gpus = self.describe(pid)
             try:
-                state = self.checkpointer.pause(pid, stat.start_time, by, swap, nbytes, gpus)
+                state = self.checkpointer.pause(pid, stat.start_time, by, swap, nbytes, sorted(on_gpus), on_gpus)
                 return {"pid": pid, "interposed": False, "state": CHECKPOINTED if state == CHECKPOINTED else PAUSED,
                         **({"bytes": nbytes} if swap else {})}
             except NotMoved as exc:

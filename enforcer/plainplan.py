@@ -38,8 +38,9 @@ class PlainPlanner:
         """The process as the scheduler sees it (host_bound: gets what it could move but for the host)."""
         ledger = self.pauser.ledger
         moved, moved_bytes, _ = ledger.moved(row.pid)
-        if moved == CHECKPOINTED:
-            need = moved_bytes
+        if moved == CHECKPOINTED:  # what it took from this GPU (a checkpoint takes from every GPU it is on)
+            parts = ledger.moved_on(row.pid)
+            need = parts.get(row.gpu, 0) if parts and row.gpu is not None else moved_bytes
         else:
             need = row.nvml_bytes if row.nvml_bytes is not None else row.device_bytes + settings.context_bytes
         # stopped at an allocation (SIGSTOP): it cannot be locked now, and it needs what it asks for

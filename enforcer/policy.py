@@ -1,12 +1,16 @@
 """The daemon's record of every process's rule (enforcer/rules.py) and of priorities set with `gpuwatch
 priority`, which the scheduler reads through `priority_of` and `exclusive`, and which applies a rule's quota:
 through the process's interposer when it runs under `gpuwatch exec` and has attached, through the probes'
-quota groups (enforcer/quota.py) otherwise."""
+quota groups (enforcer/quota.py) otherwise. A Kubernetes container's terms (`pods`: its quota and priority, as
+the daemon resolved them from the kubelet) count as a rule's would, a rule's own quota and priority winning; for
+processes not under the interposer its quota is a cgroup quota group that `pods` sets. An interposer's limit is
+its quota less the process's CUDA context (`context_of`), which the quota counts too."""
 from __future__ import annotations
 
 import logging
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -29,11 +33,19 @@ class _Quotas(Protocol):  # quota.QuotaEnforcer
     def set_backstop(self, pid: int, quota: int, action: str = "pause") -> dict[str, Any]: ...
 
 
+@dataclass(frozen=True)
+class PodTerms:
+    """What a Kubernetes container's devices give each of its processes."""
+    quota_bytes: int | None         # gpuwatch.io/memory on its GPU; None: no memory bound
+    priority: Priority | None       # from the API server; None: the default
+
+
 @dataclass
 class _Entry:
     start_time: int
     rule: Rule | None = None
     override: Priority | None = None      # set with `gpuwatch priority`; wins over the rule
+    pod: PodTerms | None = None           # its container's, below the rule's
     applied: tuple | None = None          # the quota this policy set: ("probes", bytes, action) or
     #                                       ("interposer", process, bytes)
 
@@ -42,8 +54,10 @@ class PolicyState:
     """Every process's rule, by pid, and the quotas the rules set. Any thread may call any method."""
 
     def __init__(self, policy: Policy = Policy(), interposed: _Interposed | None = None,
-                 quotas: _Quotas | None = None) -> None:
-        self.interposed, self.quotas = interposed, quotas
+                 quotas: _Quotas | None = None, pods: Callable[[int], PodTerms | None] | None = None,
+                 context_of: Callable[[int], int] = lambda pid: 0) -> None:
+        self.interposed, self.quotas, self.pods, self.context_of = interposed, quotas, pods, context_of
+        self._interposer_quotas: dict[int, tuple[int, int]] = {}  # pid -> (quota, limit sent: the quota less context)
         self._policy = policy
         self._entries: dict[int, _Entry] = {}
         self._lock = threading.Lock()
@@ -70,7 +84,11 @@ class PolicyState:
             e = self._entries.get(pid)
             if e is None:
                 return None
-            return e.override if e.override is not None else e.rule.priority if e.rule else None
+            if e.override is not None:
+                return e.override
+            if e.rule is not None and e.rule.priority is not None:
+                return e.rule.priority
+            return e.pod.priority if e.pod else None
 
     def exclusive(self, pid: int) -> bool:
         with self._lock:
@@ -89,6 +107,8 @@ class PolicyState:
                 return e.override, "set with gpuwatch priority"
             if e is not None and e.rule is not None and e.rule.priority is not None:
                 return e.rule.priority, f"rule {e.rule.name}"
+            if e is not None and e.pod is not None and e.pod.priority is not None:
+                return e.pod.priority, "its pod"
         process = self.interposed.get(pid) if self.interposed else None
         if process is not None:
             return Priority.parse(process.attach.priority), "gpuwatch exec --priority"
@@ -101,12 +121,13 @@ class PolicyState:
         if pid == self._own_pid:
             return None
         with self._lock:
-            if not self._policy.rules and pid not in self._entries:
+            if not self._policy.rules and self.pods is None and pid not in self._entries:
                 return None  # nothing to match and nothing to undo: no /proc reads per exec
         facts = ProcessFacts.read(pid)
         if facts is None:
             self.forget(pid)
             return None
+        pod = self.pods(pid) if self.pods is not None else None
         with self._lock:
             e = self._entries.get(pid)
             if e is not None and e.start_time != facts.start_time:
@@ -114,8 +135,8 @@ class PolicyState:
             rule = self._policy.resolve(facts)
             if e is None:
                 e = _Entry(facts.start_time)
-            e.rule = rule
-            if rule is None and e.override is None and e.applied is None:
+            e.rule, e.pod = rule, pod
+            if rule is None and pod is None and e.override is None and e.applied is None:
                 self._entries.pop(pid, None)
             else:
                 self._entries[pid] = e
@@ -140,7 +161,7 @@ class PolicyState:
         """A process's interposer attached (a little after exec, when it loaded libcuda): its rule's quota
         goes to the interposer now."""
         with self._lock:
-            known = pid in self._entries
+            known = pid in self._entries and self.pods is None
         if known:
             self._sync_quota(pid)
         else:
@@ -150,6 +171,7 @@ class PolicyState:
         """At exit: the process's rule, priority and quota record go at once."""
         with self._lock:
             self._entries.pop(pid, None)
+            self._interposer_quotas.pop(pid, None)
 
     def set_override(self, pid: int, start_time: int, priority: Priority) -> None:
         with self._lock:
@@ -168,12 +190,15 @@ class PolicyState:
                 return
             rule = e.rule
             want: tuple | None = None
+            pod_quota = e.pod.quota_bytes if e.pod is not None else None
             if rule is not None and rule.quota:
                 # under the interposer the library refuses at the quota; the probes keep a backstop past it
                 want = ("interposer", rule.quota, rule.action, process) if process is not None else \
                     ("probes", rule.quota, rule.action)
+            elif pod_quota and process is not None:  # a plain process: its container's cgroup quota holds it
+                want = ("interposer", pod_quota, "pause", process)
             previous, e.applied = e.applied, want
-            if rule is None and e.override is None and want is None:
+            if rule is None and e.pod is None and e.override is None and want is None:
                 del self._entries[pid]
         if want == previous:
             return
@@ -204,10 +229,26 @@ class PolicyState:
         except Exception:
             log.exception("pid %d: rule quota not set", pid)
 
-    def _send_quota(self, pid: int, process: Any, nbytes: int) -> None:
+    def interposer_limit(self, pid: int, quota: int) -> int:
+        """What an interposer enforces for a quota: the quota less the process's context (at least 1 byte: a
+        context as large as the quota leaves no room for allocations; 0 stays no quota)."""
+        return max(quota - self.context_of(pid), 1) if quota else 0
+
+    def recount(self, pids: list[int]) -> None:
+        """The contexts were learnt again: interposers whose limit moved get the new one."""
+        for pid in pids:
+            with self._lock:
+                sent = self._interposer_quotas.get(pid)
+            process = self.interposed.get(pid) if self.interposed else None
+            if sent is not None and process is not None and self.interposer_limit(pid, sent[0]) != sent[1]:
+                self._send_quota(pid, process, sent[0])
+
+    def _send_quota(self, pid: int, process: Any, quota: int) -> None:
         """Requests run on a thread of their own (an attach must be answered before its process answers
         requests); the last value asked for is the one sent last."""
+        nbytes = self.interposer_limit(pid, quota)
         with self._lock:
+            self._interposer_quotas[pid] = (quota, nbytes)
             running = pid in self._senders
             self._senders[pid] = nbytes
         if not running:
@@ -224,7 +265,8 @@ class PolicyState:
                 self._senders[pid] = None
             try:
                 process.requests.set_quota(nbytes)
-                log.info("pid %d: quota %s per GPU through its interposer, from its rule", pid, nbytes or "none")
+                log.info("pid %d: allocations limited to %s bytes per GPU through its interposer (its quota less its "
+                         "context)", pid, nbytes or "no")
             except ControlError as exc:
                 log.warning("pid %d: rule quota not sent to its interposer: %s", pid, exc)
 
@@ -240,7 +282,8 @@ class PolicyState:
             processes.append({"pid": pid, "rule": e.rule.name if e.rule else None,
                               "priority": None if priority is None else priority.label,
                               "priority_set": None if e.override is None else e.override.label,
-                              "quota_bytes": e.rule.quota if e.rule else None,
+                              "quota_bytes": e.rule.quota if e.rule and e.rule.quota else
+                              e.pod.quota_bytes if e.pod else None,
                               "action": e.rule.action if e.rule else None,
                               "exclusive": bool(e.rule and e.rule.exclusive)})
         return {"rules": rules, "processes": processes}

@@ -52,6 +52,8 @@ class QuotaMaps(Protocol):
     def drop_group(self, group: int) -> None: ...
     def totals(self, group: int) -> dict[int, int]: ...
     def set_granted(self, group: int, gpu: int, nbytes: int) -> None: ...
+    def set_context(self, pid: int, per_ordinal: dict[int, int]) -> None: ...
+    def forget_context(self, pid: int) -> None: ...
     def stops(self) -> list[QuotaStop]: ...
     def clear_stop(self, pid: int, tid: int) -> None: ...
     def call_pending(self, pid: int, tid: int) -> bool: ...
@@ -122,6 +124,7 @@ class QuotaEnforcer:
         self._pauses: Counter[int] = Counter()
         self._last_rescan = 0.0
         self._pending_restore: list[dict] = []
+        self._contexts: dict[int, dict[int, int]] = {}
 
     # lifecycle
 
@@ -256,6 +259,19 @@ class QuotaEnforcer:
     def groups(self) -> list[dict[str, Any]]:
         with self._lock:
             return [{**g.to_json(), "held": self._held(g)} for g in self._groups.values()]
+
+    def set_contexts(self, contexts: dict[int, dict[int, int]]) -> None:
+        """Each process's CUDA context per device ordinal (enforcer/contexts.py): counted in its group, so that a
+        quota bounds everything the group holds on the GPU. Stopped processes whose allocation fits again go on."""
+        with self._lock:
+            changed = False
+            for pid, per_ordinal in contexts.items():
+                if self._contexts.get(pid) != per_ordinal:
+                    self._contexts[pid] = per_ordinal
+                    self.maps.set_context(pid, per_ordinal)
+                    changed = True
+            if changed and self._stopped:
+                self._reconcile(time.monotonic())
 
     def holds(self, pid: int) -> bool:
         with self._lock:
@@ -413,6 +429,8 @@ class QuotaEnforcer:
                 self._place(pid, stat.start_time, path)
 
     def _exited(self, pid: int) -> None:
+        if self._contexts.pop(pid, None) is not None:
+            self.maps.forget_context(pid)
         if self._stopped.pop(pid, None) is not None:
             self.ledger.forget(pid)
         for grant in [g for g in self._grants if g.pid == pid]:

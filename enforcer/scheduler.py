@@ -228,8 +228,12 @@ def default_quantum(switch_seconds: float, overhead: float = 0.05, floor: float 
     return max(floor, switch_seconds / overhead)
 
 
-def strictest(decisions: list[Decision]) -> Decision:
-    """A process on several GPUs runs only if every GPU lets it; its swap is the largest asked for."""
-    order = [Verdict.RUN, Verdict.PAUSE, Verdict.SWAP, Verdict.STOP]
+def strictest(decisions: list[Decision], whole: bool = False) -> Decision:
+    """A process on several GPUs runs only if every GPU lets it; its swap is the largest asked for. `whole`: the
+    process moves as a whole (not under the interposer: a checkpoint): a checkpoint asked for by one GPU wins
+    over a stop asked for by another, since it frees the process's memory on every GPU and a stop frees none
+    (it does not run either way)."""
+    order = [Verdict.RUN, Verdict.PAUSE, Verdict.STOP, Verdict.SWAP] if whole else \
+        [Verdict.RUN, Verdict.PAUSE, Verdict.SWAP, Verdict.STOP]
     worst = max(decisions, key=lambda d: order.index(d.verdict))
     return Decision(worst.verdict, max(d.swap_bytes for d in decisions), worst.reason)

@@ -39,11 +39,13 @@ class SchedulerSettings:
     context_bytes: int = CONTEXT_BYTES
     tick_s: float = 0.05
     room_wait_s: float = 30.0
+    move_idle: bool = False          # an idle process not under the interposer leaves an oversubscribed GPU
 
     @classmethod
     def from_config(cls, section: Any) -> SchedulerSettings:  # daemon.config.SchedulerSection
         return cls(section.quantum_ms / 1000 or None, section.idle_ms / 1000, section.reserve_mib * MiB,
-                   section.context_mib * MiB, section.tick_ms / 1000, section.room_wait_ms / 1000)
+                   section.context_mib * MiB, section.tick_ms / 1000, section.room_wait_ms / 1000,
+                   section.move_idle)
 
 
 def account(stats: dict[int, SchedulingStats], waits: SchedulingStats, runs: Mapping[int, Any], contended: bool,

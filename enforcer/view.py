@@ -35,6 +35,7 @@ class ViewSources:
     moved: Mapping[int, str] = field(default_factory=dict)              # ... and "locked" or "checkpointed"
     unmovable: Mapping[int, str] = field(default_factory=dict)          # why the driver's API cannot move it
     reasons: Mapping[int, str] = field(default_factory=dict)            # the scheduler's: why it waits
+    plans: Mapping[tuple[int, int], str] = field(default_factory=dict)  # its verdicts: (pid, GPU) -> run, swap...
     quotas: Mapping[int, Enforcement] = field(default_factory=dict)     # quota members and quota stops
     scheduling: Mapping[int, SchedulingFigures] = field(default_factory=dict)
     summary: SchedulerSummary | None = None
@@ -79,7 +80,8 @@ def build_view(sources: ViewSources) -> Snapshot:
         if info is None:
             return ProcessGpu(pid=pid, comm="?", gpu=index, gpu_uuid=uuid)
         return ProcessGpu(pid=pid, comm=info.comm, gpu=index, gpu_uuid=uuid, user=info.user,
-                          container_id=info.container_id, pod_uid=info.pod_uid)
+                          container_id=info.container_id, pod_uid=info.pod_uid, namespace=info.namespace,
+                          pod=info.pod, container=info.container)
 
     def row(pid: int, ordinal: int) -> ProcessGpu:
         index, uuid = sources.resolve(pid, ordinal, gpus, facts.uuids)
@@ -116,6 +118,7 @@ def build_view(sources: ViewSources) -> Snapshot:
         if (chosen := sources.priority_of(r.pid)) is not None:
             r.priority = chosen.label
         r.unmovable = sources.unmovable.get(r.pid)
+        r.plan = sources.plans.get((r.pid, r.gpu)) if r.gpu is not None else None
         if r.state == CHECKPOINTED and not r.interposed:  # all it had on the device is in host memory now
             r.swapped_bytes = r.device_bytes
         r.reason = _reason(r, sources)

@@ -25,7 +25,7 @@ from ..core import threads
 from ..core.view import ProcessGpu, Snapshot
 from ..core.vocabulary import COPY_DIRECTIONS, STATES, reason_kind
 
-PROCESS_LABELS = ["pid", "comm", "gpu", "gpu_uuid", "container_id", "pod_uid"]
+PROCESS_LABELS = ["pid", "comm", "gpu", "gpu_uuid", "container_id", "pod_uid", "namespace", "pod", "container"]
 GPU_LABELS = ["gpu", "gpu_uuid", "name"]
 log = logging.getLogger(__name__)
 
@@ -85,22 +85,27 @@ def _gpu_label(gpu: int | None) -> str:
     return "unknown" if gpu is None else str(gpu)
 
 
+def _row_values(r: ProcessGpu) -> list[str]:
+    """PROCESS_LABELS' values: one series per process and GPU, gone when the process is (Kubernetes' names are
+    its container's: they add no series)."""
+    return [str(r.pid), r.comm, _gpu_label(r.gpu), r.gpu_uuid or "", r.container_id, r.pod_uid, r.namespace, r.pod,
+            r.container]
+
+
 def families(snap: Snapshot) -> Iterator[Metric]:
     for name, doc, kind, value in PROCESS_METRICS:
         family = (CounterMetricFamily if kind == "counter" else GaugeMetricFamily)(name, doc, labels=PROCESS_LABELS)
         for r in snap.processes:
             v = value(r)
             if v is not None:
-                family.add_metric([str(r.pid), r.comm, _gpu_label(r.gpu), r.gpu_uuid or "", r.container_id,
-                                   r.pod_uid], v)
+                family.add_metric(_row_values(r), v)
         yield family
     for name, doc, kind, label, values in LABELLED_METRICS:
         family = (CounterMetricFamily if kind == "counter" else GaugeMetricFamily)(name, doc,
                                                                                    labels=[*PROCESS_LABELS, label])
         for r in snap.processes:
             for label_value, v in values(r):
-                family.add_metric([str(r.pid), r.comm, _gpu_label(r.gpu), r.gpu_uuid or "", r.container_id,
-                                   r.pod_uid, label_value], v)
+                family.add_metric([*_row_values(r), label_value], v)
         yield family
     yield from _non_process_families(snap)
 
@@ -167,8 +172,7 @@ def _labels(names: list[str], values: list[str]) -> str:
 def render(snap: Snapshot) -> str:
     """The text exposition format (0.0.4) of everything families() yields, in the same order."""
     out: list[str] = []
-    row_values = [[str(r.pid), r.comm, _gpu_label(r.gpu), r.gpu_uuid or "", r.container_id, r.pod_uid]
-                  for r in snap.processes]
+    row_values = [_row_values(r) for r in snap.processes]
     row_labels = [_labels(PROCESS_LABELS, values) for values in row_values]
     for name, doc, kind, value in PROCESS_METRICS:
         sample = f"{name}_total" if kind == "counter" else name

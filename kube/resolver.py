@@ -3,7 +3,8 @@ container of which pod (kube/runtime.py, or the API server's pods where watched)
 assigned to that container (PodResources) -> a ContainerQuota. Nothing the container controls is read: not its
 environment, not its pod's annotations for the quota.
 
-Caches, all bounded: per pid (with its start time, so that a reused pid is read again) the container it is in;
+Caches, all bounded: per pid (with its start time and cgroup, so that a reused pid, or a process that moved into a
+container's cgroup after its fork, is read again) the container it is in;
 per container ID its quota (a container's devices are fixed when the kubelet admits it; a container the kubelet
 has not listed yet, or that holds none of ours, is asked about again after `miss_ttl_s`). forget(pid) at a
 process's exit, invalidate() to start over (a kubelet restart)."""
@@ -88,7 +89,7 @@ class Resolver:
         self.client, self._identify, self.miss_ttl_s = client, identify, miss_ttl_s
         self._priority_of = priority_of or (lambda uid: None)
         self._lock = threading.Lock()
-        self._pids: _Lru[int, tuple[int, KubeCgroup | None, Identity | None]] = _Lru(cache_size)
+        self._pids: _Lru[int, tuple[tuple[int, str], KubeCgroup | None, Identity | None]] = _Lru(cache_size)
         self._quotas: _Lru[str, tuple[ContainerQuota | None, float]] = _Lru(cache_size)
         self._listed: tuple[Assignments, float] | None = None
         self._quiet_until = 0.0
@@ -102,12 +103,12 @@ class Resolver:
             return None
         with self._lock:
             cached = self._pids.get(pid)
-        if cached is not None and cached[0] == record.start_time:
+        if cached is not None and cached[0] == (record.start_time, record.cgroup_text):
             return (cached[1], cached[2]) if cached[1] is not None else None
-        cgroup = parse(record.cgroup_text)
+        cgroup = parse(record.cgroup_text)  # read again once it moved: runc forks before it joins the container's
         identity = self._identify(cgroup) if cgroup is not None and cgroup.container_id else None
         with self._lock:
-            self._pids.put(pid, (record.start_time, cgroup, identity))
+            self._pids.put(pid, ((record.start_time, record.cgroup_text), cgroup, identity))
         return (cgroup, identity) if cgroup is not None else None
 
     def labels_for(self, pid: int) -> tuple[str, str, str] | None:

@@ -1,7 +1,11 @@
 """The BPF quota maps, for gpuwatch.enforcer.quota, which decides.
 
 Only BPF writes quota_used; only this module writes quota_base and quota_granted, so that neither side's
-read-modify-write loses the other's update (probes/bpf/maps.h names each map's writers)."""
+read-modify-write loses the other's update (probes/bpf/maps.h names each map's writers).
+
+A group's base also holds its members' CUDA contexts (set_context): memory NVML shows a process hold that no
+allocation made. The probes never see it, so user space adds it where the process is a member, moves it with the
+process from group to group, and takes it out at the process's exit (forget_context)."""
 from __future__ import annotations
 
 import functools
@@ -74,6 +78,36 @@ class QuotaMaps:
 
     def __init__(self, bpf: Callable[[], Any], lock: threading.RLock) -> None:
         self._bpf, self._lock = bpf, lock
+        self._contexts: dict[int, tuple[int | None, dict[int, int]]] = {}  # pid -> (group it counts in, per ordinal)
+
+    @_loaded(None)
+    def set_context(self, bpf: Any, pid: int, per_ordinal: dict[int, int]) -> None:
+        """A process's context bytes per device ordinal, counted in the base of the group it is a member of now."""
+        group, counted = self._contexts.get(pid, (None, {}))
+        if group is not None:
+            _add_base(bpf, group, counted, -1)
+        member = bpf["quota_member"].get(bpf["quota_member"].Key(pid))
+        group = None if member is None else member.value
+        if group is not None:
+            _add_base(bpf, group, per_ordinal, 1)
+        self._contexts[pid] = (group, dict(per_ordinal))
+
+    @_loaded(None)
+    def forget_context(self, bpf: Any, pid: int) -> None:
+        """The process exited (the exit probe took its allocations out of its group, never its context)."""
+        group, counted = self._contexts.pop(pid, (None, {}))
+        if group is not None:
+            _add_base(bpf, group, counted, -1)
+
+    def _move_context(self, bpf: Any, pid: int, group: int | None) -> None:
+        if pid not in self._contexts:
+            return
+        old, counted = self._contexts[pid]
+        if old is not None:
+            _add_base(bpf, old, counted, -1)
+        if group is not None:
+            _add_base(bpf, group, counted, 1)
+        self._contexts[pid] = (group, counted)
 
     @_loaded(False)
     def join(self, bpf: Any, pid: int, group: int) -> bool:
@@ -84,6 +118,7 @@ class QuotaMaps:
             return False
         if current is not None:
             _leave(bpf, pid)
+        self._move_context(bpf, pid, group)
         held = device_bytes(bpf, pid)  # before it is a member: what it allocates later counts in BPF
         base = bpf["quota_base"]
         for gpu, n in held.items():
@@ -94,6 +129,7 @@ class QuotaMaps:
     @_loaded(None)
     def leave(self, bpf: Any, pid: int) -> None:
         _leave(bpf, pid)
+        self._move_context(bpf, pid, None)
 
     @_loaded(None)
     def group_of(self, bpf: Any, pid: int) -> int | None:
@@ -109,6 +145,9 @@ class QuotaMaps:
     @_loaded(None)
     def drop_group(self, bpf: Any, group: int) -> None:
         """The group's limit, members and counts go (group ids are not reused)."""
+        for pid, (counted_in, counted) in list(self._contexts.items()):
+            if counted_in == group:
+                self._contexts[pid] = (None, counted)
         bpf["quota_limit"].pop(bpf["quota_limit"].Key(group), None)
         for name in ("quota_member", "quota_forks"):
             table = bpf[name]
@@ -187,6 +226,12 @@ def device_bytes(bpf: Any, pid: int) -> dict[int, int]:
         if seed is not None and seed.bytes:
             held[bit - 1] = held.get(bit - 1, 0) + int(seed.bytes)
     return held
+
+
+def _add_base(bpf: Any, group: int, per_ordinal: dict[int, int], sign: int) -> None:
+    base = bpf["quota_base"]
+    for gpu, n in per_ordinal.items():
+        _put(base, group, gpu, _get(base, group, gpu) + sign * n)
 
 
 def _get(table: Any, group: int, gpu: int) -> int:

@@ -39,6 +39,7 @@ ROOT_FIXTURES = frozenset({
     "trace", "cgroup",  # test_quota.py
     "attached",  # test_request_lines.py
     "small_big",  # test_top.py
+    "two_gpus", "shared2", "mgpu_daemon",  # test_multi_gpu.py
 })
 
 
@@ -118,10 +119,10 @@ class Daemon:
         ino = library.stat().st_ino
         return any(os.path.exists(p) and os.stat(p).st_ino == ino for p in libraries)
 
-    def stop(self, sig: int = signal.SIGTERM) -> int:
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
-        return self.proc.wait(timeout=10)
+        return self.proc.wait(timeout=timeout)
 
 
 class SharedDaemon:

@@ -257,10 +257,12 @@ def test_a_resume_without_room_waits_and_the_restore_comes_when_there_is(fakecud
 def test_a_daemon_killed_while_a_process_is_checkpointed_leaves_it_to_the_next(gpu, fakecuda, shared):
     workdir = Path(tempfile.mkdtemp(prefix="gpuwatch-ckpt-kill-"))
     first = checkpoint_daemon(gpu, fakecuda, shared, workdir)
-    p = Plain(fakecuda, first, shared)
-    holding(p, "a", 16 * MiB, 41)
-    first.cli("pause", str(p.pid), "--swap")
-    first.stop(9)  # SIGKILL: nothing restores it
+    try:
+        p = Plain(fakecuda, first, shared)
+        holding(p, "a", 16 * MiB, 41)
+        first.cli("pause", str(p.pid), "--swap")
+    finally:
+        first.stop(9)  # SIGKILL: nothing restores it
     assert driver_used(shared) == 0
     second = checkpoint_daemon(gpu, fakecuda, shared, workdir)
     try:
@@ -275,21 +277,26 @@ def test_a_daemon_killed_while_a_process_is_checkpointed_leaves_it_to_the_next(g
 
 def test_a_clean_stop_restores_what_fits(gpu, fakecuda, shared):
     d = checkpoint_daemon(gpu, fakecuda, shared)
-    p = Plain(fakecuda, d, shared)
-    holding(p, "a", 16 * MiB, 51)
-    d.cli("pause", str(p.pid), "--swap")
-    assert d.stop() == 0
-    assert driver_used(shared) == 16 * MiB
-    p.ok("check a 51")
-    p.close()
+    try:
+        p = Plain(fakecuda, d, shared)
+        holding(p, "a", 16 * MiB, 51)
+        d.cli("pause", str(p.pid), "--swap")
+        assert d.stop() == 0
+        assert driver_used(shared) == 16 * MiB
+        p.ok("check a 51")
+        p.close()
+    finally:
+        d.stop(9)
 
 
 def test_resume_with_no_daemon_restores_and_unlocks_by_itself(gpu, fakecuda, shared):
     d = checkpoint_daemon(gpu, fakecuda, shared)
-    p = Plain(fakecuda, d, shared)
-    holding(p, "a", 16 * MiB, 61)
-    d.cli("pause", str(p.pid), "--swap")
-    d.stop(9)
+    try:
+        p = Plain(fakecuda, d, shared)
+        holding(p, "a", 16 * MiB, 61)
+        d.cli("pause", str(p.pid), "--swap")
+    finally:
+        d.stop(9)
     lib_dir, state = gpu
     env = {**os.environ, **gpu_env(fakecuda, shared), "FAKENVML_STATE": str(state),
            "FAKENVML_CUDA_STATE": str(shared), "FAKENVML_OTHER_BYTES": "0",

@@ -63,6 +63,28 @@ def test_the_plain_manifests_parse_and_hold_what_the_daemon_needs():
         "serviceAccountName"]
 
 
+def schema_problems(docs: list[dict]) -> list[str]:
+    """Each document against the Kubernetes API's own schema (kubernetes-validate, offline, strict: no field the
+    API does not have); kinds it has no schema for (a ServiceMonitor) are left out."""
+    kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is not installed (./install.sh --test "
+                             "installs it)")
+    problems = []
+    for d in docs:
+        try:
+            kv.validate(d, kv.latest_version(), strict=True)
+        except kv.SchemaNotFoundError:
+            continue
+        except kv.ValidationError as exc:
+            problems.append(f"{d['kind']} {d['metadata']['name']}: {exc}")
+    return problems
+
+
+def test_the_plain_manifests_hold_to_the_kubernetes_schemas():
+    docs = [d for name in ("daemonset.yaml", "rbac.yaml") for d in documents(DEPLOY / name)]
+    assert {d["kind"] for d in docs} >= {"DaemonSet", "ServiceAccount"}
+    assert schema_problems(docs) == []
+
+
 # ------------------------------------------------------------------------------------------------ the chart
 
 
@@ -76,6 +98,7 @@ def test_helm_lints_and_renders_the_chart():
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr
         docs = {d["kind"]: d for d in yaml.safe_load_all(r.stdout) if d}
+        assert schema_problems(list(docs.values())) == []
         ds = docs["DaemonSet"]
         if extra:
             sc = ds["spec"]["template"]["spec"]["containers"][0]["securityContext"]

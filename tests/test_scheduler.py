@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from gpuwatch.enforcer.scheduler import (Client, Decision, Priority, Scheduler, SwitchCost, Verdict,
+from gpuwatch.enforcer.scheduler import (Client, Decision, Priority, Scheduler, SwitchCost, Verdict, strictest,
                                          default_quantum)
 
 GiB = 1 << 30
@@ -192,3 +192,14 @@ def test_a_slice_starts_when_the_moves_that_made_room_for_it_end() -> None:
     assert d[2].verdict is Verdict.RUN and d[1].verdict is Verdict.SWAP  # its slice runs from 41 s
     d = s.decide([replace(plain, launches=2), replace(newcomer, launches=9)], 51.1)
     assert d[1].verdict is Verdict.RUN  # and ends 10 s later
+
+
+def test_strictest_a_checkpoint_of_a_whole_process_wins_over_a_stop_a_swap_of_an_interposed_one_does_not() -> None:
+    swap, stop, run = Decision(Verdict.SWAP, 8 * GiB, "slice of pid 2"), Decision(Verdict.STOP, reason="x"), \
+        Decision(Verdict.RUN)
+    assert strictest([run, swap, stop], whole=True) == Decision(Verdict.SWAP, 8 * GiB)
+    assert strictest([stop, run], whole=True) == Decision(Verdict.STOP)
+    assert strictest([run, run], whole=True) == Decision(Verdict.RUN)
+    assert strictest([run, swap, stop]) == Decision(Verdict.STOP, 8 * GiB)  # interposed: the stop holds
+    assert strictest([Decision(Verdict.PAUSE), Decision(Verdict.SWAP, GiB), Decision(Verdict.SWAP, 3 * GiB)]) == \
+        Decision(Verdict.SWAP, 3 * GiB)

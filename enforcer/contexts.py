@@ -1,0 +1,95 @@
+"""Each process's CUDA context: device memory NVML shows a process hold beyond what the probes saw it allocate
+(the context itself, the driver's own buffers). A quota bounds everything a process holds on the GPU, so the
+context counts against it: in its quota group's base for the probes (probes/quotamaps.py), and taken off the limit
+its interposer enforces (enforcer/policy.py).
+
+Where NVML lists the process on a GPU the context is NVML's bytes less the traced ones (the view's
+`untracked_bytes`); where NVML runs but does not list it, `[scheduler] context_mib`; without NVML nothing is known
+and nothing is counted."""
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from ..core import threads
+from ..probes.model import ProbeFacts
+from .view import Resolve
+
+log = logging.getLogger(__name__)
+
+LEARN_EVERY_S = 1.0
+
+Contexts = dict[int, dict[int, int]]  # pid -> device ordinal -> context bytes
+
+
+def learn_contexts(facts: ProbeFacts, resolve: Resolve, default_bytes: int) -> Contexts:
+    """The context of every process the probes see on a GPU, per device ordinal; empty without NVML."""
+    if not facts.nvml_gpus:
+        return {}
+    traced: dict[tuple[int, int | None], int] = {}
+    index_of: dict[tuple[int, int], int | None] = {}
+    for row in facts.rows:
+        if row.ordinal < 0:
+            continue
+        index = resolve(row.pid, row.ordinal, facts.nvml_gpus, facts.uuids)[0]
+        index_of[(row.pid, row.ordinal)] = index
+        traced[(row.pid, index)] = traced.get((row.pid, index), 0) + row.device_bytes
+    contexts: Contexts = {}
+    counted: set[tuple[int, int | None]] = set()
+    for (pid, ordinal), index in sorted(index_of.items()):
+        if (pid, index) in counted:
+            continue  # two ordinals of one GPU: its context once
+        counted.add((pid, index))
+        nvml = facts.nvml_bytes.get((pid, index)) if index is not None else None
+        context = max(nvml - traced[(pid, index)], 0) if nvml is not None else default_bytes
+        contexts.setdefault(pid, {})[ordinal] = context
+    return contexts
+
+
+def largest(per_ordinal: dict[int, int] | None) -> int:
+    """What an interposer, whose quota is one figure for every GPU, takes off it."""
+    return max(per_ordinal.values(), default=0) if per_ordinal else 0
+
+
+class ContextLearner:
+    """Learns the contexts every LEARN_EVERY_S on a thread of its own and hands them to `sinks`; `each_round`
+    are other callbacks that want the same pace (a pod's quota the kubelet had not listed yet)."""
+
+    def __init__(self, facts: Callable[[], ProbeFacts], resolve: Resolve, default_bytes: Callable[[], int],
+                 sinks: Iterable[Callable[[Contexts], Any]] = ()) -> None:
+        self._facts, self._resolve, self._default = facts, resolve, default_bytes
+        self.sinks = list(sinks)
+        self.each_round: list[Callable[[], Any]] = []
+        self._lock = threading.Lock()
+        self._latest: Contexts = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=threads.supervised("gpuwatch-contexts", self._loop, self._stop),
+                                        name="gpuwatch-contexts", daemon=True)
+
+    def of(self, pid: int) -> dict[int, int]:
+        with self._lock:
+            return dict(self._latest.get(pid, {}))
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=2)
+
+    def learn_once(self) -> Contexts:
+        contexts = learn_contexts(self._facts(), self._resolve, self._default())
+        with self._lock:
+            self._latest = contexts
+        for sink in self.sinks:
+            sink(contexts)
+        return contexts
+
+    def _loop(self) -> None:
+        while not self._stop.wait(LEARN_EVERY_S):
+            self.learn_once()
+            for callback in self.each_round:
+                callback()
