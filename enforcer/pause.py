@@ -57,7 +57,9 @@ class Pauser:
                 result["bytes"] = reply.moved_bytes
             return result
         stat = self._stoppable(pid)
-        if self.checkpointer.movable(pid) or self.ledger.moved(pid)[0]:
+        # a process stopped already (at an allocation, or by anyone) cannot answer the driver's lock: it is held
+        # stopped instead
+        if (self.checkpointer.movable(pid) and stat.state != "T") or self.ledger.moved(pid)[0]:
             nbytes, on_gpus = self.describe(pid)
             try:
                 state = self.checkpointer.pause(pid, stat.start_time, by, swap, nbytes, sorted(on_gpus), on_gpus)

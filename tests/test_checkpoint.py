@@ -151,6 +151,24 @@ def test_no_checkpoint_beside_a_process_stopped_at_its_allocation(fakecuda, shar
         p.close()
 
 
+def test_a_pause_by_hand_of_a_process_stopped_at_its_allocation_holds_it_stopped(fakecuda, shared, cdaemon):
+    a, b = Plain(fakecuda, cdaemon, shared), Plain(fakecuda, cdaemon, shared)
+    holding(a, "x", 64 * MiB, 13)
+    got = b.later(f"alloc y {64 * MiB}")
+    wait_for(lambda: [r["reason"] for r in cdaemon.ps(b.pid)] == ["waiting for device memory"], 5,
+             "b to wait for room")
+    out = cdaemon.cli("pause", str(b.pid)).stdout  # stopped already: no lock to ask the driver for
+    assert "stopped (SIGSTOP" in out, out
+    with pytest.raises(queue.Empty):
+        got.get(timeout=4.0)  # past room_wait_ms (3 s): the hand holds it
+    assert [r["reason"] for r in cdaemon.ps(b.pid)] == ["paused by hand"]
+    assert row(cdaemon, a.pid)["unmovable"] is None  # nothing timed out against it
+    cdaemon.cli("resume", str(b.pid))
+    assert got.get(timeout=10) == "err 2"  # its allocation runs now, and the device is full
+    for p in (a, b):
+        p.close()
+
+
 def test_a_plain_and_an_interposed_program_that_exceed_the_gpu_both_complete(fakecuda, interposer, shared, cdaemon):
     a = Plain(fakecuda, cdaemon, shared)
     holding(a, "x", 64 * MiB, 21)
