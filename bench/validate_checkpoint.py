@@ -331,28 +331,7 @@ def main() -> int:
     log(f"GPU free after {vs.cleanup()} s")
     start_daemon()
     log(f"daemon up; checkpoint {call('status').get('checkpoint')}")
-    results: dict[str, Any] = {}
-    try:
-        for name in wanted:
-            log(f"scenario {name}")
-            try:
-                results[name] = SCENARIOS[name]()
-            except Exception as exc:  # one scenario's failure must not hide the others
-                results[name] = {"error": repr(exc), "checks": {"ran": False}}
-            results[name]["gpu_free_after_s"] = vs.cleanup()
-            log(f"  {name}: {json.dumps(results[name], default=str)[:2500]}")
-            (OUT / "validate_checkpoint.json").write_text(json.dumps(results, indent=1, default=str))
-    finally:
-        vs.cleanup()
-        daemon = DAEMON.get("proc")
-        if daemon is not None:
-            daemon.send_signal(signal.SIGTERM)
-            daemon.wait(60)
-    verdicts = {n: "pass" if all(results[n].get("checks", {"none": False}).values()) else "FAIL" for n in wanted}
-    results["verdicts"] = verdicts
-    (OUT / "validate_checkpoint.json").write_text(json.dumps(results, indent=1, default=str))
-    print(json.dumps({n: {"verdict": v, "checks": results[n].get("checks")} for n, v in verdicts.items()}, indent=1))
-    return 1 if "FAIL" in verdicts.values() else 0
+    return vs.run_scenarios(SCENARIOS, wanted, "validate_checkpoint.json", lambda: DAEMON.get("proc"))
 
 
 if __name__ == "__main__":

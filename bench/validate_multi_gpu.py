@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -216,27 +215,7 @@ def main() -> int:
     gpus = call("status")["gpus"]
     if len(gpus) < 2:
         raise SystemExit(f"two GPUs needed, NVML shows {len(gpus)}")
-    results: dict[str, Any] = {}
-    try:
-        for name in wanted:
-            log(f"scenario {name}")
-            try:
-                results[name] = SCENARIOS[name]()
-            except Exception as exc:  # one scenario's failure must not hide the others
-                results[name] = {"error": repr(exc), "checks": {"ran": False}}
-            results[name]["gpu_free_after_s"] = vs.cleanup()
-            (OUT / "validate_multi_gpu.json").write_text(json.dumps(results, indent=1, default=str))
-    finally:
-        vs.cleanup()
-        daemon = DAEMON.get("proc")
-        if daemon is not None:
-            daemon.send_signal(signal.SIGTERM)
-            daemon.wait(60)
-    verdicts = {n: "pass" if all(results[n].get("checks", {"none": False}).values()) else "FAIL" for n in wanted}
-    results["verdicts"] = verdicts
-    (OUT / "validate_multi_gpu.json").write_text(json.dumps(results, indent=1, default=str))
-    print(json.dumps({n: {"verdict": v, "checks": results[n].get("checks")} for n, v in verdicts.items()}, indent=1))
-    return 1 if "FAIL" in verdicts.values() else 0
+    return vs.run_scenarios(SCENARIOS, wanted, "validate_multi_gpu.json", lambda: DAEMON.get("proc"))
 
 
 if __name__ == "__main__":

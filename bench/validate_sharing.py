@@ -12,6 +12,7 @@ Writes $OUT/validate_sharing.json, $OUT/sharing-daemon.log, $OUT/sharing-jobs.st
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 import os
 import signal
 import subprocess
@@ -385,7 +386,7 @@ def start_daemon(config_text: str | None = None, log_name: str = "sharing-daemon
                  fresh_log: bool = True) -> subprocess.Popen:
     """The checkout's daemon in its own session, its output timestamped into OUT/log_name; returns once it answers.
     config_text: its configuration (default: this scenario set's)."""
-    config = Path(f"/tmp/gw-{Path(log_name).stem}.toml")
+    config = Path(f"/tmp/gw-{Path(log_name).stem.removesuffix('-daemon')}.toml")
     config.write_text(config_text or
                       f'[scheduler]\nroom_wait_ms = {int(ROOM_WAIT_S * 1000)}\n\n[metrics]\nlisten = "{METRICS}"\n')
     daemon = subprocess.Popen([*GW, "run", "--config", str(config)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -407,6 +408,33 @@ def start_daemon(config_text: str | None = None, log_name: str = "sharing-daemon
                 raise SystemExit(f"the daemon exited: see {log_name}") from None
             time.sleep(0.1)
     raise SystemExit("the daemon did not answer in 120 s")
+
+
+def run_scenarios(scenarios: dict[str, Callable[[], dict[str, Any]]], wanted: list[str], out_file: str,
+                  daemon: Callable[[], subprocess.Popen | None]) -> int:
+    """Each wanted scenario in turn (one's failure does not hide the others), the GPU cleaned after each, the
+    results in OUT/out_file; then the daemon (`daemon()`: the one running now) is stopped. Returns 1 on a FAIL."""
+    results: dict[str, Any] = {}
+    try:
+        for name in wanted:
+            log(f"scenario {name}")
+            try:
+                results[name] = scenarios[name]()
+            except Exception as exc:  # one scenario's failure must not hide the others
+                results[name] = {"error": repr(exc), "checks": {"ran": False}}
+            results[name]["gpu_free_after_s"] = cleanup()
+            log(f"  {name}: {json.dumps(results[name], default=str)[:2500]}")
+            (OUT / out_file).write_text(json.dumps(results, indent=1, default=str))
+    finally:
+        cleanup()
+        if (running := daemon()) is not None:
+            running.send_signal(signal.SIGTERM)
+            running.wait(60)
+    verdicts = {n: "pass" if all(results[n].get("checks", {"none": False}).values()) else "FAIL" for n in wanted}
+    results["verdicts"] = verdicts
+    (OUT / out_file).write_text(json.dumps(results, indent=1, default=str))
+    print(json.dumps({n: {"verdict": v, "checks": results[n].get("checks")} for n, v in verdicts.items()}, indent=1))
+    return 1 if "FAIL" in verdicts.values() else 0
 
 
 SCENARIOS = {"four": four, "plain": plain, "pause": pause, "cgroup": cgroup}

@@ -38,6 +38,30 @@ def scheduling_daemon(gpu: tuple[Path, Path], prefix: str, scheduler: str) -> Da
         del os.environ["LD_LIBRARY_PATH"], os.environ["FAKENVML_STATE"]
 
 
+def driver_daemon(gpu: tuple[Path, Path], shared: Path, driver_env: dict[str, str], config_text: str,
+                  workdir: Path | None = None) -> Daemon:
+    """A daemon with the fake NVML of `gpu` (listing the test double's processes on `shared`, 0 bytes while
+    checkpointed) and this configuration; `driver_env`: the test-double driver's, whose checkpoint API the daemon
+    calls where the configuration names it ([daemon] driver)."""
+    workdir = workdir or Path(tempfile.mkdtemp(prefix="gpuwatch-driver-"))
+    workdir.chmod(0o755)
+    config = workdir / "gpuwatch.toml"
+    config.write_text(config_text)
+    lib_dir, state = gpu
+    env = {"LD_LIBRARY_PATH": str(lib_dir), "FAKENVML_STATE": str(state), "FAKENVML_CUDA_STATE": str(shared),
+           **driver_env}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        return Daemon(workdir, "--config", str(config), "--launches", "all", nvml=True)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                del os.environ[k]
+            else:
+                os.environ[k] = v
+
+
 def gpu_env(fakecuda: Path, shared: Path) -> dict[str, str]:
     """The test-double driver of a program on the shared GPU (`shared`: its state file)."""
     return {"GPUWATCH_REAL_LIBCUDA": str(fakecuda / "libcuda.so.1"), "FAKECUDA_SHARED_STATE": str(shared),

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import GPUWATCH, Daemon, wait_for
-from gpu_fixtures import CAPACITY, gpu_env, start_interposed
+from gpu_fixtures import CAPACITY, driver_daemon, gpu_env, start_interposed
 from interposer_fixtures import IProg, MiB, driver_used
 
 SCHEDULER = ("quantum_ms = 1000\nidle_ms = 300\nreserve_mib = 0\ncontext_mib = 0\ntick_ms = 50\n"
@@ -34,24 +34,9 @@ def shared(tmp_path: Path) -> Path:
 def checkpoint_daemon(gpu: tuple[Path, Path], fakecuda: Path, shared: Path, workdir: Path | None = None,
                       driver: bool = True, host_limit_mib: int = 0) -> Daemon:
     """A daemon whose driver is the test double (its checkpoint API reaches the programs on `shared`)."""
-    workdir = workdir or Path(tempfile.mkdtemp(prefix="gpuwatch-ckpt-"))
-    workdir.chmod(0o755)
-    config = workdir / "gpuwatch.toml"
-    config.write_text((f'[daemon]\ndriver = "{fakecuda / "libcuda.so.1"}"\n' if driver else "")
-                      + f"[scheduler]\n{SCHEDULER}host_limit_mib = {host_limit_mib}\n")
-    lib_dir, state = gpu
-    env = {"LD_LIBRARY_PATH": str(lib_dir), "FAKENVML_STATE": str(state), "FAKENVML_CUDA_STATE": str(shared),
-           **gpu_env(fakecuda, shared)}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        return Daemon(workdir, "--config", str(config), "--launches", "all", nvml=True)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                del os.environ[k]
-            else:
-                os.environ[k] = v
+    return driver_daemon(gpu, shared, gpu_env(fakecuda, shared),
+                         (f'[daemon]\ndriver = "{fakecuda / "libcuda.so.1"}"\n' if driver else "")
+                         + f"[scheduler]\n{SCHEDULER}host_limit_mib = {host_limit_mib}\n", workdir)
 
 
 @pytest.fixture

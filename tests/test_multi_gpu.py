@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, Daemon, wait_for
-from gpu_fixtures import CAPACITY, gpu_env, start_interposed
+from gpu_fixtures import CAPACITY, driver_daemon, gpu_env, start_interposed
 from interposer_fixtures import IProg, MiB, driver_used
 from gpuwatch.core.view import Gpu, ProcessGpu, Snapshot, TracerHealth
 from gpuwatch.enforcer.ledger import HAND, Ledger
@@ -55,24 +55,9 @@ def two_gpu_env(fakecuda: Path, shared: Path) -> dict[str, str]:
 def two_gpu_daemon(gpus: tuple[Path, Path], fakecuda: Path, shared: Path, workdir: Path | None = None,
                    move_idle: bool = False) -> Daemon:
     """A daemon whose driver is the test double seeing both GPUs."""
-    workdir = workdir or Path(tempfile.mkdtemp(prefix="gpuwatch-mgpu-"))
-    workdir.chmod(0o755)
-    config = workdir / "gpuwatch.toml"
-    config.write_text(f'[daemon]\ndriver = "{fakecuda / "libcuda.so.1"}"\n[scheduler]\n{SCHEDULER}'
-                      f"move_idle = {'true' if move_idle else 'false'}\n")
-    lib_dir, state = gpus
-    env = {"LD_LIBRARY_PATH": str(lib_dir), "FAKENVML_STATE": str(state), "FAKENVML_CUDA_STATE": str(shared),
-           **two_gpu_env(fakecuda, shared)}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        return Daemon(workdir, "--config", str(config), "--launches", "all", nvml=True)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                del os.environ[k]
-            else:
-                os.environ[k] = v
+    return driver_daemon(gpus, shared, two_gpu_env(fakecuda, shared),
+                         f'[daemon]\ndriver = "{fakecuda / "libcuda.so.1"}"\n[scheduler]\n{SCHEDULER}'
+                         f"move_idle = {'true' if move_idle else 'false'}\n", workdir)
 
 
 @pytest.fixture
