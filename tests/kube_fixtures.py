@@ -17,7 +17,7 @@ from typing import Any
 
 import grpc
 
-from conftest import ROOT, wait_for
+from conftest import ROOT, Daemon, wait_for
 
 from gpuwatch.kube.api import deviceplugin_pb2 as dp
 from gpuwatch.kube.api import deviceplugin_pb2_grpc as dp_grpc
@@ -161,4 +161,75 @@ def remove(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-__all__ = ["FakeKubelet", "FakePodResources", "Stream", "fake_nvml", "short_dir", "remove", "wait_for"]
+# Where containerd keeps a pod container's bundle (its OCI config.json, rootfs/ beside it), under the host's root:
+# kube/runtime.py reads the container's namespace, pod and name from that config.json's annotations.
+CONTAINERD_BUNDLES = "run/containerd/io.containerd.runtime.v2.task/k8s.io"
+
+
+def containerd_annotations(namespace: str, pod: str, container: str, pod_uid: str) -> dict[str, str]:
+    """The annotations containerd's CRI writes into the OCI config of a pod's (non-sandbox) container."""
+    return {"io.kubernetes.cri.sandbox-namespace": namespace, "io.kubernetes.cri.sandbox-name": pod,
+            "io.kubernetes.cri.container-name": container, "io.kubernetes.cri.sandbox-uid": pod_uid,
+            "io.kubernetes.cri.container-type": "container"}
+
+
+def kube_daemon(work: Path, sockets: Path, host_root: Path, interposer_dir: Path, gpus: list[tuple[str, int]],
+                preload_file: bool = False) -> Daemon:
+    """A real daemon with `[kubernetes] enabled`: its device plugin in `sockets` (where the test's FakeKubelet
+    serves kubelet.sock), PodResources at sockets/pr.sock, the runtime's state under `host_root`, the interposer
+    directory `interposer_dir`, and the fake NVML (built in work/fakenvml) showing `gpus` ((UUID, total bytes)
+    each) and no processes; no scheduler, and no context counted where NVML lists none. Its socket, log and state
+    are in work/run, the directory Allocate mounts into containers as /run/gpuwatch."""
+    nvml, run = work / "fakenvml", work / "run"
+    run.mkdir()
+    run.chmod(0o755)
+    subprocess.run(["make", "-s", "-C", str(ROOT / "tests" / "fakenvml"), f"OUT={nvml}"], check=True)
+    (nvml / "state").write_text("".join(f"gpu {i} {uuid} {total} 0 Fake GPU\n" for i, (uuid, total) in enumerate(gpus)))
+    config = work / "gpuwatch.toml"
+    config.write_text(f"[scheduler]\nenabled = false\ncontext_mib = 0\n\n[kubernetes]\nenabled = true\n"
+                      f"plugin_dir = \"{sockets}\"\npod_resources_socket = \"{sockets / 'pr.sock'}\"\n"
+                      f"interposer_host_dir = \"{interposer_dir}\"\nhost_root = \"{host_root}\"\n"
+                      f"preload_file = {str(preload_file).lower()}\napi_priorities = false\n")
+    os.environ["LD_LIBRARY_PATH"], os.environ["FAKENVML_STATE"] = str(nvml), str(nvml / "state")
+    try:
+        return Daemon(run, "--config", str(config), nvml=True)
+    finally:
+        del os.environ["LD_LIBRARY_PATH"], os.environ["FAKENVML_STATE"]
+
+
+def cgroup_hierarchies() -> list[Path]:
+    """Where each cgroup hierarchy is mounted, v1 controllers and v2 (a hybrid host has both), each once."""
+    found: list[Path] = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        left, _, right = line.partition(" - ")
+        fields = left.split()
+        if right.split()[:1] in (["cgroup"], ["cgroup2"]) and fields[3] == "/":
+            where = Path(fields[4].replace("\\040", " "))
+            if where not in found:
+                found.append(where)
+    return found
+
+
+def remove_cgroup(path: str, timeout: float = 5.0) -> None:
+    """The cgroup `path` (as /proc/PID/cgroup shows it) and every cgroup below it, in every hierarchy, deepest
+    first: runc makes a container's cgroup and its parents in each hierarchy, and removes only the container's own.
+    A cgroup whose last process has just exited may refuse for a moment: waited for."""
+    def gone(d: Path) -> bool:
+        try:
+            d.rmdir()
+        except FileNotFoundError:
+            pass
+        except OSError:
+            return False
+        return True
+
+    for hierarchy in cgroup_hierarchies():
+        top = hierarchy / path.strip("/")
+        if not path.strip("/") or not top.is_dir():
+            continue
+        for d in sorted((d for d in top.rglob("*") if d.is_dir()), key=lambda d: -len(d.parts)) + [top]:
+            wait_for(lambda: gone(d), timeout, f"cgroup {d} to be removed")
+
+
+__all__ = ["CONTAINERD_BUNDLES", "FakeKubelet", "FakePodResources", "Stream", "cgroup_hierarchies",
+           "containerd_annotations", "fake_nvml", "kube_daemon", "remove", "remove_cgroup", "short_dir", "wait_for"]
