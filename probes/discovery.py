@@ -2,6 +2,7 @@
 rescan and within a second of a process opening one (the openat tracepoint's LIB_OPEN event)."""
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import queue
@@ -125,11 +126,31 @@ class LibraryWatch:
             if self.bpf is None or self.attacher is None or on == self.work_attached:
                 return
             self.work_attached = on
-            for entry in self.libs.values():
+            for key, entry in list(self.libs.items()):
                 if on:
-                    entry.attached[Group.WORK] = self.attacher.attach(entry.library.path, entry.targets[Group.WORK])
+                    self._attach_work(key, entry)
                 elif Group.WORK in entry.attached:
                     self.attacher.detach(entry.attached.pop(Group.WORK))
+
+    def _attach_work(self, key: tuple[int, int], entry: AttachedLibrary) -> None:
+        """One library's work probes. A copy found under a process's root (/proc/PID/root/...) is gone with that
+        process: attach through another process that maps the same file, or drop it (its other probes too) until
+        a process loads it again."""
+        assert self.attacher is not None
+        for _ in range(2):
+            try:
+                entry.attached[Group.WORK] = self.attacher.attach(entry.library.path, entry.targets[Group.WORK])
+                return
+            except Exception as exc:  # OSError from the kernel, bcc's own errors on the perf-event path
+                if not isinstance(exc, OSError) or exc.errno != errno.ENOENT:
+                    log.warning("cannot attach the launch probes to %s: %s", entry.library.path, exc)
+                    return
+                other = next((lib for lib in libraries.all_process_libraries() if lib.key == key), None)
+                if other is None:
+                    break
+                entry.library = other
+        log.info("no process maps %s any more: no longer watched until one loads it", entry.library.path)
+        self._drop(key)
 
     def paths(self) -> list[str]:
         with self._lock:
