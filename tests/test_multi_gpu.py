@@ -53,10 +53,10 @@ def two_gpu_env(fakecuda: Path, shared: Path) -> dict[str, str]:
 
 
 def two_gpu_daemon(gpus: tuple[Path, Path], fakecuda: Path, shared: Path, workdir: Path | None = None,
-                   move_idle: bool = False) -> Daemon:
+                   move_idle: bool = False, scheduler: str = SCHEDULER) -> Daemon:
     """A daemon whose driver is the test double seeing both GPUs."""
     return driver_daemon(gpus, shared, two_gpu_env(fakecuda, shared),
-                         f'[daemon]\ndriver = "{fakecuda / "libcuda.so.1"}"\n[scheduler]\n{SCHEDULER}'
+                         f'[daemon]\ndriver = "{fakecuda / "libcuda.so.1"}"\n[scheduler]\n{scheduler}'
                          f"move_idle = {'true' if move_idle else 'false'}\n", workdir)
 
 
@@ -214,6 +214,28 @@ def test_a_move_survives_a_daemon_restart(two_gpus, fakecuda, shared2):
 
 
 # ------------------------------------------------------------------------------------------------ pure
+
+
+def test_with_move_idle_an_idle_plain_program_moves_to_the_free_gpu_to_make_room(two_gpus, fakecuda, interposer,
+                                                                                shared2):
+    d = two_gpu_daemon(two_gpus, fakecuda, shared2, move_idle=True,
+                       scheduler=SCHEDULER.replace("idle_ms = 10000", "idle_ms = 300"))  # idle at once
+    try:
+        idle = Plain(fakecuda, d, shared2)
+        idle.holding("a", 64 * MiB, 5)  # then it makes no call: idle
+        busy = start_interposed(fakecuda, interposer, d, shared2)
+        busy.timeout = 30
+        busy.ok(f"alloc b {64 * MiB}")  # GPU 0 cannot hold both: its interposer waits while room is made
+        busy.ok("fill b 6")
+        assert (driver_used(shared2, 0), driver_used(shared2, 1)) == (64 * MiB, 64 * MiB)
+        wait_for(lambda: placed(d, idle.pid) == [(1, UUIDS[1], 64 * MiB)], 5, "ps to show the idle one on GPU 1")
+        assert d.row(idle.pid, 1)["state"] == "running"  # moved, not checkpointed into host memory
+        idle.ok("check a 5")
+        busy.ok("check b 6")
+        for p in (idle, busy):
+            p.close()
+    finally:
+        d.stop()
 
 
 def test_a_checkpoint_for_one_gpu_moves_the_whole_plain_process_and_wins_over_a_stop():
