@@ -121,7 +121,8 @@ class Daemon:
             summary=self.enforcer.summary() if self.enforcer else None, priority_of=self.policy.priority_of,
             reasons=self.enforcer.reasons if self.enforcer else {},
             plans=self.enforcer.placement.plans if self.enforcer else {},
-            resolve=self._devices.resolve, describe=self._describe, alive=procfs.alive, host=self.host.reading(pages))
+            resolve=self._devices.resolve, describe=self._describe, alive=procfs.alive, host=self.host.reading(pages),
+            placement=self.ledger.placement)
         return build_view(sources), pages
 
     def view(self) -> Snapshot:

@@ -44,6 +44,7 @@ class ViewSources:
     resolve: Resolve = lambda pid, ordinal, gpus, uuids: (ordinal if ordinal >= 0 else None, None)
     describe: Callable[[int], ProcInfo | None] = lambda pid: None
     alive: Callable[[int], bool] = lambda pid: True
+    placement: Callable[[int], dict[int, int]] = lambda pid: {}  # `gpuwatch move`: {GPU it left: GPU it is on}
 
 
 def enforcement_records(sources: ViewSources) -> dict[int, Enforcement]:
@@ -105,6 +106,8 @@ def build_view(sources: ViewSources) -> Snapshot:
         for direction, n in p.copy_bytes.items():
             r.copy_bytes[direction] += n
     for (pid, index), used in facts.nvml_bytes.items():
+        if sources.placement(pid).get(index, index) != index:
+            continue  # a reading from before `gpuwatch move` took the process off this GPU (NVML is sampled)
         key = (pid, index)
         if key not in rows:
             rows[key] = new_row(pid, index, next((g.uuid for g in gpus if g.index == index), None))

@@ -324,3 +324,15 @@ def test_the_resolver_shows_a_moved_process_on_its_new_gpu():
     assert resolver.resolve(11, 0, gpus) == (0, UUIDS[0])
     assert uuid_bytes(UUIDS[1]) == b"fakecuda-dev0001"
     assert uuid_bytes("GPU-1234") is None and uuid_bytes("MIG-" + UUIDS[0][4:]) is None
+
+
+def test_an_nvml_reading_from_before_a_move_does_not_put_the_process_back_on_its_old_gpu():
+    """NVML is sampled: right after a move its last reading still lists the process on the GPU it left, and the
+    scheduler of that GPU would plan with it there (the CI saw a moved process checkpointed for that)."""
+    from gpuwatch.enforcer.view import ViewSources, build_view
+    from gpuwatch.probes.model import ProbeFacts
+    gpus = [Gpu(0, UUIDS[0], memory_total=CAPACITY), Gpu(1, UUIDS[1], memory_total=CAPACITY)]
+    facts = ProbeFacts([], {}, False, False, TracerHealth("off"), gpus, {(10, 0): 64 * MiB, (10, 1): 64 * MiB})
+    view = build_view(ViewSources(facts, resolve=DeviceResolver(lambda pid: {0: 1}).resolve,
+                                  placement=lambda pid: {0: 1} if pid == 10 else {}))
+    assert [(r.gpu, r.nvml_bytes) for r in view.processes] == [(1, 64 * MiB)]
