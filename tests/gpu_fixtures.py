@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, Daemon, wait_for
+from conftest import ROOT, Daemon, environment, wait_for
 from interposer_fixtures import IProg, MiB
 
 CAPACITY = 96 * MiB
@@ -48,18 +48,9 @@ def driver_daemon(gpu: tuple[Path, Path], shared: Path, driver_env: dict[str, st
     config = workdir / "gpuwatch.toml"
     config.write_text(config_text)
     lib_dir, state = gpu
-    env = {"LD_LIBRARY_PATH": str(lib_dir), "FAKENVML_STATE": str(state), "FAKENVML_CUDA_STATE": str(shared),
-           **driver_env}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    with environment({"LD_LIBRARY_PATH": str(lib_dir), "FAKENVML_STATE": str(state),
+                      "FAKENVML_CUDA_STATE": str(shared), **driver_env}):
         return Daemon(workdir, "--config", str(config), "--launches", "all", nvml=True)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                del os.environ[k]
-            else:
-                os.environ[k] = v
 
 
 def gpu_env(fakecuda: Path, shared: Path) -> dict[str, str]:

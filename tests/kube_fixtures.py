@@ -17,7 +17,7 @@ from typing import Any
 
 import grpc
 
-from conftest import ROOT, Daemon, wait_for
+from conftest import ROOT, Daemon, environment, wait_for
 
 from gpuwatch.kube.api import deviceplugin_pb2 as dp
 from gpuwatch.kube.api import deviceplugin_pb2_grpc as dp_grpc
@@ -190,11 +190,8 @@ def kube_daemon(work: Path, sockets: Path, host_root: Path, interposer_dir: Path
                       f"plugin_dir = \"{sockets}\"\npod_resources_socket = \"{sockets / 'pr.sock'}\"\n"
                       f"interposer_host_dir = \"{interposer_dir}\"\nhost_root = \"{host_root}\"\n"
                       f"preload_file = {str(preload_file).lower()}\napi_priorities = false\n")
-    os.environ["LD_LIBRARY_PATH"], os.environ["FAKENVML_STATE"] = str(nvml), str(nvml / "state")
-    try:
+    with environment({"LD_LIBRARY_PATH": str(nvml), "FAKENVML_STATE": str(nvml / "state")}):
         return Daemon(run, "--config", str(config), nvml=True)
-    finally:
-        del os.environ["LD_LIBRARY_PATH"], os.environ["FAKENVML_STATE"]
 
 
 def cgroup_hierarchies() -> list[Path]:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, Prog, wait_for
+from conftest import ROOT, Prog, environment, wait_for
 from interposer_fixtures import MiB, driver_used
 
 CAPACITY = 64 * MiB
@@ -69,16 +69,8 @@ class Driver:
             assert self.init() == 0
 
     def init(self) -> int:
-        saved = {k: os.environ.get(k) for k in self.env}
-        os.environ.update(self.env)
-        try:
+        with environment(self.env):
             return self.cu.cuInit(0)
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    del os.environ[k]
-                else:
-                    os.environ[k] = v
 
     def state(self, pid: int) -> int:
         """The CUprocessState, or -CODE."""

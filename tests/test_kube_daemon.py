@@ -18,7 +18,7 @@ import pytest
 from interposer_fixtures import IProg
 from kube_fixtures import FakeKubelet, FakePodResources, remove, short_dir, wait_for
 
-from conftest import ROOT, Daemon, Prog
+from conftest import ROOT, Daemon, Prog, environment
 from gpuwatch.core.procfs import cgroup2_root
 from gpuwatch.kube.devices import GPU_RESOURCE, MEMORY_RESOURCE
 
@@ -85,14 +85,11 @@ def node(fakecuda: Path, sole_daemon_slot: None) -> Iterator[Node]:
                       f"plugin_dir = \"{sockets}\"\npod_resources_socket = \"{sockets / 'pr.sock'}\"\n"
                       f"interposer_host_dir = \"{work / 'lib'}\"\nhost_root = \"{host}\"\napi_priorities = false\n")
     state = nvml / "state"
-    os.environ["LD_LIBRARY_PATH"], os.environ["FAKENVML_STATE"] = str(nvml), str(state)
-    try:
+    with environment({"LD_LIBRARY_PATH": str(nvml), "FAKENVML_STATE": str(state)}):
         cgroups = {cid: "/" + str(leaf.relative_to(root)) for cid, leaf in leaves.items()}
         n = Node(None, state, leaves, cgroups)  # type: ignore[arg-type]
         n.set_nvml({})
         n.daemon = Daemon(work, "--config", str(config), nvml=True)
-    finally:
-        del os.environ["LD_LIBRARY_PATH"], os.environ["FAKENVML_STATE"]
     try:
         yield n
     finally:
