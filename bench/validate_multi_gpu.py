@@ -206,9 +206,7 @@ SCENARIOS = {"five": five, "span": span, "nccl": nccl, "move": move}
 def main() -> int:
     if sys.argv[1:2] == ["job"]:
         return job(*sys.argv[2:]) or 0
-    wanted = sys.argv[1:] or list(SCENARIOS)
-    if unknown := [n for n in wanted if n not in SCENARIOS]:
-        raise SystemExit(f"unknown scenario {unknown[0]!r}: choose from {', '.join(SCENARIOS)}")
+    wanted = vs.chosen(SCENARIOS)
     OUT.mkdir(parents=True, exist_ok=True)
     log(f"GPU free after {vs.cleanup()} s")
     start_daemon()

@@ -410,31 +410,50 @@ def start_daemon(config_text: str | None = None, log_name: str = "sharing-daemon
     raise SystemExit("the daemon did not answer in 120 s")
 
 
+def chosen(scenarios: dict[str, Any]) -> list[str]:
+    """The scenarios named on the command line (options aside), or all; one line for an unknown name."""
+    wanted = [a for a in sys.argv[1:] if not a.startswith("-")] or list(scenarios)
+    if unknown := [n for n in wanted if n not in scenarios]:
+        raise SystemExit(f"unknown scenario {unknown[0]!r}: choose from {', '.join(scenarios)}")
+    return wanted
+
+
 def run_scenarios(scenarios: dict[str, Callable[[], dict[str, Any]]], wanted: list[str], out_file: str,
-                  daemon: Callable[[], subprocess.Popen | None]) -> int:
-    """Each wanted scenario in turn (one's failure does not hide the others), the GPU cleaned after each, the
-    results in OUT/out_file; then the daemon (`daemon()`: the one running now) is stopped. Returns 1 on a FAIL."""
-    results: dict[str, Any] = {}
+                  daemon: Callable[[], subprocess.Popen | None], results: dict[str, Any] | None = None,
+                  skip: Callable[[str], str | None] = lambda name: None) -> int:
+    """Each wanted scenario in turn (one's failure does not hide the others; `skip` says why one is not run),
+    the GPU cleaned after each, the results in OUT/out_file; then the daemon (`daemon()`: the one running now)
+    is stopped. Returns 1 on a FAIL or where the daemon had died."""
+    results = results if results is not None else {}
     try:
         for name in wanted:
+            if (why := skip(name)) is not None:
+                results[name] = {"skipped": why}
+                continue
             log(f"scenario {name}")
             try:
                 results[name] = scenarios[name]()
             except Exception as exc:  # one scenario's failure must not hide the others
                 results[name] = {"error": repr(exc), "checks": {"ran": False}}
             results[name]["gpu_free_after_s"] = cleanup()
-            log(f"  {name}: {json.dumps(results[name], default=str)[:2500]}")
+            log(f"  {name}: {json.dumps(results[name], default=str)[:3000]}")
             (OUT / out_file).write_text(json.dumps(results, indent=1, default=str))
     finally:
         cleanup()
-        if (running := daemon()) is not None:
+        running = daemon()
+        results["daemon_alive_at_end"] = running is not None and running.poll() is None
+        if running is not None:
             running.send_signal(signal.SIGTERM)
-            running.wait(60)
-    verdicts = {n: "pass" if all(results[n].get("checks", {"none": False}).values()) else "FAIL" for n in wanted}
-    results["verdicts"] = verdicts
+            try:
+                running.wait(60)
+            except subprocess.TimeoutExpired:
+                running.kill()
+    results["verdicts"] = verdicts = {n: "skipped" if "skipped" in results[n] else "pass" if all(
+        results[n].get("checks", {"none": False}).values()) else "FAIL" for n in wanted}
     (OUT / out_file).write_text(json.dumps(results, indent=1, default=str))
-    print(json.dumps({n: {"verdict": v, "checks": results[n].get("checks")} for n, v in verdicts.items()}, indent=1))
-    return 1 if "FAIL" in verdicts.values() else 0
+    print(json.dumps({n: {"verdict": v, "checks": results[n].get("checks"), "skipped": results[n].get("skipped")}
+                      for n, v in verdicts.items()}, indent=1))
+    return 1 if "FAIL" in verdicts.values() or not results["daemon_alive_at_end"] else 0
 
 
 SCENARIOS = {"four": four, "plain": plain, "pause": pause, "cgroup": cgroup}
@@ -443,9 +462,7 @@ SCENARIOS = {"four": four, "plain": plain, "pause": pause, "cgroup": cgroup}
 def main() -> int:
     if sys.argv[1:2] == ["job"]:
         return job(*sys.argv[2:]) or 0
-    wanted = [a for a in sys.argv[1:] if not a.startswith("-")] or list(SCENARIOS)
-    if unknown := [n for n in wanted if n not in SCENARIOS]:
-        raise SystemExit(f"unknown scenario {unknown[0]!r}: choose from {', '.join(SCENARIOS)}")
+    wanted = chosen(SCENARIOS)
     if "--dry-run" in sys.argv:
         print(f"daemon: {' '.join(GW)} run --config /tmp/gw-sharing.toml (room_wait_ms {ROOM_WAIT_S * 1000:.0f}, "
               f"metrics {METRICS}); budget {BUDGET_S:.0f} s; output in {OUT}\njobs: {' '.join(EXEC)} "
@@ -459,33 +476,11 @@ def main() -> int:
     log(f"host MemTotal {gb(m['MemTotal'])}, MemAvailable {gb(m['MemAvailable'])}; GPU free after {cleanup()} s")
     daemon = start_daemon()
     log(f"daemon up; status host {call('status').get('host')}")
-    try:
-        for name in wanted:
-            if time.time() - T0 + COST_S[name] > BUDGET_S:
-                results[name] = {"skipped": f"time budget: {time.time() - T0:.0f} s used of {BUDGET_S:.0f}"}
-                continue
-            log(f"scenario {name}")
-            try:
-                results[name] = SCENARIOS[name]()
-            except Exception as exc:  # one scenario's failure must not hide the others
-                results[name] = {"error": repr(exc), "checks": {"ran": False}}
-            results[name]["gpu_free_after_s"] = cleanup()
-            log(f"  {name}: {json.dumps(results[name], default=str)[:3000]}")
-            (OUT / "validate_sharing.json").write_text(json.dumps(results, indent=1, default=str))
-    finally:
-        cleanup()
-        results["daemon_alive_at_end"] = daemon.poll() is None
-        daemon.send_signal(signal.SIGTERM)
-        try:
-            daemon.wait(30)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-    results["verdicts"] = verdicts = {n: "skipped" if "skipped" in results[n] else "pass" if all(
-        results[n].get("checks", {"none": False}).values()) else "FAIL" for n in wanted}
-    (OUT / "validate_sharing.json").write_text(json.dumps(results, indent=1, default=str))
-    print(json.dumps({n: {"verdict": v, "checks": results[n].get("checks"), "skipped": results[n].get("skipped")}
-                      for n, v in verdicts.items()}, indent=1))
-    return 1 if "FAIL" in verdicts.values() or not results["daemon_alive_at_end"] else 0
+
+    def over_budget(name: str) -> str | None:
+        used = time.time() - T0
+        return f"time budget: {used:.0f} s used of {BUDGET_S:.0f}" if used + COST_S[name] > BUDGET_S else None
+    return run_scenarios(SCENARIOS, wanted, "validate_sharing.json", lambda: daemon, results, over_budget)
 
 
 if __name__ == "__main__":
