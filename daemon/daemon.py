@@ -64,7 +64,7 @@ class Daemon:
         self.interposed = InterposedRegistry(interposer.lease_ms, interposer.request_timeout_ms / 1000)
         self.checkpointer = Checkpointer(
             None, self.ledger, CheckpointSettings(scheduler.move_plain, scheduler.lock_timeout_ms),
-            why_not="the driver is opened at start", ipc_user=lambda pid: pid in tracer.room.ipc_users(),
+            why_not="the driver is opened at start", ipc_user=tracer.room.ipc_user,
             stopped_beside=self._stopped_beside,
             host_room=lambda pid, n: self.host.room_for(pid, n, self.host.reading(self.interposed.enforcement())))
         self._driver_path = config.daemon.driver if config is not None else ""

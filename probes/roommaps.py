@@ -44,7 +44,8 @@ class RoomMaps:
         table = bpf["room_stops"]
         table.pop(table.Key(ctypes.c_uint64(pid << 32 | tid).value), None)
 
-    @_loaded(set)
-    def ipc_users(self, bpf: Any) -> set[int]:
-        """Processes seen exporting or importing memory through legacy CUDA IPC."""
-        return {k.value for k in bpf["ipc_users"].keys()}
+    @_loaded(False)
+    def ipc_user(self, bpf: Any, pid: int) -> bool:
+        """Whether the process was seen exporting or importing memory through legacy CUDA IPC."""
+        table = bpf["ipc_users"]
+        return table.get(table.Key(pid)) is not None

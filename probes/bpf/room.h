@@ -12,11 +12,11 @@
  * from room_free at once, so that concurrent allocations cannot both pass; user space rewrites it every tick. */
 static __always_inline void gw_room_check(u32 tgid, struct gw_call *c, int stopped)
 {
-    if (stopped || c->kind == GW_MANAGED || c->kind == GW_HOST || c->gpu < 0 || room_exempt.lookup(&tgid))
+    if (stopped || c->kind == GW_MANAGED || c->kind == GW_HOST || c->gpu < 0)
         return;
     s32 gpu = c->gpu;
-    s64 *free = room_free.lookup(&gpu);
-    if (!free)
+    s64 *free = room_free.lookup(&gpu);  /* first: with the check off (the usual case) the one lookup */
+    if (!free || room_exempt.lookup(&tgid))
         return;
     if ((s64)c->size <= *free) {
         __sync_fetch_and_add(free, -(s64)c->size);
