@@ -1,11 +1,12 @@
 """Does a checkpoint fail beside a stopped CUDA process? (issue 13: on the H200, driver 580, every checkpoint
 that failed half way had a SIGSTOPped CUDA process beside it.) No daemon; as root on a GPU machine:
 
-    source bench/gw-env.sh && python3 bench/checkpoint_beside_stop.py [GIB]      # default 10 GiB
+    source bench/gw-env.sh && python3 bench/checkpoint_beside_stop.py [GIB [NEIGHBOUR ...]]   # default 10 GiB
 
 A plain process holding GIB (validate_checkpoint.py's idle job) is checkpointed and restored from here three
 times, with a second CUDA process holding 2 GiB beside it: running; stopped with SIGSTOP; locked by the
-driver's own lock. Each time: every call's result and time, and the holder's checksums at the end (a holder
+driver's own lock (or, with `self-stopped`, the target itself SIGSTOPped). Each time: every call's result and
+time, and the holder's checksums at the end (a holder
 whose CUDA state was lost answers nothing: it is killed after 60 s and counted as lost). Writes
 $OUT/checkpoint_beside_stop.json. About 2 device minutes at 10 GiB.
 """
@@ -44,12 +45,16 @@ def attempt(driver: Driver, gib: int, neighbour: str) -> dict[str, Any]:
 
     if neighbour == "stopped":
         os.kill(beside.pid, signal.SIGSTOP)
+    elif neighbour == "self-stopped":
+        os.kill(target.pid, signal.SIGSTOP)
     elif neighbour == "locked":
         call("lock", beside.pid, 10000)
     done = call("lock", target.pid, 10000) and call("checkpoint", target.pid) and call("restore", target.pid) \
         and call("unlock", target.pid)
     if neighbour == "stopped":
         os.kill(beside.pid, signal.SIGCONT)
+    elif neighbour == "self-stopped":
+        os.kill(target.pid, signal.SIGCONT)
     elif neighbour == "locked":
         call("unlock", beside.pid)
     assert target.stdin is not None
@@ -71,7 +76,8 @@ def main() -> int:
     driver = Driver(os.environ.get("GW_DRIVER", "libcuda.so.1"))
     if not driver.available:
         raise SystemExit(driver.why_not)
-    results = [attempt(driver, gib, neighbour) for neighbour in ("running", "stopped", "locked")]
+    neighbours = sys.argv[2:] or ["running", "stopped", "locked"]
+    results = [attempt(driver, gib, neighbour) for neighbour in neighbours]
     (OUT / "checkpoint_beside_stop.json").write_text(json.dumps({"gib": gib, "attempts": results}, indent=1))
     print(json.dumps(results, indent=1))
     return 0

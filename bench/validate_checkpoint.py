@@ -177,6 +177,14 @@ def row(pid: int) -> dict[str, Any]:
     return next((r for r in call("ps") if r["pid"] == pid), {})
 
 
+def wait_until(predicate: Any, seconds: float) -> bool:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if predicate():
+            return True
+    return False
+
+
 def progressing(j: Job, seconds: float = 2.0) -> bool:
     before = j.progress()
     time.sleep(seconds)
@@ -308,8 +316,7 @@ def mixed() -> dict[str, Any]:
         states.append((round(time.time() - t0, 1), row(plain.pid).get("state"), row(other.pid).get("state")))
         time.sleep(1)
     other_end = vs.end_all([other], 30)[0]
-    time.sleep(2)
-    plain_progress_after = progressing(plain, 5)
+    plain_progress_after = wait_until(lambda: progressing(plain, 2), 60)  # its restore: about 10 s
     plain_end = vs.end_all([plain], 120)[0]
     out = {"states": states, "other": other_end, "plain": plain_end, "plain_progress_after": plain_progress_after}
     out["checks"] = {"other_completed_intact": other_end.get("intact") is True,

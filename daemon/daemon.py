@@ -65,7 +65,6 @@ class Daemon:
         self.checkpointer = Checkpointer(
             None, self.ledger, CheckpointSettings(scheduler.move_plain, scheduler.lock_timeout_ms),
             why_not="the driver is opened at start", ipc_user=tracer.room.ipc_user,
-            stopped_beside=self._stopped_beside,
             host_room=lambda pid, n: self.host.room_for(pid, n, self.host.reading(self.interposed.enforcement())))
         self._driver_path = config.daemon.driver if config is not None else ""
         self.pauser = Pauser(self.interposed, self.ledger, self.checkpointer, self.room_for, self.device_holding)
@@ -77,10 +76,13 @@ class Daemon:
         self.interposed.on_attach = self.policy.attached
         self.procevents = ProcEvents(self.policy.apply, self._process_exit, on_lost=self.policy.apply_all)
         self.host = HostBudget(HostSettings.from_config(scheduler), checkpointed=self._checkpointed_bytes)
+        self.room_stops = RoomStops(tracer.room, self.ledger) if scheduler.enabled else None
+        if self.room_stops is not None:
+            self.checkpointer.claim = self.room_stops.claim
         self.enforcer = Enforcer(self.view_and_pages, self.interposed, self.pauser,
                                  SchedulerSettings.from_config(scheduler), priority_of=self.policy.priority_of,
                                  exclusive=self.policy.exclusive, host=self.host,
-                                 room=RoomStops(tracer.room, self.ledger)) if scheduler.enabled else None
+                                 room=self.room_stops) if scheduler.enabled else None
         self.interposed.room = self.enforcer is not None
         self.mover = Mover(self.pauser, lambda: self.view().gpus, self.free_bytes, self.room_for,
                            lambda pid: self.interposed.get(pid) is not None)
@@ -142,7 +144,11 @@ class Daemon:
     def free_bytes(self) -> dict[int, int]:
         """What each GPU can still give beside what its processes hold now and the reserve."""
         settings = self.enforcer.settings if self.enforcer else SchedulerSettings()
-        return free_bytes(self.view(), settings.reserve_bytes, settings.context_bytes)
+        free = free_bytes(self.view(), settings.reserve_bytes, settings.context_bytes)
+        for gpu, n in (self.room_stops.in_flight() if self.room_stops else {}).items():
+            if gpu in free:
+                free[gpu] -= n  # let through or being restored, not seen yet
+        return free
 
     def room_for(self, nbytes: int, gpus: list[int]) -> bool:
         """Whether every GPU in `gpus` (all, if none is known) has room for `nbytes` beside what the others hold
@@ -150,12 +156,6 @@ class Daemon:
         free = self.free_bytes()
         wanted = [free.get(gpu) for gpu in gpus] if gpus else list(free.values())
         return bool(wanted) and all(f is not None and f >= nbytes for f in wanted)
-
-    def _stopped_beside(self, pid: int) -> int | None:
-        """A CUDA process stopped (SIGSTOP, by anyone) other than `pid`, if any: on any GPU, or on none yet (stopped
-        at its first allocation)."""
-        candidates = {r.pid for r in self.view().processes} | set(self.ledger.stopped())
-        return next((p for p in sorted(candidates - {pid}) if procfs.stopped(p)), None)
 
     def _checkpointed_bytes(self) -> int:
         """What the driver holds in host memory for the processes it checkpointed."""

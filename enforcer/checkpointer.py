@@ -14,9 +14,10 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
-from ..core.checkpoint import CHECKPOINTED, LOCKED, OUT_OF_MEMORY, RUNNING, TIMEOUT, CheckpointError, Driver
+from ..core.checkpoint import CHECKPOINTED, LOCKED, RUNNING, TIMEOUT, CheckpointError, Driver
 from ..core.procfs import proc_stat
 from ..core.protocol import ControlError
 from .ledger import MOVE, SCHEDULER, Ledger
@@ -24,12 +25,10 @@ from .scheduler import SwitchCost
 
 log = logging.getLogger(__name__)
 TIMEOUTS_BEFORE_UNMOVABLE = 3
-# A checkpoint puts what the process held into its own anonymous memory (H200, driver 580: 60 GiB checkpointed
-# with 124.6 GB available; 80 and 100 GiB with about 123 GB available failed half way with
-# CUDA_ERROR_OPERATING_SYSTEM and left the process without a usable CUDA state). Until the cause is known a
-# checkpoint is asked for only where the host can spare this many times what the process holds. Both failed
-# checkpoints of the notebook runs (80 and 60 GiB) had a SIGSTOPped CUDA process beside them (stopped at its
-# allocation), every successful one did not: no checkpoint is asked for beside a stopped process.
+# A checkpoint puts what the process held into its own anonymous memory (H200, driver 580: 60 and 80 GiB
+# checkpointed with about 124 GB available; in other runs 80 and 100 GiB, and once 60 GiB, failed half way with
+# CUDA_ERROR_OPERATING_SYSTEM and left the process without a usable CUDA state, with less of the host spare).
+# A checkpoint is asked for only where the host can spare this many times what the process holds.
 HOST_FACTOR = 1.5
 # Until measured: the H200's checkpoint of 20 GiB took 10-11.5 s, its restore 3.4-3.8 s (docs/validation.md).
 CHECKPOINT_BYTES_PER_S = 3.2e9
@@ -52,18 +51,19 @@ class CheckpointSettings:
 class Checkpointer:
     def __init__(self, driver: Driver | None, ledger: Ledger, settings: CheckpointSettings = CheckpointSettings(),
                  why_not: str | None = None, host_room: Callable[[int, int], str | None] = lambda pid, n: None,
-                 ipc_user: Callable[[int], bool] = lambda pid: False,
-                 stopped_beside: Callable[[int], int | None] = lambda pid: None) -> None:
+                 ipc_user: Callable[[int], bool] = lambda pid: False) -> None:
         """driver None: no driver library was named or found (why_not says so). host_room(pid, bytes): why the
         host cannot take so much more for the process (None: it can); ipc_user: whether the probes saw the
-        process use legacy CUDA IPC; stopped_beside: a stopped process (SIGSTOP) on the process's GPUs."""
+        process use legacy CUDA IPC."""
         self.driver, self.ledger, self.settings = driver, ledger, settings
-        self.host_room, self.ipc_user, self.stopped_beside = host_room, ipc_user, stopped_beside
+        self.host_room, self.ipc_user = host_room, ipc_user
         self._broken: dict[int, str] = {}  # a checkpoint or restore the driver failed half way: never touched again
         self.why_not = why_not if driver is None else driver.why_not
         self.cost = SwitchCost(bytes_per_s=CHECKPOINT_BYTES_PER_S, latency=0.2, min_sample=1 << 30)
         self._unmovable: dict[int, tuple[int, str]] = {}  # pid -> (start time, why)
         self._timeouts: dict[int, int] = {}
+        # a restore under way holds its room (RoomStops.claim): pid, bytes per GPU
+        self.claim: Callable[[int, dict[int, int]], AbstractContextManager[None]] = lambda pid, parts: nullcontext()
         self._locks: dict[int, threading.Lock] = {}
         self._guard = threading.Lock()
 
@@ -119,11 +119,6 @@ class Checkpointer:
             raise NotMoved(f"pid {pid} was not checkpointed: {why} (a checkpoint takes what the process holds, "
                            f"{nbytes >> 20} MiB, into its own memory; it is asked for only with {HOST_FACTOR}x that "
                            "spare)", retry=True)
-        if checkpoint and not self.ledger.moved(pid)[0] == CHECKPOINTED and \
-                (other := self.stopped_beside(pid)) is not None:
-            raise NotMoved(f"pid {pid} was not checkpointed: pid {other} on its GPU is stopped (SIGSTOP), and on "
-                           "the H200 (driver 580) checkpoints beside a stopped CUDA process failed half way and "
-                           "lost the process's CUDA state", retry=True)
         with self._lock_of(pid):
             moved = self.ledger.moved(pid)[0]
             if not moved:
@@ -172,12 +167,12 @@ class Checkpointer:
                     return CHECKPOINTED
                 began = time.monotonic()
                 try:
-                    self.driver.restore(pid, pairs)
+                    with self.claim(pid, wanted or {gpu: nbytes for gpu in gpus}):
+                        self.driver.restore(pid, pairs)
                 except CheckpointError as exc:
-                    if exc.code == OUT_OF_MEMORY:
-                        log.warning("pid %d: restore found no room after all (%s): it stays checkpointed", pid, exc)
-                    else:
-                        self._broke(pid, f"its restore failed: {exc}")
+                    # OUT_OF_MEMORY too: on the H200 (driver 580) a restore that found no room could not be
+                    # restored again (CUDA_ERROR_OPERATING_SYSTEM), as NVIDIA/cuda-checkpoint issue 44 says
+                    self._broke(pid, f"its restore failed: {exc}")
                     return CHECKPOINTED
                 self.cost.observe(nbytes, time.monotonic() - began)
                 log.info("pid %d restored: %.1f GiB back on the device in %.2f s", pid, nbytes / (1 << 30),

@@ -15,13 +15,12 @@ from dataclasses import replace
 from functools import partial
 
 from ..core import threads
-from ..core.procfs import alive
 from ..core.protocol import ControlError
 from ..core.view import HostMemory, ProcessGpu, SchedulerSummary, Snapshot
 from ..core.vocabulary import CHECKPOINTED, PRIORITY_NAMES, STOPPED, WAITING_FOR_HOST_MEMORY, Priority
 from .hostmemory import HostBudget, new_pinned_bytes
 from .interposed import InterposedRegistry
-from .checkpointer import NotMoved
+from .failures import Failures
 from .ledger import ROOM, SCHEDULER
 from .pause import Pauser
 from .requests import Aside
@@ -65,6 +64,8 @@ class Enforcer:
         self.switch_cost = SwitchCost()
         self._stop = threading.Event()
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="gpuwatch-enforce")
+        self._failed = Failures(lambda pid: self.interposed.get(pid) is None and
+                                pid in self.interposed.detached_within(LEAVING_S))
         self._aside = Aside(self._failed)  # requests no tick waits for: no_room, bound, drop_host
         self._thread = threading.Thread(target=threads.supervised("gpuwatch-scheduler", self._loop, self._stop),
                                         name="gpuwatch-scheduler", daemon=True)
@@ -103,7 +104,8 @@ class Enforcer:
 
     def tick(self, now: float) -> dict[int, Decision]:
         snap, pages = self.view()
-        self.plain.begin(snap)
+        self.plain.begin(snap, now)
+        self._failed.keep({r.pid for r in snap.processes} | set(self.plain.wanted))
         decisions: dict[int, list[Decision]] = {}
         leaving = self.interposed.detached_within(LEAVING_S) - set(pages)
         # paused by hand or stopped at a quota: planned around, never resumed or stopped by the scheduler
@@ -339,6 +341,8 @@ class Enforcer:
         """Pauses, swaps out or stops one process; returns the bytes it moved to host memory."""
         try:
             if page is None:
+                if pid in self.plain.wanted:  # stopped at an allocation: the probes hold it until it fits
+                    return 0
                 if d.verdict is Verdict.SWAP and self.pauser.checkpointer.movable(pid) and \
                         self.pauser.ledger.moved(pid)[0] != CHECKPOINTED:
                     self.pauser.pause(pid, swap=True, by=SCHEDULER)
@@ -378,15 +382,6 @@ class Enforcer:
         except ControlError as exc:
             self._failed(pid, "could not resume", exc)
             return 0
-
-    def _failed(self, pid: int, what: str, exc: Exception) -> None:
-        """A request that failed because the process just went away is no news; anything else is."""
-        if isinstance(exc, NotMoved):  # it runs on; the checkpointer counts timeouts and marks refusals
-            log.info("%s", exc)
-        elif not alive(pid) or (self.interposed.get(pid) is None and pid in self.interposed.detached_within(LEAVING_S)):
-            log.debug("pid %d: %s: it detached meanwhile (%s)", pid, what, exc)
-        else:
-            log.warning("pid %d: %s: %s", pid, what, exc)
 
 
 def _swapped_out(page: Enforcement | None) -> bool:

@@ -69,6 +69,9 @@ class Pauser:
                 if swap or by != HAND or exc.retry or self.ledger.moved(pid)[0]:
                     raise
                 # the driver refused (not a timeout): a pause by hand stops it with SIGSTOP instead
+        if swap and stat.state == "T" and self.checkpointer.movable(pid):
+            raise ControlError(f"pid {pid} is stopped (SIGSTOP) and cannot answer the driver's lock; continue it "
+                               f"(kill -CONT {pid}) and ask again")
         if swap:
             why = self.checkpointer.unmovable(pid) or self.checkpointer.status()["why_not"]
             raise ControlError(f"pid {pid} does not run under the interposer and cannot be checkpointed ({why}), "

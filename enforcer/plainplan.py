@@ -28,9 +28,11 @@ class PlainPlanner:
         """Whether allocations of processes without the interposer are held to the room their GPU has."""
         return self.room is not None and self.pauser.checkpointer.usable()
 
-    def begin(self, snap: Snapshot) -> None:
+    def begin(self, snap: Snapshot, now: float) -> None:
+        if self.room is not None:
+            self.room.settle(now, _held(snap))
         self.wanted = self.room.wanted() if self.room is not None else {}
-        # beside a stopped CUDA process no checkpoint is asked for (Checkpointer.stopped_beside): any, on any GPU
+        # a stopped process cannot answer the driver's lock (on the H200 the lock waited for it past 70 s)
         self._stopped = {r.pid for r in snap.processes if stopped(r.pid)} | set(self.wanted)
 
     def client(self, row: ProcessGpu, priority: Priority, exclusive: bool, host: HostMemory | None,
@@ -44,7 +46,7 @@ class PlainPlanner:
         else:
             need = row.nvml_bytes if row.nvml_bytes is not None else row.device_bytes + settings.context_bytes
         # stopped at an allocation (SIGSTOP): it cannot be locked now, and it needs what it asks for
-        movable = need if self.pauser.checkpointer.movable(row.pid) and not self._stopped - {row.pid} else 0
+        movable = need if self.pauser.checkpointer.movable(row.pid) and row.pid not in self._stopped else 0
         if movable and moved != CHECKPOINTED and host is not None and self.host is not None and \
                 self.host.room_for(row.pid, int(need * HOST_FACTOR), host) is not None:
             host_bound[row.pid], movable = need, 0
@@ -68,7 +70,12 @@ class PlainPlanner:
         if self.wanted:
             snap = view()[0]  # after this tick's moves
         free = free_bytes(snap, settings.reserve_bytes, settings.context_bytes)
-        self.room.reconcile(now, free, settings.room_wait_s, unplaceable, hopeless)
+        self.room.reconcile(now, free, settings.room_wait_s, unplaceable, hopeless, _held(snap))
         ledger = self.pauser.ledger
         moved = {pid for pid in ledger.stopped() if ledger.moved(pid)[0]}
         self.room.publish(free if self.room_on() else None, set(pages) | interposed | moved)
+
+
+def _held(snap: Snapshot) -> dict[tuple[int, int], int]:
+    """(pid, GPU) -> the bytes the probes see the process hold there."""
+    return {(r.pid, r.gpu): r.device_bytes for r in snap.processes if r.gpu is not None}

@@ -3,12 +3,20 @@ still give (room_free); an allocation that does not fit stops its process at the
 room.h). The scheduler then plans with what it asks for, makes room by checkpointing or swapping others out,
 and the process continues as soon as its allocation fits, or after room_wait_ms, to fail as the driver says.
 A program that asks again at once after that failure (PyTorch frees its cache and retries) gets its answer at
-once: nobody made room for it a moment ago."""
+once: nobody made room for it a moment ago.
+
+Room given is room taken before anything shows it: an allocation let through counts as taken until the probes
+see the process hold it (or GRANT_S passed), and a restore counts from before it is asked for until it is done.
+On the H200 a restore asked for in the moment between a continued allocation and that allocation failed for
+lack of memory, held device memory the other then missed (its next allocation failed), and the restored
+process could never be restored after (docs/validation.md)."""
 from __future__ import annotations
 
 import logging
 import signal
-from collections.abc import Mapping
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -20,6 +28,7 @@ from .ledger import ROOM, Ledger
 
 log = logging.getLogger(__name__)
 RETRY_S = 5.0  # a stop this soon after a refusal, with still no room, is refused at once
+GRANT_S = 10.0  # an allocation let through counts as taken until the probes see it, at most this long
 
 
 class RoomMaps(Protocol):  # probes.roommaps.RoomMaps
@@ -59,26 +68,80 @@ class _Waiting:
         return out
 
 
+@dataclass
+class _Grant:
+    wanted: dict[int, int]  # per GPU
+    held: dict[int, int]    # what the process held there when let through
+    until: float
+
+
+def _add(into: dict[int, int], parts: Mapping[int, int], sign: int = 1) -> dict[int, int]:
+    for gpu, n in parts.items():
+        into[gpu] = into.get(gpu, 0) + sign * n
+    return into
+
+
 class RoomStops:
     def __init__(self, maps: RoomMaps, ledger: Ledger) -> None:
         self.maps, self.ledger = maps, ledger
         self._waiting: dict[int, _Waiting] = {}
         self._refused: dict[int, float] = {}  # pid -> when its wait last ended without room
+        self._granted: dict[int, _Grant] = {}
+        self._claims: dict[int, dict[int, int]] = {}  # restores under way: pid -> bytes per GPU
+        self._free: dict[int, int] | None = None     # as last published, before what is in flight
+        self._guard = threading.Lock()
 
     def publish(self, free: dict[int, int] | None, exempt: set[int]) -> None:
-        """What each GPU can give now (None: the check is off), and whom the check leaves alone."""
+        """What each GPU can give now (None: the check is off), less what is in flight, and whom the check
+        leaves alone."""
         self.maps.set_exempt(exempt)
-        self.maps.set_free(free or {})
+        with self._guard:
+            self._free = dict(free) if free is not None else None
+            self._publish()
+
+    def _publish(self) -> None:
+        self.maps.set_free(_add(dict(self._free), self.in_flight(), -1) if self._free is not None else {})
 
     def wanted(self) -> dict[int, dict[int, int]]:
-        """pid -> bytes its stopped allocations ask for, per GPU ordinal."""
-        return {pid: w.wanted() for pid, w in self._waiting.items()}
+        """pid -> bytes its stopped allocations ask for, and its allocations let through but not yet seen, per
+        GPU ordinal."""
+        out = {pid: w.wanted() for pid, w in self._waiting.items()}
+        for pid, g in self._granted.items():
+            _add(out.setdefault(pid, {}), g.wanted)
+        return out
+
+    def in_flight(self) -> dict[int, int]:
+        """Per GPU: allocations let through that the probes have not seen yet, and restores under way."""
+        out: dict[int, int] = {}
+        for parts in [g.wanted for g in self._granted.values()] + list(self._claims.values()):
+            _add(out, parts)
+        return out
+
+    @contextmanager
+    def claim(self, pid: int, parts: Mapping[int, int]) -> Iterator[None]:
+        """While a restore of `parts` (bytes per GPU) is under way: taken, for the probes' check too."""
+        with self._guard:
+            self._claims[pid] = dict(parts)
+            self._publish()
+        try:
+            yield
+        finally:
+            with self._guard:
+                self._claims.pop(pid, None)
+                self._publish()
+
+    def settle(self, now: float, held: Mapping[tuple[int, int], int]) -> None:
+        """Forget the grants the probes now see held ((pid, GPU) -> bytes), or that are too old."""
+        for pid, g in list(self._granted.items()):
+            if now >= g.until or all(held.get((pid, gpu), 0) >= g.held.get(gpu, 0) + n for gpu, n in g.wanted.items()):
+                del self._granted[pid]
 
     def reconcile(self, now: float, free: Mapping[int, int], room_wait_s: float, unplaceable: set[int],
-                  hopeless: set[int]) -> None:
+                  hopeless: set[int], held: Mapping[tuple[int, int], int] | None = None) -> None:
         """Take up new stops; continue each process whose allocations fit (`free`: per GPU, now), or that cannot
         fit even alone (`hopeless`), or that cannot be placed beside what cannot move (`unplaceable`) and waited
-        room_wait_s or was refused a moment ago. A process that waits for its turn waits for it."""
+        room_wait_s or was refused a moment ago. A process that waits for its turn waits for it. held: (pid,
+        GPU) -> bytes the probes see each process hold."""
         by_pid = by_process(self.maps.stops(), self.maps.clear_stop)
         for pid, (stat, stops) in by_pid.items():
             w = self._waiting.get(pid)
@@ -91,12 +154,13 @@ class RoomStops:
         for pid in [pid for pid in self._waiting if pid not in by_pid]:
             del self._waiting[pid]  # it exited (the exit probe dropped its stops)
             self.ledger.release(pid, ROOM)
-        left = dict(free)
+        left = _add(dict(free), self.in_flight(), -1)
         for pid, w in sorted(self._waiting.items(), key=lambda item: item[1].since):
             wanted = w.wanted()
             if all(left.get(gpu, 0) >= n for gpu, n in wanted.items()):
-                for gpu, n in wanted.items():
-                    left[gpu] = left.get(gpu, 0) - n
+                _add(left, wanted, -1)
+                self._granted[pid] = _Grant(wanted, {gpu: (held or {}).get((pid, gpu), 0) for gpu in wanted},
+                                            now + GRANT_S)
                 self._continue(pid, w, "its allocation fits")
             elif pid in unplaceable and now - w.since >= room_wait_s:
                 self._refused[pid] = now

@@ -117,21 +117,40 @@ def test_a_pause_without_swap_locks_and_the_process_s_other_threads_run(fakecuda
     p.close()
 
 
-def test_no_checkpoint_beside_a_process_stopped_at_its_allocation(fakecuda, shared, cdaemon):
-    """On the H200 the checkpoints made beside a SIGSTOPped CUDA process failed half way: a plain program stopped
-    at an allocation that does not fit waits (bounded), then fails as the driver says; the other runs on."""
+def test_a_plain_program_stopped_at_its_allocation_gets_room_from_a_plain_one_checkpointed(fakecuda, shared, cdaemon):
+    """The allocation that does not fit waits, stopped, while the daemon checkpoints the other plain program (on
+    the H200 checkpoints beside a SIGSTOPped CUDA process succeeded: docs/validation.md); the other comes back
+    with its data once there is room again."""
     a, b = Plain(fakecuda, cdaemon, shared), Plain(fakecuda, cdaemon, shared)
+    b.timeout = 30
     holding(a, "x", 64 * MiB, 11)
-    got = b.later(f"alloc y {64 * MiB}")  # does not fit beside a: stopped at the call
-    wait_for(lambda: [r["reason"] for r in cdaemon.ps(b.pid)] == ["waiting for device memory"], 5,
-             "b to wait for room")  # its one row: it holds nothing on a GPU yet
-    assert row(cdaemon, a.pid)["state"] == "running"
-    failed = cdaemon.cli("pause", str(a.pid), "--swap", check=False)  # nor by hand
-    assert failed.returncode != 0 and f"pid {b.pid} on its GPU is stopped" in failed.stderr, failed.stderr
-    assert got.get(timeout=10) == "err 2"  # room_wait_ms (3 s), then the driver's out-of-memory
-    assert row(cdaemon, a.pid)["state"] == "running" and driver_used(shared) == 64 * MiB
+    b.ok(f"alloc y {64 * MiB}")
+    assert row(cdaemon, a.pid)["state"] == "checkpointed"
+    assert driver_used(shared) == 64 * MiB  # b's: a's is in host memory
+    b.ok("fill y 12")
+    b.ok("check y 12")
+    b.ok("free y")
+    wait_for(lambda: row(cdaemon, a.pid)["state"] == "running", 20, "a to be restored")
     a.ok("check x 11")
-    b.ok(f"alloc y {16 * MiB}")  # what fits is not stopped
+    for p in (a, b):
+        p.close()
+
+
+def test_a_process_stopped_at_its_allocation_is_not_checkpointed(fakecuda, shared, cdaemon):
+    """A stopped process cannot answer the driver's lock (on the H200 the lock waited past 70 s): asked by hand,
+    the daemon says so at once."""
+    a, b = Plain(fakecuda, cdaemon, shared), Plain(fakecuda, cdaemon, shared)
+    holding(a, "x", 64 * MiB, 13)
+    cdaemon.cli("pause", str(a.pid))  # held by hand: nothing makes room for b
+    got = b.later(f"alloc y {64 * MiB}")
+    wait_for(lambda: [r["reason"] for r in cdaemon.ps(b.pid)] == ["waiting for device memory"], 5,
+             "b to wait for room")
+    failed = cdaemon.cli("pause", str(b.pid), "--swap", check=False)
+    assert failed.returncode != 0 and "is stopped (SIGSTOP) and cannot answer the driver's lock" in failed.stderr, \
+        failed.stderr
+    assert got.get(timeout=10) == "err 2"  # room_wait_ms (3 s), then the driver's out-of-memory
+    cdaemon.cli("resume", str(a.pid))
+    a.ok("check x 13")
     for p in (a, b):
         p.close()
 
@@ -139,6 +158,7 @@ def test_no_checkpoint_beside_a_process_stopped_at_its_allocation(fakecuda, shar
 def test_a_pause_by_hand_of_a_process_stopped_at_its_allocation_holds_it_stopped(fakecuda, shared, cdaemon):
     a, b = Plain(fakecuda, cdaemon, shared), Plain(fakecuda, cdaemon, shared)
     holding(a, "x", 64 * MiB, 13)
+    cdaemon.cli("pause", str(a.pid))  # held by hand (locked, not checkpointed): nothing makes room for b
     got = b.later(f"alloc y {64 * MiB}")
     wait_for(lambda: [r["reason"] for r in cdaemon.ps(b.pid)] == ["waiting for device memory"], 5,
              "b to wait for room")
@@ -150,6 +170,8 @@ def test_a_pause_by_hand_of_a_process_stopped_at_its_allocation_holds_it_stopped
     assert row(cdaemon, a.pid)["unmovable"] is None  # nothing timed out against it
     cdaemon.cli("resume", str(b.pid))
     assert got.get(timeout=10) == "err 2"  # its allocation runs now, and the device is full
+    cdaemon.cli("resume", str(a.pid))
+    a.ok("check x 13")
     for p in (a, b):
         p.close()
 
