@@ -28,7 +28,7 @@ class AttachedLibrary:
 
     @property
     def probes(self) -> int:
-        return sum(len(self.targets[g]) for g in self.attached)
+        return sum(len(self.targets[g]) for g in list(self.attached))
 
 
 def resolve_targets(bpf: Any, path: str) -> dict[Group, list[Target]]:
@@ -61,7 +61,13 @@ def resolve_targets(bpf: Any, path: str) -> dict[Group, list[Target]]:
 
 
 class LibraryWatch:
-    """The libraries probed and their attachments. The tracer's lock guards it; `bpf` None: not loaded."""
+    """The libraries probed and their attachments, under a lock of their own; `bpf` None: not loaded.
+
+    Attaching or detaching a uprobe takes the memory map lock of every process that maps the library (the
+    kernel writes the breakpoint into each); a process whose driver pins or checkpoints tens of GiB holds that
+    lock for seconds (on the H200, `ps` and the scheduler stalled 16-19 s, once past 30 s, while a 60 GiB
+    checkpoint ran beside sample mode's attaches). So nothing that reads the maps waits for an attach:
+    paths() and probes() read without the lock, and the tracer's own lock is another."""
 
     def __init__(self, lock: threading.RLock, work_always: bool) -> None:
         self._lock = lock
@@ -153,12 +159,10 @@ class LibraryWatch:
         self._drop(key)
 
     def paths(self) -> list[str]:
-        with self._lock:
-            return [a.library.path for a in self.libs.values()]
+        return [a.library.path for a in list(self.libs.values())]  # one copy, made under the GIL
 
     def probes(self) -> int:
-        with self._lock:
-            return sum(e.probes for e in self.libs.values())
+        return sum(e.probes for e in list(self.libs.values()))
 
     def pending_opens(self) -> set[int]:
         pids = set()

@@ -65,7 +65,7 @@ class Tracer:
         self._events_seen = 0
         self._maintenance_runs = 0
         self._nvml: NvmlSampler | None = None
-        self.libraries = LibraryWatch(self._lock, work_always=self.launch_mode == LaunchMode.ALL)
+        self.libraries = LibraryWatch(threading.RLock(), work_always=self.launch_mode == LaunchMode.ALL)
         self.events = EventFanout()
         self.quota = QuotaMaps(lambda: self._bpf, self._lock)
         self.room = RoomMaps(lambda: self._bpf, self._lock)

@@ -72,3 +72,47 @@ def test_another_failure_is_logged_and_the_rest_still_attach(monkeypatch: Any, c
     w.set_work_probes(True)
     assert attacher.attached == [HOST.path] and GONE.key in w.libs
     assert "cannot attach the launch probes" in caplog.text
+
+
+def test_what_is_watched_is_answered_while_an_attach_waits_for_the_kernel() -> None:
+    """An attach waits for the memory map lock of every process that maps the library (seconds beside a
+    process pinning GiB): paths() and probes(), which the tracer's health and every view read, do not wait."""
+    entered, release = threading.Event(), threading.Event()
+
+    class Slow(Attacher):
+        def attach(self, path: str, targets: list[Target]) -> Attachment:
+            entered.set()
+            release.wait(30)
+            return super().attach(path, targets)
+    w = watch(Slow(missing=set()), HOST)
+    attaching = threading.Thread(target=w.set_work_probes, args=(True,))
+    attaching.start()
+    try:
+        assert entered.wait(5)
+        answers: list[Any] = []
+        reader = threading.Thread(target=lambda: answers.extend([w.paths(), w.probes()]))
+        reader.start()
+        reader.join(5)
+        assert answers == [[HOST.path], 0], "paths() and probes() waited for the attach"
+    finally:
+        release.set()
+        attaching.join(5)
+    assert w.probes() == 1 and Group.WORK in w.libs[HOST.key].attached
+
+
+def test_the_tracers_health_is_answered_while_an_attach_waits_for_the_kernel() -> None:
+    from gpuwatch.probes.tracer import Tracer
+    t = Tracer(use_nvml=False)  # not started: no program loaded, health() still reads the watch
+    release = threading.Event()
+    holder = threading.Thread(target=lambda: t.libraries._lock.acquire() and release.wait(30)
+                              and t.libraries._lock.release())
+    holder.start()
+    try:
+        answers: list[Any] = []
+        reader = threading.Thread(target=lambda: answers.append(t.health().libraries))
+        reader.start()
+        reader.join(5)
+        assert answers == [[]], "the tracer's health waited for the library watch's lock"
+    finally:
+        release.set()
+        holder.join(5)
