@@ -159,6 +159,10 @@ class Enforcer:
         combined = self.placement.relocate(self._within_host_budget(combined, pages, host), snap, self.settings, now)
         account(self.stats, self._waits, combined, any(s.contended for s in self._schedulers.values()),
                 self.settings.tick_s, now)
+        for pid, d in combined.items():  # the allocations that waited run now: their room is taken
+            if d.verdict is Verdict.RUN and (waited := pages.get(pid)) and waited.wanted_bytes and \
+                    pid not in held | self._left_alone:
+                self.plain.room_given(pid, waited.wanted_bytes, snap, now)
         self._apply(combined, pages)
         for scheduler in self._schedulers.values():
             scheduler.started(time.monotonic())
@@ -301,7 +305,8 @@ class Enforcer:
             page = pages.get(row.pid)
             priority = self._priority(row.pid, page)
             if page is not None:
-                need = _swappable(page, row) + row.unswappable_bytes + page.wanted_bytes + self._context(row)
+                given = self.plain.wanted.get(row.pid, {}).get(gpu, 0)  # let retry, not yet seen held
+                need = _swappable(page, row) + row.unswappable_bytes + page.wanted_bytes + given + self._context(row)
                 movable = _swappable(page, row)
                 if host is not None and self.host is not None:
                     bounded = min(movable, self.host.movable(row.pid, page, host))
@@ -311,7 +316,7 @@ class Enforcer:
                 clients.append(Client(row.pid, need, movable, page.launches or row.launches, priority,
                                       interposed=True, exclusive=self.exclusive(row.pid),
                                       waiting=page.waiting_threads > 0,
-                                      fixed_bytes=need - movable - page.wanted_bytes))
+                                      fixed_bytes=need - movable - page.wanted_bytes - given))
             elif row.state != STOPPED or self.pauser.held(row.pid, SCHEDULER) or self.pauser.held(row.pid, ROOM):
                 clients.append(self.plain.client(row, priority, self.exclusive(row.pid), host, self.settings,
                                                  self._host_bound))

@@ -53,6 +53,13 @@ class PlainPlanner:
         need += self.wanted.get(row.pid, {}).get(row.gpu if row.gpu is not None else -1, 0)
         return Client(row.pid, need, movable, row.launches, priority, interposed=False, exclusive=exclusive)
 
+    def room_given(self, pid: int, nbytes: int, snap: Snapshot, now: float) -> None:
+        """An interposed process told to retry the allocations that waited for `nbytes`: taken on each of its
+        GPUs (its page does not say which) until the probes see them held."""
+        gpus = {r.gpu for r in snap.processes if r.pid == pid and r.gpu is not None}
+        if self.room is not None and gpus:
+            self.room.grant(pid, {gpu: nbytes for gpu in gpus}, _held(snap), now)
+
     def newcomers(self, gpu: int, seen: set[int], settings: SchedulerSettings, priority: Callable[[int], Priority],
                   exclusive: Callable[[int], bool]) -> list[Client]:
         """Processes stopped at their first allocation on the GPU: no row there yet, only what they ask for."""

@@ -113,9 +113,14 @@ class RoomStops:
     def in_flight(self) -> dict[int, int]:
         """Per GPU: allocations let through that the probes have not seen yet, and restores under way."""
         out: dict[int, int] = {}
-        for parts in [g.wanted for g in self._granted.values()] + list(self._claims.values()):
+        for parts in [g.wanted for g in list(self._granted.values())] + list(self._claims.values()):
             _add(out, parts)
         return out
+
+    def grant(self, pid: int, parts: Mapping[int, int], held: Mapping[tuple[int, int], int], now: float) -> None:
+        """Room given to `pid` for `parts` (bytes per GPU), taken from now until the probes see it held ((pid,
+        GPU) -> bytes) or GRANT_S passed."""
+        self._granted[pid] = _Grant(dict(parts), {gpu: held.get((pid, gpu), 0) for gpu in parts}, now + GRANT_S)
 
     @contextmanager
     def claim(self, pid: int, parts: Mapping[int, int]) -> Iterator[None]:
@@ -159,8 +164,7 @@ class RoomStops:
             wanted = w.wanted()
             if all(left.get(gpu, 0) >= n for gpu, n in wanted.items()):
                 _add(left, wanted, -1)
-                self._granted[pid] = _Grant(wanted, {gpu: (held or {}).get((pid, gpu), 0) for gpu in wanted},
-                                            now + GRANT_S)
+                self.grant(pid, wanted, held or {}, now)
                 self._continue(pid, w, "its allocation fits")
             elif pid in unplaceable and now - w.since >= room_wait_s:
                 self._refused[pid] = now

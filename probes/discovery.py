@@ -159,7 +159,8 @@ class LibraryWatch:
         self._drop(key)
 
     def paths(self) -> list[str]:
-        return [a.library.path for a in list(self.libs.values())]  # one copy, made under the GIL
+        """The libraries watched: their memory probes attached (the context probes are before them)."""
+        return [a.library.path for a in list(self.libs.values()) if Group.MEMORY in a.attached]
 
     def probes(self) -> int:
         return sum(e.probes for e in list(self.libs.values()))

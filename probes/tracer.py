@@ -198,7 +198,7 @@ class Tracer:
                                 attach="uprobe_multi" if attacher and attacher.multi else "perf_event",
                                 libraries=self.libraries.paths(), probes_attached=self.libraries.probes(),
                                 events_lost=lost, events_seen=self._events_seen,
-                                waiting_for_driver=not self.libraries.libs, nvml=self._nvml is not None,
+                                waiting_for_driver=not self.libraries.paths(), nvml=self._nvml is not None,
                                 thread_restarts=threads.restarts())
 
     def facts(self, work: bool = True) -> ProbeFacts:

@@ -114,3 +114,27 @@ def test_a_restore_under_way_holds_its_room_for_the_probes(tmp_path: Path):
     with pytest.raises(RuntimeError), room.claim(7, {1: 10 * GiB}):
         raise RuntimeError("the driver failed")
     assert maps.free == {0: 100 * GiB, 1: 100 * GiB}  # given back whatever the restore did
+
+
+def test_an_interposed_process_let_retry_has_its_room_taken_on_each_of_its_gpus(tmp_path: Path):
+    """Its page says how much its allocations waited for, not on which GPU: taken on every GPU it is on, until
+    the probes see it held there."""
+    from gpuwatch.core.view import Gpu, ProcessGpu, Snapshot, TracerHealth
+    from gpuwatch.enforcer.plainplan import PlainPlanner
+
+    def snap(held: int) -> Snapshot:
+        return Snapshot([ProcessGpu(pid=42, comm="train", gpu=0, device_bytes=held),
+                         ProcessGpu(pid=42, comm="train", gpu=1, device_bytes=0),
+                         ProcessGpu(pid=7, comm="other", gpu=1, device_bytes=GiB)],
+                        [Gpu(index=0), Gpu(index=1)], TracerHealth(launch_mode="sample"))
+    maps = Maps()
+    room = RoomStops(maps, Ledger(tmp_path / "state.json"))
+    plan = PlainPlanner(None, None, room)  # type: ignore[arg-type]  # only its room is used here
+    plan.room_given(42, 20 * GiB, snap(GiB), 0.0)
+    assert room.in_flight() == {0: 20 * GiB, 1: 20 * GiB}
+    plan.room_given(99, GiB, snap(GiB), 0.0)  # no row: no GPU to take it on
+    assert room.in_flight() == {0: 20 * GiB, 1: 20 * GiB}
+    room.settle(1.0, {(42, 0): 21 * GiB, (42, 1): 0})
+    assert room.in_flight() == {0: 20 * GiB, 1: 20 * GiB}  # seen on one GPU only: held until GRANT_S
+    room.settle(GRANT_S, {(42, 0): 21 * GiB})
+    assert room.in_flight() == {}
