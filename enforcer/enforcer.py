@@ -104,7 +104,7 @@ class Enforcer:
 
     def tick(self, now: float) -> dict[int, Decision]:
         snap, pages = self.view()
-        self.plain.begin(snap, now)
+        self.plain.begin(snap, now, {pid for pid, page in pages.items() if page.wanted_bytes})
         self._failed.keep({r.pid for r in snap.processes} | set(self.plain.wanted))
         decisions: dict[int, list[Decision]] = {}
         leaving = self.interposed.detached_within(LEAVING_S) - set(pages)

@@ -28,9 +28,11 @@ class PlainPlanner:
         """Whether allocations of processes without the interposer are held to the room their GPU has."""
         return self.room is not None and self.pauser.checkpointer.usable()
 
-    def begin(self, snap: Snapshot, now: float) -> None:
+    def begin(self, snap: Snapshot, now: float, waiting: set[int]) -> None:
+        """waiting: interposed processes whose allocations wait for room now."""
         if self.room is not None:
             self.room.settle(now, _held(snap))
+            self.room.waiting_again(waiting)
         self.wanted = self.room.wanted() if self.room is not None else {}
         # a stopped process cannot answer the driver's lock (on the H200 the lock waited for it past 70 s)
         self._stopped = {r.pid for r in snap.processes if stopped(r.pid)} | set(self.wanted)

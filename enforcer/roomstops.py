@@ -122,6 +122,11 @@ class RoomStops:
         GPU) -> bytes) or GRANT_S passed."""
         self._granted[pid] = _Grant(dict(parts), {gpu: held.get((pid, gpu), 0) for gpu in parts}, now + GRANT_S)
 
+    def waiting_again(self, pids: set[int]) -> None:
+        """These wait for room again: what they wait for is what they ask, not what they were given."""
+        for pid in pids & self._granted.keys():
+            del self._granted[pid]
+
     @contextmanager
     def claim(self, pid: int, parts: Mapping[int, int]) -> Iterator[None]:
         """While a restore of `parts` (bytes per GPU) is under way: taken, for the probes' check too."""
@@ -156,6 +161,7 @@ class RoomStops:
                 log.info("pid %d stopped (SIGSTOP) before allocating %d bytes on device %d: no room there yet",
                          pid, stops[0].size, stops[0].gpu)
             w.stops = stops
+            self._granted.pop(pid, None)  # stopped again: what it waits for now is what it asks
         for pid in [pid for pid in self._waiting if pid not in by_pid]:
             del self._waiting[pid]  # it exited (the exit probe dropped its stops)
             self.ledger.release(pid, ROOM)

@@ -138,3 +138,18 @@ def test_an_interposed_process_let_retry_has_its_room_taken_on_each_of_its_gpus(
     assert room.in_flight() == {0: 20 * GiB, 1: 20 * GiB}  # seen on one GPU only: held until GRANT_S
     room.settle(GRANT_S, {(42, 0): 21 * GiB})
     assert room.in_flight() == {}
+
+
+def test_a_process_waiting_again_is_counted_for_what_it_asks_now_not_also_for_what_it_was_given(
+        tmp_path: Path, stopped_child):
+    maps, pid = Maps(), stopped_child
+    room = RoomStops(maps, Ledger(tmp_path / "state.json"))
+    maps.pending = [stopped_at(pid, 30 * GiB)]
+    room.reconcile(0.0, {0: 40 * GiB}, 300.0, set(), set(), {})  # let through: 30 GiB taken
+    os.kill(pid, signal.SIGSTOP)
+    maps.pending = [stopped_at(pid, 20 * GiB)]  # its allocation failed after all; it asks again, for less
+    room.reconcile(0.5, {0: 10 * GiB}, 300.0, set(), set(), {})
+    assert room.wanted() == {pid: {0: 20 * GiB}} and room.in_flight() == {}
+    room.grant(8, {0: 5 * GiB}, {}, 1.0)  # an interposed process let retry ...
+    room.waiting_again({8})                # ... that waits again: its page says what for
+    assert room.in_flight() == {}
