@@ -129,12 +129,7 @@ class Daemon:
         return rows[0]
 
     def watching(self, library: Path) -> bool:
-        """Asked in-process (no CLI start-up in the measurement): tests time the attach against 1 s."""
-        from gpuwatch.core.protocol import Client
-        with Client(self.socket) as client:
-            libraries = client.call("status")["health"]["libraries"]
-        ino = library.stat().st_ino
-        return any(os.path.exists(p) and os.stat(p).st_ino == ino for p in libraries)
+        return watching(self.socket, library)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int:
         if self.proc.poll() is None:
@@ -219,6 +214,16 @@ class Prog:
 
 
 ProgT = TypeVar("ProgT", bound="Prog")
+
+
+def watching(socket: str, library: Path) -> bool:
+    """Whether the daemon on `socket` has its probes on `library`. Asked in-process (no CLI start-up in the
+    measurement): tests time the attach against 1 s."""
+    from gpuwatch.core.protocol import Client
+    with Client(socket) as client:
+        libraries = client.call("status")["health"]["libraries"]
+    ino = library.stat().st_ino
+    return any(os.path.exists(p) and os.stat(p).st_ino == ino for p in libraries)
 
 
 def launch(p: ProgT, lib: Path, ctx: int | None, started: list, watched: Callable[[], object] | None = None,

@@ -65,6 +65,8 @@ def start_interposed(fakecuda: Path, interposer: Path, daemon: Daemon, shared: P
                                              "GPUWATCH_SOCKET": daemon.socket})
     p.timeout = 30
     p.ok(f"load {fakecuda / 'libcuda.so.1'}")
+    # the probes too: what the process allocates before they attach, they do not see
+    wait_for(lambda: daemon.watching(fakecuda / "libcuda.so.1"), 10, "the daemon to watch the driver")
     p.ok("ctx 0")
     wait_for(lambda: p.pid in {r["pid"] for r in daemon.ps() if r["interposed"]}, 10, "the daemon to see the process")
     return p

@@ -76,9 +76,10 @@ def test_graph_memory_counts_from_instantiation_to_exec_destruction(daemon, prog
     assert (row["device_bytes"], row["allocs"], row["frees"]) == (0, 3, 3)
 
 
-def test_memory_shared_by_ipc_is_counted_once_and_unswappable_while_open(daemon, iprogs):
+def test_memory_shared_by_ipc_is_counted_once_and_unswappable_while_open(daemon, iprogs, fakecuda):
     env = {"GPUWATCH_SOCKET": daemon.socket}
     a, b = iprogs(env=env), iprogs(env=env)
+    wait_for(lambda: daemon.watching(fakecuda / "libcuda.so.1"), 10, "the daemon to watch the driver")
     for p in (a, b):
         wait_for(lambda p=p: any(r["interposed"] for r in daemon.ps(p.pid)), 10, "the interposer to attach")
     a.ok("alloc x 3M")  # a region of 4 MiB

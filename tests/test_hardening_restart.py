@@ -288,6 +288,7 @@ def test_an_interposed_process_is_seeded_exactly_from_its_page(fakecuda, interpo
                                              "GPUWATCH_REAL_LIBCUDA": str(lib)})
     try:
         p.ok(f"load {lib}")
+        wait_for(lambda: first.watching(lib), 10, "the daemon to watch the driver")
         p.ok("ctx 0")
         wait_for(lambda: any(r["interposed"] for r in first.ps(p.pid)), 10, "the daemon to see the process")
         p.ok("alloc a 24M")

@@ -175,6 +175,7 @@ def test_an_interposed_process_in_a_container_gets_its_quota_less_its_context(no
     p.timeout = 30
     try:
         p.ok(f"load {fakecuda / 'libcuda.so.1'}")
+        wait_for(lambda: node.daemon.watching(fakecuda / "libcuda.so.1"), 10, "the daemon to watch the driver")
         p.ok("ctx 0")
         wait_for(lambda: any(r["interposed"] for r in node.daemon.ps(p.pid)), 10, "the interposer to attach")
         wait_for(lambda: p.page.device(0)["quota"] == 1 * GiB, 10, "the container's quota in its interposer")

@@ -399,8 +399,9 @@ def test_bad_pid_and_cgroup(daemon):
     assert r.returncode == 2 and "is not a size" in r.stderr
 
 
-def test_interposed_process_gets_its_quota_through_its_interposer(daemon, iprogs):
+def test_interposed_process_gets_its_quota_through_its_interposer(daemon, iprogs, fakecuda):
     p = iprogs(env={"GPUWATCH_SOCKET": daemon.socket})
+    wait_for(lambda: daemon.watching(fakecuda / "libcuda.so.1"), 10, "the daemon to watch the driver")
     wait_for(lambda: any(r["interposed"] for r in daemon.ps(p.pid)), 10, "the interposer to attach")
     assert quota_set(daemon, "--pid", str(p.pid), "64MiB") == \
         f"gpuwatch: pid {p.pid}: quota 64.0MiB per GPU (through its interposer)\n"
