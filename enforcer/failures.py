@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Iterable
 
 from ..core.procfs import alive
@@ -14,15 +15,16 @@ class Failures:
     def __init__(self, leaving: Callable[[int], bool]) -> None:
         """leaving: whether a process's interposer just disconnected (it is exiting)."""
         self.leaving = leaving
-        self._said: dict[int, str] = {}  # each process's last failure
+        self._said: dict[int, str] = {}  # each process's last failure, its figures left out
 
     def __call__(self, pid: int, what: str, exc: Exception) -> None:
         """A request that failed because the process just went away is no news; anything else is, once."""
         said = f"{what}: {exc}"
-        if self._said.get(pid) == said:
+        shape = re.sub(r"\d+", "#", said)  # the same failure with other figures (host memory left) is the same
+        if self._said.get(pid) == shape:
             log.debug("pid %d: %s (again)", pid, said)
             return
-        self._said[pid] = said
+        self._said[pid] = shape
         if isinstance(exc, NotMoved):  # it runs on; the checkpointer counts timeouts and marks refusals
             log.info("%s", exc)
         elif not alive(pid) or self.leaving(pid):
