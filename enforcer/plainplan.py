@@ -13,7 +13,7 @@ from .checkpointer import HOST_FACTOR
 from .hostmemory import HostBudget
 from .pause import Pauser
 from .records import Enforcement
-from .roomstops import RoomStops, free_bytes
+from .roomstops import RoomStops, free_bytes, resident_bytes
 from .scheduler import Client
 from .settings import SchedulerSettings
 
@@ -46,7 +46,7 @@ class PlainPlanner:
             parts = ledger.moved_on(row.pid)
             need = parts.get(row.gpu, 0) if parts and row.gpu is not None else moved_bytes
         else:
-            need = row.nvml_bytes if row.nvml_bytes is not None else row.device_bytes + settings.context_bytes
+            need = resident_bytes(row, settings.context_bytes)
         # stopped at an allocation (SIGSTOP): it cannot be locked now, and it needs what it asks for
         movable = need if self.pauser.checkpointer.movable(row.pid) and row.pid not in self._stopped else 0
         if movable and moved != CHECKPOINTED and host is not None and self.host is not None and \

@@ -153,3 +153,14 @@ def test_a_process_waiting_again_is_counted_for_what_it_asks_now_not_also_for_wh
     room.grant(8, {0: 5 * GiB}, {}, 1.0)  # an interposed process let retry ...
     room.waiting_again({8})                # ... that waits again: its page says what for
     assert room.in_flight() == {}
+
+
+def test_what_a_process_holds_is_what_the_probes_saw_when_nvml_has_not_caught_up() -> None:
+    """NVML is read every 0.25 s; a 95 GiB allocation the probes saw a moment ago is held now."""
+    from gpuwatch.core.view import ProcessGpu
+    from gpuwatch.enforcer.roomstops import resident_bytes
+    just_allocated = ProcessGpu(pid=1, comm="train", gpu=0, device_bytes=95 * GiB, nvml_bytes=GiB)
+    settled = ProcessGpu(pid=1, comm="train", gpu=0, device_bytes=95 * GiB, nvml_bytes=96 * GiB)
+    no_nvml = ProcessGpu(pid=1, comm="train", gpu=0, device_bytes=95 * GiB)
+    assert [resident_bytes(r, GiB // 2) for r in (just_allocated, settled, no_nvml)] == \
+        [95 * GiB, 96 * GiB, 95 * GiB + GiB // 2]
