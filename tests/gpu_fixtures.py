@@ -3,8 +3,10 @@ scheduler configuration of the test's own, and programs started on it (plain or 
 from __future__ import annotations
 
 import os
+import queue
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -70,3 +72,25 @@ def start_interposed(fakecuda: Path, interposer: Path, daemon: Daemon, shared: P
     p.ok("ctx 0")
     wait_for(lambda: p.pid in {r["pid"] for r in daemon.ps() if r["interposed"]}, 10, "the daemon to see the process")
     return p
+
+
+class PlainProg(IProg):
+    """A program without the interposer on test-double GPUs (`env`: the test double's settings), once the daemon
+    watches its driver, device `ctx` current; `later` sends a line whose answer may wait (its CUDA calls are
+    locked) and returns a queue that gets the reply."""
+
+    def __init__(self, fakecuda: Path, daemon: Daemon, env: dict[str, str], ctx: int = 0) -> None:
+        super().__init__([str(fakecuda / "cudaprog")], env)
+        self.timeout = 30
+        self.ok(f"load {fakecuda / 'libcuda.so.1'}")
+        wait_for(lambda: daemon.watching(fakecuda / "libcuda.so.1"), 5, "the daemon to watch the test double")
+        self.ok(f"ctx {ctx}")
+
+    def later(self, line: str) -> queue.Queue:
+        answers: queue.Queue = queue.Queue()
+        threading.Thread(target=lambda: answers.put(self.send(line)), daemon=True).start()
+        return answers
+
+    def holding(self, name: str, nbytes: int, seed: int) -> None:
+        self.ok(f"alloc {name} {nbytes}")
+        self.ok(f"fill {name} {seed}")

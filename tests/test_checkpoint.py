@@ -10,15 +10,14 @@ import os
 import queue
 import subprocess
 import tempfile
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from conftest import GPUWATCH, Daemon, wait_for
-from gpu_fixtures import CAPACITY, driver_daemon, gpu_env, start_interposed
-from interposer_fixtures import IProg, MiB, driver_used
+from gpu_fixtures import CAPACITY, PlainProg, driver_daemon, gpu_env, start_interposed
+from interposer_fixtures import MiB, driver_used
 
 SCHEDULER = ("quantum_ms = 1000\nidle_ms = 300\nreserve_mib = 0\ncontext_mib = 0\ntick_ms = 50\n"
              "room_wait_ms = 3000\nlock_timeout_ms = 300\n")
@@ -48,30 +47,15 @@ def cdaemon(gpu: tuple[Path, Path], fakecuda: Path, shared: Path) -> Iterator[Da
         print(d.log.read_text()[-6000:])
 
 
-class Plain(IProg):
-    """A program without the interposer on the shared test-double GPU; `later` sends a line whose answer may
-    wait (its CUDA calls are locked) and returns a queue that gets the reply."""
+class Plain(PlainProg):
+    """A program without the interposer on the shared test-double GPU."""
 
     def __init__(self, fakecuda: Path, daemon: Daemon, shared: Path, **env: str) -> None:
-        super().__init__([str(fakecuda / "cudaprog")], {**gpu_env(fakecuda, shared), **env})
-        self.timeout = 30
-        self.ok(f"load {fakecuda / 'libcuda.so.1'}")
-        wait_for(lambda: daemon.watching(fakecuda / "libcuda.so.1"), 5, "the daemon to watch the test double")
-        self.ok("ctx 0")
-
-    def later(self, line: str) -> queue.Queue:
-        answers: queue.Queue = queue.Queue()
-        threading.Thread(target=lambda: answers.put(self.send(line)), daemon=True).start()
-        return answers
+        super().__init__(fakecuda, daemon, {**gpu_env(fakecuda, shared), **env})
 
 
 def row(daemon: Daemon, pid: int) -> dict:
     return next(r for r in daemon.ps(pid) if r["gpu"] == 0)
-
-
-def holding(p: Plain, name: str, nbytes: int, seed: int) -> None:
-    p.ok(f"alloc {name} {nbytes}")
-    p.ok(f"fill {name} {seed}")
 
 
 def test_status_says_whether_checkpointing_works(gpu, fakecuda, shared, cdaemon):
@@ -86,7 +70,7 @@ def test_status_says_whether_checkpointing_works(gpu, fakecuda, shared, cdaemon)
 
 def test_pause_swap_checkpoints_a_plain_process_and_resume_restores_it(fakecuda, shared, cdaemon):
     p = Plain(fakecuda, cdaemon, shared)
-    holding(p, "a", 32 * MiB, 7)
+    p.holding("a", 32 * MiB, 7)
     assert driver_used(shared) == 32 * MiB
     out = cdaemon.cli("pause", str(p.pid), "--swap").stdout
     assert "checkpointed" in out
@@ -105,7 +89,7 @@ def test_pause_swap_checkpoints_a_plain_process_and_resume_restores_it(fakecuda,
 
 def test_a_pause_without_swap_locks_and_the_process_s_other_threads_run(fakecuda, shared, cdaemon):
     p = Plain(fakecuda, cdaemon, shared)
-    holding(p, "a", 8 * MiB, 3)
+    p.holding("a", 8 * MiB, 3)
     assert "paused" in cdaemon.cli("pause", str(p.pid)).stdout
     assert row(cdaemon, p.pid)["state"] == "paused" and driver_used(shared) == 8 * MiB
     assert p.ok("pid") == [str(p.pid)]  # a command that makes no CUDA call answers: the process is not stopped
@@ -123,7 +107,7 @@ def test_a_plain_program_stopped_at_its_allocation_gets_room_from_a_plain_one_ch
     with its data once there is room again."""
     a, b = Plain(fakecuda, cdaemon, shared), Plain(fakecuda, cdaemon, shared)
     b.timeout = 30
-    holding(a, "x", 64 * MiB, 11)
+    a.holding("x", 64 * MiB, 11)
     b.ok(f"alloc y {64 * MiB}")
     assert row(cdaemon, a.pid)["state"] == "checkpointed"
     assert driver_used(shared) == 64 * MiB  # b's: a's is in host memory
@@ -140,7 +124,7 @@ def test_a_process_stopped_at_its_allocation_is_not_checkpointed(fakecuda, share
     """A stopped process cannot answer the driver's lock (on the H200 the lock waited past 70 s): asked by hand,
     the daemon says so at once."""
     a, b = Plain(fakecuda, cdaemon, shared), Plain(fakecuda, cdaemon, shared)
-    holding(a, "x", 64 * MiB, 13)
+    a.holding("x", 64 * MiB, 13)
     cdaemon.cli("pause", str(a.pid))  # held by hand: nothing makes room for b
     got = b.later(f"alloc y {64 * MiB}")
     wait_for(lambda: [r["reason"] for r in cdaemon.ps(b.pid)] == ["waiting for device memory"], 5,
@@ -157,7 +141,7 @@ def test_a_process_stopped_at_its_allocation_is_not_checkpointed(fakecuda, share
 
 def test_a_pause_by_hand_of_a_process_stopped_at_its_allocation_holds_it_stopped(fakecuda, shared, cdaemon):
     a, b = Plain(fakecuda, cdaemon, shared), Plain(fakecuda, cdaemon, shared)
-    holding(a, "x", 64 * MiB, 13)
+    a.holding("x", 64 * MiB, 13)
     cdaemon.cli("pause", str(a.pid))  # held by hand (locked, not checkpointed): nothing makes room for b
     got = b.later(f"alloc y {64 * MiB}")
     wait_for(lambda: [r["reason"] for r in cdaemon.ps(b.pid)] == ["waiting for device memory"], 5,
@@ -178,7 +162,7 @@ def test_a_pause_by_hand_of_a_process_stopped_at_its_allocation_holds_it_stopped
 
 def test_a_plain_and_an_interposed_program_that_exceed_the_gpu_both_complete(fakecuda, interposer, shared, cdaemon):
     a = Plain(fakecuda, cdaemon, shared)
-    holding(a, "x", 64 * MiB, 21)
+    a.holding("x", 64 * MiB, 21)
     b = start_interposed(fakecuda, interposer, cdaemon, shared)
     b.timeout = 30
     b.ok(f"alloc y {64 * MiB}")  # its interposer waits for room; the daemon checkpoints the plain one
@@ -199,7 +183,7 @@ def test_an_allocation_that_cannot_fit_even_alone_fails_at_once(fakecuda, shared
 
 def test_a_process_the_driver_refuses_runs_on_and_is_marked_unmovable(fakecuda, shared, cdaemon):
     refusing = Plain(fakecuda, cdaemon, shared, FAKECUDA_CHECKPOINT_REFUSE="801")
-    holding(refusing, "a", 8 * MiB, 1)
+    refusing.holding("a", 8 * MiB, 1)
     failed = cdaemon.cli("pause", str(refusing.pid), "--swap", check=False)
     assert failed.returncode != 0 and "CUDA_ERROR_NOT_SUPPORTED" in failed.stderr, failed.stderr
     r = row(cdaemon, refusing.pid)
@@ -207,7 +191,7 @@ def test_a_process_the_driver_refuses_runs_on_and_is_marked_unmovable(fakecuda, 
     refusing.ok("check a 1")
     managed = Plain(fakecuda, cdaemon, shared)
     managed.ok(f"managed m {MiB}")
-    holding(managed, "b", 8 * MiB, 2)
+    managed.holding("b", 8 * MiB, 2)
     failed = cdaemon.cli("pause", str(managed.pid), "--swap", check=False)
     assert failed.returncode != 0 and "cuCheckpointProcessCheckpoint" in failed.stderr
     assert row(cdaemon, managed.pid)["state"] == "running" and row(cdaemon, managed.pid)["unmovable"]
@@ -220,7 +204,7 @@ def test_a_process_the_driver_refuses_runs_on_and_is_marked_unmovable(fakecuda, 
 
 def test_a_process_that_used_legacy_cuda_ipc_is_never_checkpointed(fakecuda, shared, cdaemon):
     p = Plain(fakecuda, cdaemon, shared)
-    holding(p, "a", 8 * MiB, 4)
+    p.holding("a", 8 * MiB, 4)
     p.ok("ipc a")  # cuIpcGetMemHandle: the probes see it
     failed = cdaemon.cli("pause", str(p.pid), "--swap", check=False)
     assert failed.returncode != 0 and "legacy CUDA IPC" in failed.stderr, failed.stderr
@@ -233,7 +217,7 @@ def test_a_process_that_used_legacy_cuda_ipc_is_never_checkpointed(fakecuda, sha
 
 def test_a_checkpoint_the_host_cannot_take_is_not_asked_for(gpu, fakecuda, shared, cdaemon):
     p = Plain(fakecuda, cdaemon, shared)
-    holding(p, "a", 8 * MiB, 6)
+    p.holding("a", 8 * MiB, 6)
     limited = tempfile.mkdtemp(prefix="gpuwatch-ckpt-host-")
     d = checkpoint_daemon(gpu, fakecuda, shared, Path(limited), host_limit_mib=10)  # 1.5 x 8 MiB does not fit
     try:
@@ -248,7 +232,7 @@ def test_a_checkpoint_the_host_cannot_take_is_not_asked_for(gpu, fakecuda, share
 
 def test_a_lock_that_times_out_leaves_the_process_running_and_three_make_it_unmovable(fakecuda, shared, cdaemon):
     p = Plain(fakecuda, cdaemon, shared)
-    holding(p, "a", 4 * MiB, 5)
+    p.holding("a", 4 * MiB, 5)
     for _ in range(3):
         busy = p.later("busy 1500")  # inside a CUDA call for 1.5 s: the lock (300 ms) times out
         failed = cdaemon.cli("pause", str(p.pid), check=False)
@@ -261,10 +245,10 @@ def test_a_lock_that_times_out_leaves_the_process_running_and_three_make_it_unmo
 
 def test_a_resume_without_room_waits_and_the_restore_comes_when_there_is(fakecuda, shared, cdaemon):
     a = Plain(fakecuda, cdaemon, shared, FAKECUDA_RESTORE_STUCK="1")  # a restore without room would be fatal
-    holding(a, "x", 48 * MiB, 31)
+    a.holding("x", 48 * MiB, 31)
     cdaemon.cli("pause", str(a.pid), "--swap")
     b = Plain(fakecuda, cdaemon, shared, FAKECUDA_CHECKPOINT_REFUSE="801")  # it cannot make room for a
-    holding(b, "y", 80 * MiB, 32)  # fits only because a is out
+    b.holding("y", 80 * MiB, 32)  # fits only because a is out
     out = cdaemon.cli("resume", str(a.pid)).stdout
     assert "checkpointed" in out and "no room" in out, out
     wait_for(lambda: row(cdaemon, b.pid)["unmovable"], 5, "the scheduler to find b unmovable")
@@ -284,7 +268,7 @@ def test_a_daemon_killed_while_a_process_is_checkpointed_leaves_it_to_the_next(g
     first = checkpoint_daemon(gpu, fakecuda, shared, workdir)
     try:
         p = Plain(fakecuda, first, shared)
-        holding(p, "a", 16 * MiB, 41)
+        p.holding("a", 16 * MiB, 41)
         first.cli("pause", str(p.pid), "--swap")
     finally:
         first.stop(9)  # SIGKILL: nothing restores it
@@ -304,7 +288,7 @@ def test_a_clean_stop_restores_what_fits(gpu, fakecuda, shared):
     d = checkpoint_daemon(gpu, fakecuda, shared)
     try:
         p = Plain(fakecuda, d, shared)
-        holding(p, "a", 16 * MiB, 51)
+        p.holding("a", 16 * MiB, 51)
         d.cli("pause", str(p.pid), "--swap")
         assert d.stop() == 0
         assert driver_used(shared) == 16 * MiB
@@ -318,7 +302,7 @@ def test_resume_with_no_daemon_restores_and_unlocks_by_itself(gpu, fakecuda, sha
     d = checkpoint_daemon(gpu, fakecuda, shared)
     try:
         p = Plain(fakecuda, d, shared)
-        holding(p, "a", 16 * MiB, 61)
+        p.holding("a", 16 * MiB, 61)
         d.cli("pause", str(p.pid), "--swap")
     finally:
         d.stop(9)

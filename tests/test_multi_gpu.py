@@ -7,18 +7,16 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import subprocess
 import tempfile
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from conftest import ROOT, Daemon, wait_for
-from gpu_fixtures import CAPACITY, driver_daemon, gpu_env, start_interposed
-from interposer_fixtures import IProg, MiB, driver_used
+from gpu_fixtures import CAPACITY, PlainProg, driver_daemon, gpu_env, start_interposed
+from interposer_fixtures import MiB, driver_used
 from gpuwatch.core.view import Gpu, ProcessGpu, Snapshot, TracerHealth
 from gpuwatch.enforcer.ledger import HAND, Ledger
 from gpuwatch.enforcer.placement import Placement
@@ -69,24 +67,11 @@ def mgpu_daemon(two_gpus, fakecuda: Path, shared2: Path) -> Iterator[Daemon]:
         print(d.log.read_text()[-6000:])
 
 
-class Plain(IProg):
+class Plain(PlainProg):
     """A program without the interposer on the two test-double GPUs, device `ctx` current."""
 
     def __init__(self, fakecuda: Path, daemon: Daemon, shared: Path, ctx: int = 0) -> None:
-        super().__init__([str(fakecuda / "cudaprog")], two_gpu_env(fakecuda, shared))
-        self.timeout = 30
-        self.ok(f"load {fakecuda / 'libcuda.so.1'}")
-        wait_for(lambda: daemon.watching(fakecuda / "libcuda.so.1"), 5, "the daemon to watch the test double")
-        self.ok(f"ctx {ctx}")
-
-    def later(self, line: str) -> queue.Queue:
-        answers: queue.Queue = queue.Queue()
-        threading.Thread(target=lambda: answers.put(self.send(line)), daemon=True).start()
-        return answers
-
-    def holding(self, name: str, nbytes: int, seed: int) -> None:
-        self.ok(f"alloc {name} {nbytes}")
-        self.ok(f"fill {name} {seed}")
+        super().__init__(fakecuda, daemon, two_gpu_env(fakecuda, shared), ctx)
 
 
 def placed(daemon: Daemon, pid: int) -> list[tuple[int, str, int]]:
