@@ -5,7 +5,9 @@ that failed half way had a SIGSTOPped CUDA process beside it.) No daemon; as roo
 
 A plain process holding GIB (validate_checkpoint.py's idle job) is checkpointed and restored from here three
 times, with a second CUDA process holding 2 GiB beside it: running; stopped with SIGSTOP; locked by the
-driver's own lock (or, with `self-stopped`, the target itself SIGSTOPped). Each time: every call's result and
+driver's own lock (or, with `self-stopped`, the target itself SIGSTOPped; with `sampling`, no second process but
+gpuwatch's own probes on the driver library, their launch probes attached and detached as sample mode does,
+every $GW_SAMPLE_PERIOD seconds, default 1, each toggle's time recorded). Each time: every call's result and
 time, and the holder's checksums at the end (a holder
 whose CUDA state was lost answers nothing: it is killed after 60 s and counted as lost). Writes
 $OUT/checkpoint_beside_stop.json. About 2 device minutes at 10 GiB.
@@ -17,6 +19,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -28,9 +31,38 @@ from gpuwatch.core.checkpoint import CheckpointError, Driver
 OUT = Path(os.environ.get("OUT", "/tmp"))
 
 
+class Sampler:
+    """gpuwatch's tracer with its launch probes toggled on and off in a loop: sample mode, faster."""
+
+    def __init__(self) -> None:
+        from gpuwatch.probes.tracer import Tracer
+        self.tracer = Tracer(launches="off", use_nvml=False)
+        self.tracer.start()
+        self.toggles: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        period, on = float(os.environ.get("GW_SAMPLE_PERIOD", "1")), True
+        while not self._stop.wait(period / 2):
+            began = time.perf_counter()
+            self.tracer.libraries.set_work_probes(on)
+            self.toggles.append(round(time.perf_counter() - began, 3))
+            on = not on
+
+    def stop(self) -> dict[str, Any]:
+        self._stop.set()
+        self._thread.join()
+        self.tracer.stop()
+        t = sorted(self.toggles)
+        return {"toggles": len(t), "median_s": t[len(t) // 2] if t else None, "max_s": t[-1] if t else None}
+
+
 def attempt(driver: Driver, gib: int, neighbour: str) -> dict[str, Any]:
     target, events = holder(gib)
     beside, _ = holder(2)
+    sampler = Sampler() if neighbour == "sampling" else None
     calls: list[tuple[str, str, float]] = []
 
     def call(name: str, pid: int, *args: Any) -> bool:
@@ -57,6 +89,7 @@ def attempt(driver: Driver, gib: int, neighbour: str) -> dict[str, Any]:
         os.kill(target.pid, signal.SIGCONT)
     elif neighbour == "locked":
         call("unlock", beside.pid)
+    sampling = sampler.stop() if sampler else None
     assert target.stdin is not None
     target.stdin.write("stop\n")
     target.stdin.flush()
@@ -67,7 +100,7 @@ def attempt(driver: Driver, gib: int, neighbour: str) -> dict[str, Any]:
     beside.kill()
     time.sleep(0.3)
     end = next((e for e in events if e["event"] == "done"), None)
-    return {"neighbour": neighbour, "calls": calls, "cycle_completed": done,
+    return {"neighbour": neighbour, "calls": calls, "cycle_completed": done, "sampling": sampling,
             "data": "intact" if end and end.get("intact") else "lost" if end is None else "corrupt"}
 
 
@@ -77,8 +110,10 @@ def main() -> int:
     if not driver.available:
         raise SystemExit(driver.why_not)
     neighbours = sys.argv[2:] or ["running", "stopped", "locked"]
-    results = [attempt(driver, gib, neighbour) for neighbour in neighbours]
-    (OUT / "checkpoint_beside_stop.json").write_text(json.dumps({"gib": gib, "attempts": results}, indent=1))
+    results = []
+    for neighbour in neighbours:
+        results.append(attempt(driver, gib, neighbour))
+        (OUT / "checkpoint_beside_stop.json").write_text(json.dumps({"gib": gib, "attempts": results}, indent=1))
     print(json.dumps(results, indent=1))
     return 0
 
