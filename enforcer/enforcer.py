@@ -103,7 +103,7 @@ class Enforcer:
         return any(by & {SCHEDULER, ROOM} for by in self.pauser.ledger.stopped().values())
 
     def tick(self, now: float) -> dict[int, Decision]:
-        snap, pages = self.view()
+        began, (snap, pages) = time.monotonic(), self.view()
         self.plain.begin(snap, now, {pid for pid, page in pages.items() if page.wanted_bytes})
         self._failed.keep({r.pid for r in snap.processes} | set(self.plain.wanted))
         decisions: dict[int, list[Decision]] = {}
@@ -167,7 +167,7 @@ class Enforcer:
         for scheduler in self._schedulers.values():
             scheduler.started(time.monotonic())
         self._give_back_pinned(snap, pages, combined)
-        self.plain.room_stops(self.view, snap, pages, now, unplaceable, hopeless, self.settings,
+        self.plain.room_stops(self.view, snap, pages, now + time.monotonic() - began, unplaceable, hopeless, self.settings,
                               set(self.interposed.pids()))
         return combined
 

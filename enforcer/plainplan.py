@@ -73,7 +73,8 @@ class PlainPlanner:
                    pages: Mapping[int, Enforcement], now: float, unplaceable: set[int], hopeless: set[int],
                    settings: SchedulerSettings, interposed: set[int]) -> None:
         """Continue the allocations that fit now (or waited long enough), then tell the probes what each GPU can
-        still give and whom to leave alone (interposed processes wait at their own gate; the driver's are held)."""
+        still give and whom to leave alone (interposed processes wait at their own gate; the driver's are held).
+        now: after this tick's moves."""
         if self.room is None:
             return
         if self.wanted:
@@ -82,7 +83,7 @@ class PlainPlanner:
         self.room.reconcile(now, free, settings.room_wait_s, unplaceable, hopeless, _held(snap))
         ledger = self.pauser.ledger
         moved = {pid for pid in ledger.stopped() if ledger.moved(pid)[0]}
-        self.room.publish(free if self.room_on() else None, set(pages) | interposed | moved)
+        self.room.publish(free if self.room_on() else None, set(pages) | interposed | moved, now)
 
 
 def _held(snap: Snapshot) -> dict[tuple[int, int], int]:

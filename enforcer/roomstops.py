@@ -6,7 +6,8 @@ A program that asks again at once after that failure (PyTorch frees its cache an
 once: nobody made room for it a moment ago.
 
 Room given is room taken before anything shows it: an allocation let through counts as taken until the probes
-see the process hold it (or GRANT_S passed), and a restore counts from before it is asked for until it is done.
+see the process hold it (or GRANT_S passed, counted from the end of the tick that let it through: a tick that
+checkpoints takes 30 s and more), and a restore counts from before it is asked for until it is done.
 On the H200 a restore asked for in the moment between a continued allocation and that allocation failed for
 lack of memory, held device memory the other then missed (its next allocation failed), and the restored
 process could never be restored after (docs/validation.md)."""
@@ -73,6 +74,7 @@ class _Grant:
     wanted: dict[int, int]  # per GPU
     held: dict[int, int]    # what the process held there when let through
     until: float
+    published: bool = False  # until then, `until` is moved to GRANT_S after the publishing
 
 
 def _add(into: dict[int, int], parts: Mapping[int, int], sign: int = 1) -> dict[int, int]:
@@ -91,10 +93,13 @@ class RoomStops:
         self._free: dict[int, int] | None = None     # as last published, before what is in flight
         self._guard = threading.Lock()
 
-    def publish(self, free: dict[int, int] | None, exempt: set[int]) -> None:
+    def publish(self, free: dict[int, int] | None, exempt: set[int], now: float | None = None) -> None:
         """What each GPU can give now (None: the check is off), less what is in flight, and whom the check
-        leaves alone."""
+        leaves alone. now: the end of the tick; the grants it made count GRANT_S from then."""
         self.maps.set_exempt(exempt)
+        for g in list(self._granted.values()):
+            if now is not None and not g.published:
+                g.until, g.published = max(g.until, now + GRANT_S), True
         with self._guard:
             self._free = dict(free) if free is not None else None
             self._publish()

@@ -179,3 +179,21 @@ def test_a_process_that_cannot_be_placed_is_left_alone_then_refused_and_refused_
     enforcer.tick(1.05)  # its program asked again: the page still says it waits
     wait_for(lambda: registry.requests == [(21, "no_room")] * 2, 2, "the second refusal, at once")
     assert pauser.paused == []  # the process without the interposer was never stopped
+
+
+def test_the_room_check_is_told_when_the_tick_ended_not_when_it_began(monkeypatch) -> None:
+    """A tick that checkpoints takes 30 s and more: the allocations it lets through count from its end."""
+    import gpuwatch.enforcer.enforcer as module
+    clock = [1000.0]
+    monkeypatch.setattr(module.time, "monotonic", lambda: clock[0])
+    rows = [ProcessGpu(pid=20, comm="train", gpu=0, nvml_bytes=10 * GiB)]
+    enforcer, registry, _ = enforcer_for(rows, {}, detached=set())
+    told: list[float] = []
+    monkeypatch.setattr(enforcer.plain, "room_stops", lambda view, snap, pages, now, *rest: told.append(now))
+
+    def slow_view() -> tuple[Snapshot, dict[int, Enforcement]]:
+        clock[0] += 30.0
+        return snapshot(rows), registry.enforcement()
+    enforcer.view = slow_view  # type: ignore[method-assign]
+    enforcer.tick(5.0)
+    assert told == [35.0]

@@ -85,6 +85,23 @@ def test_an_allocation_never_seen_stops_counting_after_the_grant_time(tmp_path: 
     assert room.in_flight() == {}
 
 
+def test_a_grant_counts_from_the_end_of_the_tick_that_made_it(tmp_path: Path, stopped_child):
+    """On the H200 the tick that checkpointed a notebook for a stopped allocation took 30 s: a grant counted
+    from the tick's start had expired before the next tick, which restored the notebook into that room."""
+    maps, pid = Maps(), stopped_child
+    room = RoomStops(maps, Ledger(tmp_path / "state.json"))
+    maps.pending = [stopped_at(pid, 95 * GiB)]
+    room.reconcile(0.0, {0: 100 * GiB}, 300.0, set(), set(), {(pid, 0): GiB})  # the tick began at 0
+    room.publish({0: 100 * GiB}, set(), 30.0)  # and ended 30 s later
+    room.settle(30.2, {(pid, 0): GiB})  # the next tick: not allocated yet
+    assert room.in_flight() == {0: 95 * GiB} and maps.free == {0: 5 * GiB}
+    room.settle(30.0 + GRANT_S - 0.1, {(pid, 0): GiB})
+    assert room.in_flight() == {0: 95 * GiB}
+    room.publish({0: 100 * GiB}, set(), 40.0)  # published again: its time is not moved again
+    room.settle(30.0 + GRANT_S, {(pid, 0): GiB})
+    assert room.in_flight() == {}
+
+
 def test_two_stopped_allocations_do_not_both_get_the_same_room(tmp_path: Path):
     children = [subprocess.Popen(["sleep", "60"]) for _ in range(2)]
     try:
