@@ -167,8 +167,8 @@ class Enforcer:
         for scheduler in self._schedulers.values():
             scheduler.started(time.monotonic())
         self._give_back_pinned(snap, pages, combined)
-        self.plain.room_stops(self.view, snap, pages, now + time.monotonic() - began, unplaceable, hopeless, self.settings,
-                              set(self.interposed.pids()))
+        self.plain.room_stops(self.view, snap, pages, now + time.monotonic() - began, unplaceable, hopeless,
+                              self.settings, set(self.interposed.pids()))
         return combined
 
     def _within_host_budget(self, decisions: dict[int, Decision], pages: Mapping[int, Enforcement],
