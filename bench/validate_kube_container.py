@@ -7,13 +7,13 @@ the program are real. As root, from the repository root:
     # on the GPU machine, carry [".bcc", ".runc"]:
     source .bcc/env.sh && source bench/gw-env.sh && make -s -C interposer && python3 bench/validate_kube_container.py
 
-The container's root is the host's own /usr, /etc and /opt, bound read-only (the host's Python and PyTorch, and
-the driver's libraries, as the NVIDIA runtime would mount them), the GPU's device nodes bound in. Inside, PyTorch
-asks cudaMemGetInfo and allocates 256 MiB blocks, each filled and checked, until it is refused. Twice: with
-Allocate's environment, and with the environment cleared (`env -i`, the mounted /etc/ld.so.preload injecting
-the interposer). Checks: inside, the total is the quota and the refusal is CUDA's out-of-memory; NVML shows the
-container's process holding no more than its quota (its context included); the host's `gpuwatch ps` names its
-namespace, pod and container, with the quota. Writes $OUT/kube_container.json."""
+The container's root is the host's own /usr and /opt's folders bound read-only and a copy of /etc (the host's
+Python and PyTorch, and the driver's libraries, as the NVIDIA runtime would mount them), the GPU's device nodes
+bound in. Inside, PyTorch asks cudaMemGetInfo and allocates 256 MiB blocks, each filled and checked, until it is
+refused. Twice: with Allocate's environment, and with the environment cleared (`env -i`, the mounted
+/etc/ld.so.preload injecting the interposer). Checks: inside, the total is the quota and the refusal is CUDA's
+out-of-memory; NVML shows the container's process holding no more than its quota (its context included); the
+host's `gpuwatch ps` names its namespace, pod and container, with the quota. Writes $OUT/kube_container.json."""
 from __future__ import annotations
 
 import gzip
@@ -103,13 +103,21 @@ def config(bundle: Path, answer: dp.ContainerAllocateResponse, args: list[str], 
              {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "mode=755"]},
              {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "ro"]},
              {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev"]}]
-    for top in ("usr", "etc", "opt", "bin", "sbin", "lib", "lib64"):
+    # /etc: a copy, so that the mounted /etc/ld.so.preload finds its mount point (a host without that file
+    # has none, and a read-only bind of /etc cannot take one)
+    subprocess.run(["cp", "-a", "/etc", str(rootfs / "etc")], check=False, stderr=subprocess.DEVNULL)
+    for top in ("usr", "bin", "sbin", "lib", "lib64"):
         host = Path("/") / top
         if host.is_symlink():
             (rootfs / top).symlink_to(os.readlink(host))
         elif host.is_dir():
             binds.append({"destination": f"/{top}", "type": "bind", "source": str(host),
                           "options": ["rbind", "rprivate", "ro"]})
+    # /opt: a tmpfs with the host's folders bound into it one by one, so that Allocate's /opt/gpuwatch/lib
+    # can be made there (a read-only /opt without a gpuwatch folder cannot take it: runc's mkdir fails)
+    binds.append({"destination": "/opt", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "mode=755"]})
+    binds += [{"destination": str(d), "type": "bind", "source": str(d), "options": ["rbind", "rprivate", "ro"]}
+              for d in sorted(Path("/opt").iterdir()) if d.is_dir() and d.name != "gpuwatch"]
     for node in sorted(Path("/dev").glob("nvidia*")):
         if node.is_char_device():
             binds.append({"destination": str(node), "type": "bind", "source": str(node), "options": ["bind", "rw"]})
@@ -132,7 +140,13 @@ def feasible(work: Path) -> str | None:
     if shutil.which(RUNC[0]) is None and not Path(RUNC[0]).exists():
         return "no runc: `bash bench/pack-runc.sh` here, then carry .runc"
     bundle, cgroup = work / "probe", f"/gpuwatch-probe-{uuid.uuid4().hex[:8]}"
-    config(bundle, dp.ContainerAllocateResponse(), ["/usr/bin/true"], cgroup)
+    (work / "lib").mkdir(parents=True, exist_ok=True)
+    (work / "lib" / "ld.so.preload").write_text("")
+    mounts = [dp.Mount(container_path=path, host_path=str(work / "lib" / name), read_only=True)  # Allocate's
+              for path, name in (("/opt/gpuwatch/lib", ""), ("/run/gpuwatch", ""), ("/etc/ld.so.preload",
+                                                                                     "ld.so.preload"))]
+    config(bundle, dp.ContainerAllocateResponse(mounts=mounts), ["/usr/bin/test", "-f", "/etc/ld.so.preload"],
+           cgroup)
     try:
         r = runc("--root", str(work / "state"), "run", "--bundle", str(bundle), "gw-probe", stdin=subprocess.DEVNULL)
     finally:
