@@ -90,7 +90,7 @@ class SchedulerSection:
                                               "swap rate, at least 1 s")
     idle_ms: int = _number(500, 1, 3600000, "a holder without launches this long gives up the rest of its slice")
     reserve_mib: int = _number(1024, 0, 16777216, "device memory left out of every plan")  # 16 TiB
-    context_mib: int = _number(512, 0, 1048576, "a process's own context memory, where NVML cannot tell")
+    context_mib: int = _number(768, 0, 1048576, "a process's own context memory, where NVML cannot tell")
     tick_ms: int = _number(50, 1, 10000, "how often the scheduler decides")
     room_wait_ms: int = _number(30000, 1, 86400000, "an allocation waiting for room that is not its turn fails "
                                                     "after this long (what cannot move holds the device, or host "

@@ -20,7 +20,7 @@ from ..core.vocabulary import STATE_FILE_NAME
 from ..core.checkpoint import Driver
 from ..core.vocabulary import CHECKPOINTED
 from ..enforcer.checkpointer import Checkpointer, CheckpointSettings
-from ..enforcer.contexts import ContextLearner, largest
+from ..enforcer.contexts import ContextLearner
 from ..enforcer.enforcer import Enforcer, SchedulerSettings
 from ..enforcer.hostmemory import HostBudget, HostSettings
 from ..enforcer.interposed import InterposedRegistry
@@ -97,7 +97,7 @@ class Daemon:
         self.contexts = ContextLearner(lambda: tracer.facts(work=False), self._devices.resolve, lambda: (
             self.enforcer.settings if self.enforcer else SchedulerSettings.from_config(scheduler)).context_bytes,
             [self.quota.set_contexts, lambda found: self.policy.recount(sorted(found))])
-        self.policy.context_of = lambda pid: largest(self.contexts.of(pid))
+        self.policy.context_of = self.contexts.expected
         self._described: dict[int, procfs.ProcInfo] = {}
         tracer.exit_listeners.append(self._forget_exited)
         self.kube: Any = None

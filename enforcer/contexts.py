@@ -64,6 +64,7 @@ class ContextLearner:
         self.each_round: list[Callable[[], Any]] = []
         self._lock = threading.Lock()
         self._latest: Contexts = {}
+        self._nvml = False  # whether the last round had NVML
         self._stop = threading.Event()
         self._thread = threading.Thread(target=threads.supervised("gpuwatch-contexts", self._loop, self._stop),
                                         name="gpuwatch-contexts", daemon=True)
@@ -71,6 +72,13 @@ class ContextLearner:
     def of(self, pid: int) -> dict[int, int]:
         with self._lock:
             return dict(self._latest.get(pid, {}))
+
+    def expected(self, pid: int) -> int:
+        """What an interposer takes off its quota: the process's largest context where learnt; before that
+        (a process that attached a moment ago and allocates at once) the default, where NVML runs at all."""
+        with self._lock:
+            learnt, nvml = self._latest.get(pid), self._nvml
+        return largest(learnt) if learnt else self._default() if nvml else 0
 
     def start(self) -> None:
         self._thread.start()
@@ -81,9 +89,10 @@ class ContextLearner:
             self._thread.join(timeout=2)
 
     def learn_once(self) -> Contexts:
-        contexts = learn_contexts(self._facts(), self._resolve, self._default())
+        facts = self._facts()
+        contexts = learn_contexts(facts, self._resolve, self._default())
         with self._lock:
-            self._latest = contexts
+            self._latest, self._nvml = contexts, bool(facts.nvml_gpus)
         for sink in self.sinks:
             sink(contexts)
         return contexts
