@@ -54,6 +54,7 @@ try:
 except torch.OutOfMemoryError as exc:
     error = str(exc).splitlines()[0]
 # the last block's room, kept in PyTorch's cache (NVML's figure stays), takes each comparison's temporary
+b = None
 n, last = len(blocks), blocks.pop().cpu() if blocks else None
 intact = n > 0 and bool((last == float(n - 1)).all()) and all(bool((b == float(i)).all()) for i, b in enumerate(blocks))
 print("RESULT " + json.dumps({"total": total, "free_at_start": free, "blocks": n, "error": error,

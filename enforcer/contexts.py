@@ -65,6 +65,8 @@ class ContextLearner:
         self._lock = threading.Lock()
         self._latest: Contexts = {}
         self._nvml = False  # whether the last round had NVML
+        self._traced: dict[int, int] = {}   # pid -> what the probes saw it hold, last round
+        self._settled: dict[int, int] = {}  # pid -> its context, learnt while its allocations stood still
         self._stop = threading.Event()
         self._thread = threading.Thread(target=threads.supervised("gpuwatch-contexts", self._loop, self._stop),
                                         name="gpuwatch-contexts", daemon=True)
@@ -74,11 +76,13 @@ class ContextLearner:
             return dict(self._latest.get(pid, {}))
 
     def expected(self, pid: int) -> int:
-        """What an interposer takes off its quota: the process's largest context where learnt; before that
-        (a process that attached a moment ago and allocates at once) the default, where NVML runs at all."""
+        """What an interposer takes off its quota: the process's largest context, learnt in a round when what
+        the probes saw it hold had not changed since the round before; until then (a process that attached a
+        moment ago and allocates at once) the default, where NVML runs at all. NVML is read every 0.25 s: while
+        a process allocates, NVML's figure lags the probes' and the difference is no context (on the H200, 0)."""
         with self._lock:
-            learnt, nvml = self._latest.get(pid), self._nvml
-        return largest(learnt) if learnt else self._default() if nvml else 0
+            settled, nvml = self._settled.get(pid), self._nvml
+        return settled if settled is not None else self._default() if nvml else 0
 
     def start(self) -> None:
         self._thread.start()
@@ -91,8 +95,15 @@ class ContextLearner:
     def learn_once(self) -> Contexts:
         facts = self._facts()
         contexts = learn_contexts(facts, self._resolve, self._default())
+        traced: dict[int, int] = {}
+        for row in facts.rows:
+            traced[row.pid] = traced.get(row.pid, 0) + row.device_bytes
         with self._lock:
             self._latest, self._nvml = contexts, bool(facts.nvml_gpus)
+            self._settled = {pid: largest(c) if traced.get(pid) == self._traced.get(pid) else self._settled[pid]
+                             for pid, c in contexts.items()
+                             if traced.get(pid) == self._traced.get(pid) or pid in self._settled}
+            self._traced = traced
         for sink in self.sinks:
             sink(contexts)
         return contexts

@@ -20,12 +20,24 @@ def learner(reading: list[ProbeFacts]) -> ContextLearner:
     return ContextLearner(lambda: reading[0], lambda pid, ordinal, gpus, uuids: (0, None), lambda: 768 * MiB)
 
 
-def test_before_its_context_is_learnt_a_process_is_expected_to_have_the_default() -> None:
-    reading = [facts([ProbeRow(pid=10, ordinal=0, device_bytes=4000 * MiB)], {(10, 0): 4610 * MiB})]
+def test_a_context_counts_once_learnt_while_the_allocations_stood_still_and_the_default_before() -> None:
+    reading = [facts([ProbeRow(pid=10, ordinal=0, device_bytes=2000 * MiB)], {(10, 0): 1500 * MiB})]
     contexts = learner(reading)
-    contexts.learn_once()
-    assert contexts.expected(10) == 610 * MiB  # learnt: NVML's less what the probes saw
-    assert contexts.expected(11) == 768 * MiB  # attached a moment ago: not in this round yet
+    contexts.learn_once()  # allocating: NVML lags the probes, the difference is no context
+    assert contexts.expected(10) == 768 * MiB
+    reading[0] = facts([ProbeRow(pid=10, ordinal=0, device_bytes=4000 * MiB)], {(10, 0): 4400 * MiB})
+    contexts.learn_once()  # still allocating
+    assert contexts.expected(10) == 768 * MiB
+    reading[0] = facts([ProbeRow(pid=10, ordinal=0, device_bytes=4000 * MiB)], {(10, 0): 4610 * MiB})
+    contexts.learn_once()  # what the probes saw stood still: NVML's less that is the context
+    assert contexts.expected(10) == 610 * MiB
+    assert contexts.expected(11) == 768 * MiB  # attached a moment ago: not seen yet
+    reading[0] = facts([ProbeRow(pid=10, ordinal=0, device_bytes=4200 * MiB)], {(10, 0): 4610 * MiB})
+    contexts.learn_once()  # allocating again: the settled figure stays
+    assert contexts.expected(10) == 610 * MiB
+    reading[0] = facts([], {})
+    contexts.learn_once()  # it exited
+    assert contexts.expected(10) == 768 * MiB
 
 
 def test_without_nvml_no_context_is_taken_off() -> None:
