@@ -85,6 +85,9 @@ class ContextLearner:
         return settled if settled is not None else self._default() if nvml else 0
 
     def start(self) -> None:
+        """A first round at once: a process that attaches in the first second gets its limit from it (whether
+        NVML runs, so whether a context is taken off)."""
+        self.learn_once()
         self._thread.start()
 
     def close(self) -> None:

@@ -45,3 +45,13 @@ def test_without_nvml_no_context_is_taken_off() -> None:
     assert contexts.expected(10) == 0  # no round yet
     contexts.learn_once()
     assert contexts.expected(10) == 0 and contexts.expected(11) == 0
+
+
+def test_a_process_attaching_in_the_first_second_gets_the_default_taken_off() -> None:
+    """On the H200 a container's process attached before the learner's first round and got its whole quota."""
+    contexts = learner([facts([], {})])
+    contexts.start()
+    try:
+        assert contexts.expected(11) == 768 * MiB
+    finally:
+        contexts.close()
