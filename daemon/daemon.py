@@ -124,7 +124,7 @@ class Daemon:
             reasons=self.enforcer.reasons if self.enforcer else {},
             plans=self.enforcer.placement.plans if self.enforcer else {},
             resolve=self._devices.resolve, describe=self._describe, alive=procfs.alive, host=self.host.reading(pages),
-            placement=self.ledger.placement)
+            placement=self.ledger.placement, quota_of=self.policy.interposer_quota)
         return build_view(sources), pages
 
     def view(self) -> Snapshot:

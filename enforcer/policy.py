@@ -234,6 +234,13 @@ class PolicyState:
         context as large as the quota leaves no room for allocations; 0 stays no quota)."""
         return max(quota - self.context_of(pid), 1) if quota else 0
 
+    def interposer_quota(self, pid: int) -> int | None:
+        """The quota sent to the process's interposer (its rule's or its pod's), before the context is taken
+        off: what `ps` shows."""
+        with self._lock:
+            sent = self._interposer_quotas.get(pid)
+        return sent[0] if sent else None
+
     def recount(self, pids: list[int]) -> None:
         """The contexts were learnt again: interposers whose limit moved get the new one."""
         for pid in pids:

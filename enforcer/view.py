@@ -45,6 +45,8 @@ class ViewSources:
     describe: Callable[[int], ProcInfo | None] = lambda pid: None
     alive: Callable[[int], bool] = lambda pid: True
     placement: Callable[[int], dict[int, int]] = lambda pid: {}  # `gpuwatch move`: {GPU it left: GPU it is on}
+    # the quota a rule or a pod gave an interposed process: its interposer enforces it less the context
+    quota_of: Callable[[int], int | None] = lambda pid: None
 
 
 def enforcement_records(sources: ViewSources) -> dict[int, Enforcement]:
@@ -163,7 +165,8 @@ def _add_enforcement(rows: dict[tuple[int, int | None], ProcessGpu], enforcement
         for r in mine:
             record = records.get(r.gpu)
             r.interposed, r.state, r.priority = e.interposed, e.state, e.priority
-            r.quota_bytes = record.quota_bytes if record and record.quota_bytes else e.mem_limit
+            r.quota_bytes = sources.quota_of(pid) or (record.quota_bytes if record and record.quota_bytes
+                                                      else e.mem_limit)
             r.swapped_bytes, r.swappable_bytes, r.unswappable_bytes = (
                 (record.swapped_bytes, record.swappable_bytes, record.unswappable_bytes) if record else (0, 0, 0))
         # process-wide counters go on one row, so that sums over rows stay right: its first GPU's

@@ -184,6 +184,7 @@ def test_an_interposed_process_in_a_container_gets_its_quota_less_its_context(no
         assert (row["namespace"], row["pod"], row["container"]) == ("ml", "trainer-0", "worker")
         node.set_nvml({p.pid: 712 * MiB})  # 512 MiB allocated, a context of 200 MiB
         wait_for(lambda: p.page.device(0)["quota"] == 824 * MiB, 10, "the quota less the context in its interposer")
+        assert node.daemon.row(p.pid)["quota_bytes"] == GiB  # `ps` shows the quota, the context within it
         assert p.err("alloc b 400M") == OUT_OF_MEMORY  # 512 + 200 + 400 MiB > 1 GiB
         p.ok("alloc c 300M")  # 512 + 200 + 300 MiB fit
         assert p.page.device(0)["used"] == 812 * MiB
