@@ -102,7 +102,11 @@ class Daemon:
         tracer.exit_listeners.append(self._forget_exited)
         self.kube: Any = None
         if config is not None and config.kubernetes.enabled:
-            from ..kube.node import Kubernetes  # only here: grpc loads only where Kubernetes is on
+            try:
+                from ..kube.node import Kubernetes  # only here: grpc loads only where Kubernetes is on
+            except (ImportError, RuntimeError) as exc:  # no grpcio, or one older than the generated code wants
+                raise PreflightError(f"[kubernetes] needs grpcio and protobuf as pyproject.toml asks: {exc} "
+                                     "(./install.sh installs them; or set [kubernetes] enabled = false)") from None
             self.kube = Kubernetes(config.kubernetes, socket_path)
         self.pod_quotas = PodQuotas(self.kube, self.quota) if self.kube is not None else None
         if self.pod_quotas is not None:  # containers' quotas and priorities, applied as the rules' are

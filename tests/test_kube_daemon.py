@@ -18,7 +18,7 @@ import pytest
 from interposer_fixtures import IProg
 from kube_fixtures import FakeKubelet, FakePodResources, remove, short_dir, wait_for
 
-from conftest import ROOT, Daemon, Prog, environment
+from conftest import GPUWATCH, ROOT, Daemon, Prog, environment
 from gpuwatch.core.procfs import cgroup2_root
 from gpuwatch.kube.devices import GPU_RESOURCE, MEMORY_RESOURCE
 
@@ -197,3 +197,19 @@ def test_without_kubernetes_the_labels_are_empty(daemon, progs):
     p.ok("alloc a 1M")
     row = daemon.row(p.pid)
     assert (row["namespace"], row["pod"], row["container"]) == ("", "", "")
+
+
+def test_kubernetes_without_a_usable_grpcio_is_one_line_naming_it(tmp_path):
+    """The H200's PyTorch environment had grpcio 1.84.0, older than the generated stubs accept."""
+    fake = tmp_path / "site" / "grpc"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text('raise RuntimeError("The grpc package installed is at version 1.84.0, but the '
+                                      'generated code depends on grpcio>=1.85.1.")\n')
+    config = tmp_path / "gpuwatch.toml"
+    config.write_text("[kubernetes]\nenabled = true\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path / "site"),
+                                                                     os.environ.get("PYTHONPATH")]))}
+    r = subprocess.run([*GPUWATCH, "--socket", str(tmp_path / "gw.sock"), "run", "--config", str(config),
+                        "--no-metrics"], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert "[kubernetes] needs grpcio" in r.stderr and "1.84.0" in r.stderr and "enabled = false" in r.stderr
