@@ -63,17 +63,12 @@ class ContextLearner:
         self.sinks = list(sinks)
         self.each_round: list[Callable[[], Any]] = []
         self._lock = threading.Lock()
-        self._latest: Contexts = {}
         self._nvml = False  # whether the last round had NVML
         self._traced: dict[int, int] = {}   # pid -> what the probes saw it hold, last round
         self._settled: dict[int, int] = {}  # pid -> its context, learnt while its allocations stood still
         self._stop = threading.Event()
         self._thread = threading.Thread(target=threads.supervised("gpuwatch-contexts", self._loop, self._stop),
                                         name="gpuwatch-contexts", daemon=True)
-
-    def of(self, pid: int) -> dict[int, int]:
-        with self._lock:
-            return dict(self._latest.get(pid, {}))
 
     def expected(self, pid: int) -> int:
         """What an interposer takes off its quota: the process's largest context, learnt in a round when what
@@ -102,11 +97,10 @@ class ContextLearner:
         for row in facts.rows:
             traced[row.pid] = traced.get(row.pid, 0) + row.device_bytes
         with self._lock:
-            self._latest, self._nvml = contexts, bool(facts.nvml_gpus)
-            self._settled = {pid: largest(c) if traced.get(pid) == self._traced.get(pid) else self._settled[pid]
-                             for pid, c in contexts.items()
-                             if traced.get(pid) == self._traced.get(pid) or pid in self._settled}
-            self._traced = traced
+            still = {pid for pid in contexts if traced.get(pid) == self._traced.get(pid)}
+            self._settled = {pid: largest(c) if pid in still else self._settled[pid] for pid, c in contexts.items()
+                             if pid in still or pid in self._settled}
+            self._nvml, self._traced = bool(facts.nvml_gpus), traced
         for sink in self.sinks:
             sink(contexts)
         return contexts

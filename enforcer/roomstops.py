@@ -97,8 +97,8 @@ class RoomStops:
         """What each GPU can give now (None: the check is off), less what is in flight, and whom the check
         leaves alone. now: the end of the tick; the grants it made count GRANT_S from then."""
         self.maps.set_exempt(exempt)
-        for g in list(self._granted.values()):
-            if now is not None and not g.published:
+        if now is not None:
+            for g in [g for g in list(self._granted.values()) if not g.published]:
                 g.until, g.published = max(g.until, now + GRANT_S), True
         with self._guard:
             self._free = dict(free) if free is not None else None
